@@ -1,0 +1,321 @@
+"""A Mixture-of-Experts decoder (Mixtral / Qwen-MoE / OLMoE family) split at the expert seam.
+
+Every MoE layer's forward is three steps, and every later piece of CoEL hooks into them:
+
+    routing = route(router, h, top_k, norm_topk)      # who goes where (full precision)
+    outputs = {e: run_expert(expert_e, x_e) ...}      # any expert, anywhere (local, quantized, remote)
+    y = combine(routing, outputs, ...)                # weighted scatter-add back to token order
+
+The single-process forward goes through the same seam via an `ExpertExecutor`; the coordinator
+on an edge server swaps in an executor that sends the per-expert token groups to other servers.
+Tensor shapes are in comments: B batch, T time, N = B*T tokens, E experts, k top-k, d d_model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from coel_model.config import MoEConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim) in the rotate-half layout HF checkpoints use."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    t = torch.arange(max_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (L, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, hd); cos/sin (T, hd)
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer: (B, Hkv, max_len, hd) each."""
+
+    def __init__(self, cfg: MoEConfig, batch: int = 1, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch, cfg.n_kv_heads, self.max_len, cfg.hd)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0  # tokens already cached
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd, nh, nkv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
+        self.q_proj = nn.Linear(cfg.d_model, nh * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.d_model, nkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.d_model, bias=False)
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(nh * hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(nkv * hd, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                layer: int, cache: KVCache | None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        hd, nh, nkv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*hd)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv:
+            c = cfg.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(B, T, nh, hd)
+        k = k.view(B, T, nkv, hd)
+        v = v.view(B, T, nkv, hd)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if start + T > cache.max_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache ({cache.max_len})")
+            cache.k[layer][:B, :, start:start + T] = k
+            cache.v[layer][:B, :, start:start + T] = v
+            k = cache.k[layer][:B, :, :start + T]
+            v = cache.v[layer][:B, :, :start + T]
+        S = k.shape[2]
+        if T == 1:
+            mask = None
+            causal = False
+        elif start == 0:
+            mask, causal = None, True
+        else:  # chunked prefill after cached tokens: query i sees keys <= start + i
+            qpos = torch.arange(start, start + T).unsqueeze(1)
+            mask = torch.arange(S).unsqueeze(0) <= qpos  # (T, S)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=nkv != nh)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return self.o_proj(y)
+
+
+class SwiGLUExpert(nn.Module):
+    """One feed-forward expert: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (n, d) -> (n, d)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this expert's weights as held in memory."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+@dataclass
+class Routing:
+    """Which experts each token goes to, with what weight, grouped per expert."""
+    expert_ids: torch.Tensor  # (N, k) int64
+    weights: torch.Tensor  # (N, k) float32; 0 where an assignment was pruned
+    probs: torch.Tensor  # (N, E) float32 softmax over all experts (for stats and aux loss)
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor]]  # e -> (token index (n,), slot in k (n,))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+
+def route(router: nn.Linear, h: torch.Tensor, top_k: int, norm_topk: bool) -> Routing:
+    """Softmax top-k routing in float32, renormalised as Mixtral does when norm_topk."""
+    logits = F.linear(h.float(), router.weight.float())  # (N, E)
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # (N, k)
+    if norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(ids, weights, probs, group_by_expert(ids))
+
+
+def group_by_expert(ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Token and slot indices per expert, experts in ascending id order (deterministic)."""
+    N, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=1).tolist()
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pos = 0
+    for e, c in enumerate(counts):
+        if c:
+            idx = order[pos:pos + c]
+            groups[e] = (idx // k, idx % k)
+            pos += c
+    return groups
+
+
+def expert_inputs(routing: Routing, h: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The token vectors each expert must process: e -> (n_e, d)."""
+    return {e: h.index_select(0, tok) for e, (tok, _slot) in routing.groups.items()}
+
+
+def run_expert(expert: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Run one expert (fp, quantized or a remote stub) on a batch of token vectors (n, d)."""
+    return expert(x)
+
+
+def combine(routing: Routing, outputs: dict[int, torch.Tensor], n_tokens: int, d: int,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weighted sum of expert outputs back in token order; missing experts contribute nothing."""
+    out = torch.zeros(n_tokens, d, dtype=dtype)
+    for e, y in outputs.items():
+        tok, slot = routing.groups[e]
+        w = routing.weights[tok, slot].to(y.dtype).unsqueeze(-1)  # (n, 1)
+        out.index_add_(0, tok, (y * w).to(dtype))
+    return out
+
+
+class ExpertExecutor(Protocol):
+    """Runs the routed experts of one layer: returns e -> output (n_e, d) for routing.groups."""
+
+    def __call__(self, layer: int, routing: Routing, h: torch.Tensor) -> dict[int, torch.Tensor]: ...
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert(cfg.d_model, cfg.expert_hidden)
+                                     for _ in range(cfg.n_experts))
+        self.shared_expert = SwiGLUExpert(cfg.d_model, cfg.shared_hidden) if cfg.shared_hidden else None
+        self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
+                                   if cfg.shared_hidden and cfg.shared_expert_gate else None)
+
+    def local_executor(self, layer: int, routing: Routing, h: torch.Tensor) -> dict[int, torch.Tensor]:
+        xs = expert_inputs(routing, h)
+        return {e: run_expert(self.experts[e], x) for e, x in xs.items()}
+
+    def forward(self, x: torch.Tensor, layer: int, executor: ExpertExecutor | None = None,
+                observer: Callable[[int, Routing], None] | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        h = x.reshape(B * T, d)  # (N, d)
+        routing = route(self.router, h, self.cfg.top_k, self.cfg.norm_topk_prob)
+        if observer is not None:
+            observer(layer, routing)
+        outputs = (executor or self.local_executor)(layer, routing, h)
+        y = combine(routing, outputs, B * T, d, dtype=x.dtype)
+        if self.shared_expert is not None:
+            s = self.shared_expert(h)
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(h)) * s
+            y = y + s
+        self.last_probs = routing.probs
+        self.last_ids = routing.expert_ids
+        return y.view(B, T, d)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.moe = MoEBlock(cfg)
+
+
+class MoEModel(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.hd, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def expert(self, layer: int, e: int) -> nn.Module:
+        """The (layer, expert) unit: the addressable thing CoEL quantizes and places."""
+        return self.layers[layer].moe.experts[e]
+
+    def set_expert(self, layer: int, e: int, module: nn.Module) -> None:
+        self.layers[layer].moe.experts[e] = module
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                executor: ExpertExecutor | None = None,
+                observer: Callable[[int, Routing], None] | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab); appends to `cache` when given."""
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        cos = self.rope_cos[start:start + T]
+        sin = self.rope_sin[start:start + T]
+        x = self.embed(tokens)  # (B, T, d)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn(layer.input_norm(x), cos, sin, i, cache)
+            x = x + layer.moe(layer.post_attn_norm(x), i, executor, observer)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))
+
+    def load_balance_loss(self) -> torch.Tensor:
+        """Switch-style auxiliary loss from the last forward: E * sum_e f_e * P_e, averaged over layers."""
+        E = self.cfg.n_experts
+        total = 0.0
+        for layer in self.layers:
+            probs, ids = layer.moe.last_probs, layer.moe.last_ids
+            frac = torch.bincount(ids.reshape(-1), minlength=E).float() / ids.numel()
+            total = total + E * (frac * probs.mean(0)).sum()
+        return total / len(self.layers)
+
+    def expert_bytes(self) -> int:
+        """Bytes held by all routed experts, as stored in memory (packed if quantized)."""
+        return sum(int(getattr(self.expert(l, e), "nbytes"))
+                   for l in range(self.cfg.n_layers) for e in range(self.cfg.n_experts))
+
+
+def init_weights(model: MoEModel, seed: int = 0) -> None:
+    """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
+    g = torch.Generator().manual_seed(seed)
+    std = 0.02
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            continue
+        s = std / math.sqrt(2 * model.cfg.n_layers) if name.endswith(("o_proj.weight", "w_down.weight")) else std
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * s)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# CoEL-testbed installer: the one place that installs what the project needs.
+# Idempotent: a second run checks and returns quickly. Used by the README commands,
+# .ci/run (through the README's test command) and the Vagrantfile provisioning.
+# Run as root on Debian 12.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${COEL_VENV:-$HERE/.venv}"
+STAMP="$VENV/.coel-install-stamp"
+APT_PACKAGES=(mininet iperf3 iproute2 iputils-ping bridge-utils iptables procps psmisc
+              python3-venv python3-dev build-essential cgroup-tools)
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+need_apt=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+  if [[ $EUID -ne 0 ]]; then
+    log "missing Debian packages (${need_apt[*]}); run this installer as root"; exit 1
+  fi
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # Open vSwitch is only "recommended" by mininet; the testbed uses Linux bridges.
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+PY="${COEL_PYTHON:-/usr/bin/python3}"
+[[ -x "$PY" ]] || PY="$(command -v python3)"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  log "creating venv at $VENV with $PY"
+  "$PY" -m venv "$VENV"
+fi
+
+# Re-install only when the project's dependency list changed since the last run.
+want="$(sha256sum "$HERE/pyproject.toml" | cut -d' ' -f1)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] && "$VENV/bin/python" -c "import torch, coel_model" 2>/dev/null; then
+  log "up to date ($VENV)"
+  exit 0
+fi
+log "installing Python packages into $VENV (torch pinned to 2.13.0, CPU)"
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e "$HERE[test]"
+echo "$want" > "$STAMP"
+log "done: $("$VENV/bin/python" -c 'import torch,sys; print("python", sys.version.split()[0], "torch", torch.__version__)')"
