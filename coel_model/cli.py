@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-ROOM_CLIS = ("coel_model.commands", "controller.cli", "nodes.cli", "testbed.cli")
+ROOM_CLIS = ("coel_model.commands", "coel_model.quant_cli", "controller.cli", "nodes.cli", "testbed.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
