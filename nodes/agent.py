@@ -1,0 +1,554 @@
+"""The node agent: one per edge server. Holds expert shards within a memory budget and serves them.
+
+Division of labour: `ShardStore` owns the shards and the byte accounting (pure, no sockets);
+`Agent` owns the sockets: a ROUTER that serves every request (expert calls, shard loads, status,
+probes) and, when a controller is given, a DEALER that registers and heartbeats in zguide
+Paranoid-Pirate style (liveness counter, reconnect with backoff, re-register). One poll loop;
+concurrent EXPERT_CALLs for the same (layer, expert) that arrive together are run as one batch.
+Bad input is answered with ERROR and never stops the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import zmq
+
+from coel_model.errors import ConfigError
+from nodes import protocol as P
+from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
+from nodes.transport import DelayHook, HeldInbox, decode_activations, encode_activations, peer_address
+
+MB = 1 << 20  # memory_mb is MiB: memory_bytes = memory_mb * 2**20
+
+
+class ShardError(Exception):
+    def __init__(self, code: P.ErrorCode, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class HalfExpert(nn.Module):
+    """An fp16/fp32 SwiGLU expert held as received (zero-copy); computes in float32.
+
+    Upcasting per call keeps results bit-identical to a float32 model loaded from the same
+    fp16 checkpoint, which is what `coel generate` runs.
+    """
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
+        super().__init__()
+        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, d) -> (n, d)
+        f32 = torch.float32
+        return F.linear(F.silu(F.linear(x, self.w_gate.to(f32))) * F.linear(x, self.w_up.to(f32)),
+                        self.w_down.to(f32))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w_gate, self.w_up, self.w_down))
+
+
+SWIGLU_TENSORS = ("w_gate", "w_up", "w_down")
+
+
+def expert_tensors(module: nn.Module, bits: int) -> dict[str, torch.Tensor]:
+    """What LOAD_SHARD carries for one expert: fp weights (bits 16/32) or the packed tensors."""
+    if bits in (16, 32) and hasattr(module, "w_gate") and isinstance(module.w_gate, nn.Linear):
+        dt = torch.float16 if bits == 16 else torch.float32
+        return {n: getattr(module, n).weight.detach().to(dt).contiguous() for n in SWIGLU_TENSORS}
+    if hasattr(module, "to_tensors"):
+        return module.to_tensors()
+    raise ShardError(P.ErrorCode.BAD_SHARD, f"cannot serialise {type(module).__name__} at {bits} bits")
+
+
+def build_shard(desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Module for one shard description + its tensors; raises ShardError naming the problem."""
+    l, e, bits, d, hid = desc["layer"], desc["expert"], desc["bits"], desc["d_model"], desc["hidden"]
+    where = f"shard (layer {l}, expert {e}, {bits} bits)"
+    if bits in (16, 32) and set(tensors) == set(SWIGLU_TENSORS):
+        want_dt = torch.float16 if bits == 16 else torch.float32
+        shapes = {"w_gate": (hid, d), "w_up": (hid, d), "w_down": (d, hid)}
+        for n, t in tensors.items():
+            if t.dtype != want_dt or tuple(t.shape) != shapes[n]:
+                raise ShardError(P.ErrorCode.BAD_SHARD, f"{where}: tensor {n} is {tuple(t.shape)} {t.dtype}, "
+                                 f"expected {shapes[n]} {want_dt}")
+        return HalfExpert(tensors["w_gate"], tensors["w_up"], tensors["w_down"])
+    try:
+        from coel_model import quant
+    except ModuleNotFoundError:
+        raise ShardError(P.ErrorCode.UNSUPPORTED, f"{where}: quantized shards need coel_model.quant, "
+                         f"which this install lacks") from None
+    try:
+        spec = quant.QuantSpec(bits=bits, group_size=desc.get("group_size", 64),
+                               method=desc.get("method", "rtn"))
+        # own the memory: received frames are read-only views
+        return quant.QuantizedExpert.from_tensors(spec, d, hid, {k: v.clone() for k, v in tensors.items()})
+    except Exception as exc:
+        raise ShardError(P.ErrorCode.BAD_SHARD, f"{where}: {type(exc).__name__}: {exc}") from None
+
+
+def module_nbytes(m: nn.Module) -> int:
+    nb = getattr(m, "nbytes", None)
+    if nb is not None:
+        return int(nb)
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+@dataclass
+class Shard:
+    layer: int
+    expert: int
+    bits: int
+    module: nn.Module
+    nbytes: int
+    calls: int = 0
+    tokens: int = 0
+
+
+class ShardStore:
+    """The agent's shards and their byte accounting against the budget (no I/O)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.shards: dict[tuple[int, int], Shard] = {}
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards.values())
+
+    def load(self, descs: list[dict], tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """All-or-nothing: build every shard first, check the budget, then swap them in."""
+        per: list[dict[str, torch.Tensor]] = [{} for _ in descs]
+        for name, t in tensors.items():
+            idx, _, tname = name.partition("/")
+            if not idx.isdigit() or int(idx) >= len(descs) or not tname:
+                raise ShardError(P.ErrorCode.BAD_SHARD, f"tensor {name!r} is not '<shard index>/<name>' "
+                                 f"for {len(descs)} shard(s)")
+            per[int(idx)][tname] = t
+        keys = [(d["layer"], d["expert"]) for d in descs]
+        if len(set(keys)) != len(keys):
+            raise ShardError(P.ErrorCode.BAD_SHARD, f"duplicate (layer, expert) in one load: {keys}")
+        replaced = sum(self.shards[k].nbytes for k in keys if k in self.shards)
+        incoming = sum(t.numel() * t.element_size() for t in tensors.values())
+        self._check_budget(keys, incoming, replaced)
+        built = [build_shard(d, ts) for d, ts in zip(descs, per)]
+        sizes = [module_nbytes(m) for m in built]
+        self._check_budget(keys, sum(sizes), replaced)
+        for d, m, nb in zip(descs, built, sizes):
+            self.shards[(d["layer"], d["expert"])] = Shard(d["layer"], d["expert"], d["bits"], m, nb)
+        return keys
+
+    def _check_budget(self, keys: list, new_bytes: int, replaced: int) -> None:
+        after = self.used_bytes - replaced + new_bytes
+        if after > self.budget_bytes:
+            raise ShardError(P.ErrorCode.OVER_BUDGET,
+                             f"loading {len(keys)} shard(s) {keys[:4]}{'...' if len(keys) > 4 else ''} "
+                             f"of {new_bytes} bytes needs {after} bytes in total, budget is "
+                             f"{self.budget_bytes} ({self.budget_bytes / MB:.1f} MiB), "
+                             f"{self.used_bytes} already used; nothing was loaded")
+
+    def unload(self, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        gone = [k for k in keys if k in self.shards]
+        for k in gone:
+            del self.shards[k]
+        return gone
+
+    def describe(self) -> list[dict[str, int]]:
+        return [{"layer": s.layer, "expert": s.expert, "bits": s.bits, "nbytes": s.nbytes,
+                 "calls": s.calls, "tokens": s.tokens} for s in sorted(self.shards.values(),
+                                                                      key=lambda s: (s.layer, s.expert))]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    endpoint: str  # where the ROUTER binds, e.g. tcp://10.0.0.2:5555
+    memory_budget_bytes: int  # model-shard budget (topology memory_mb * 2**20)
+    threads: int = 1  # torch intra-op threads
+    controller: str | None = None  # controller ROUTER endpoint for REGISTER/HEARTBEAT
+    keys_dir: str | None = None  # CURVE key directory (see nodes.security); None = plain text
+    name: str = ""
+    trace_path: str | None = None  # JSONL spans (remote_queue, remote_compute)
+    max_batch_tokens: int = 4096  # largest merged batch of one expert
+    heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_bytes < 0:
+            raise ConfigError(f"memory budget must be >= 0 bytes (got {self.memory_budget_bytes})")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (got {self.threads})")
+        if "://" not in self.endpoint:
+            raise ConfigError(f"endpoint {self.endpoint!r} must look like tcp://IP:PORT")
+
+
+@dataclass
+class _Pending:
+    reply: Callable[[list[Any]], None]
+    msg: P.Message
+    t_recv_ns: int
+
+
+class Agent:
+    """Serves one ROUTER endpoint until `stop()` or a SHUTDOWN message."""
+
+    def __init__(self, cfg: AgentConfig, delay: DelayHook | None = None, ctx: zmq.Context | None = None):
+        self.cfg = cfg
+        self.name = cfg.name or cfg.endpoint
+        self.store = ShardStore(cfg.memory_budget_bytes)
+        self.delay = delay
+        self.inbox = HeldInbox(delay)
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.keys: KeyDir | None = load_keys(cfg.keys_dir) if cfg.keys_dir else None
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.counters = defaultdict(int)
+        self.proc = psutil.Process()
+        self.proc.cpu_percent()
+        self.tracer = None
+        if cfg.trace_path:
+            from testbed.traces import TraceWriter
+            self.tracer = TraceWriter(cfg.trace_path, self.name)
+        self.auth = None
+        self.router: zmq.Socket | None = None
+        self.ctrl: zmq.Socket | None = None
+
+    # ---------------- sockets ----------------
+    def _bind(self) -> None:
+        if self.keys is not None:
+            self.auth = start_authenticator(self.ctx, self.keys)
+        r = self.ctx.socket(zmq.ROUTER)
+        r.linger = 0
+        r.maxmsgsize = P.MAX_MESSAGE_BYTES + P.MAX_HEADER_BYTES
+        secure_server(r, self.keys)
+        try:
+            r.bind(self.cfg.endpoint)
+        except zmq.ZMQError as exc:
+            r.close()
+            raise ConfigError(f"agent {self.name}: cannot bind {self.cfg.endpoint}: {exc}") from None
+        self.router = r
+
+    def _connect_controller(self) -> None:
+        c = self.ctx.socket(zmq.DEALER)
+        c.linger = 0
+        secure_client(c, self.keys)
+        c.connect(self.cfg.controller)
+        self.ctrl = c
+        self._send_ctrl(P.encode(P.MsgType.REGISTER, 0, {
+            "name": self.name, "endpoint": self.cfg.endpoint,
+            "memory_budget_bytes": self.cfg.memory_budget_bytes, "threads": self.cfg.threads,
+            "shards": self.store.describe(), "pid": os.getpid()}, src=self.name))
+        self.counters["registers"] += 1
+
+    def _send_ctrl(self, frames: list[Any]) -> None:
+        try:
+            self.ctrl.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # controller unreachable: the liveness counter will notice
+
+    # ---------------- main loop ----------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            self._bind()
+            self.ready.set()
+            self._loop()
+        finally:
+            for s in (self.router, self.ctrl):
+                if s is not None:
+                    s.close(linger=0)
+            if self.auth is not None:
+                self.auth.stop()
+            if self.tracer is not None:
+                self.tracer.close()
+            if self._own_ctx:
+                self.ctx.term()
+
+    def _loop(self) -> None:
+        interval = self.cfg.heartbeat_interval_s
+        liveness = P.HEARTBEAT_LIVENESS
+        backoff = P.RECONNECT_INITIAL_S
+        next_hb = time.monotonic()
+        reconnect_at = time.monotonic() if self.cfg.controller else None
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if reconnect_at is not None and now >= reconnect_at:
+                if self.ctrl is not None:
+                    poller.unregister(self.ctrl)
+                    self.ctrl.close(linger=0)
+                self._connect_controller()
+                poller.register(self.ctrl, zmq.POLLIN)
+                reconnect_at, liveness, next_hb = None, P.HEARTBEAT_LIVENESS, now + interval
+            timeout_ms = 100.0
+            if self.ctrl is not None:
+                timeout_ms = min(timeout_ms, max(0.0, (next_hb - now) * 1e3))
+            if reconnect_at is not None:
+                timeout_ms = min(timeout_ms, max(0.0, (reconnect_at - now) * 1e3))
+            events = dict(poller.poll(self.inbox.timeout_ms(timeout_ms)))
+            batch: list[_Pending] = []
+            if events.get(self.router):
+                self._drain_router(batch)
+            if self.ctrl is not None and events.get(self.ctrl):
+                liveness = P.HEARTBEAT_LIVENESS
+                backoff = P.RECONNECT_INITIAL_S
+                self._drain_ctrl(batch)
+            batch.extend(self.inbox.pop_ready())
+            if batch:
+                self._process(batch)
+            now = time.monotonic()
+            if self.ctrl is not None and reconnect_at is None and now >= next_hb:
+                liveness -= 1
+                if liveness <= 0:  # Paranoid Pirate: controller silent for LIVENESS intervals
+                    self.counters["reconnects"] += 1
+                    reconnect_at = now + backoff
+                    backoff = min(backoff * 2, P.RECONNECT_MAX_S)
+                else:
+                    self._send_ctrl(P.encode(P.MsgType.HEARTBEAT, 0, {"name": self.name, "stats": self.stats()},
+                                             src=self.name))
+                    self.counters["heartbeats"] += 1
+                next_hb = now + interval
+
+    def _drain_router(self, batch: list[_Pending], max_msgs: int = 256) -> None:
+        for _ in range(max_msgs):
+            try:
+                frames = self.router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            t_recv = time.monotonic_ns()
+            ident = frames[0].bytes
+            rest = frames[1:]
+            envelope = [ident]
+            if rest and len(rest[0]) == 0:  # REQ-style empty delimiter: keep it in the reply
+                envelope.append(b"")
+                rest = rest[1:]
+            reply = self._router_reply(envelope)
+            self._admit(rest, reply, t_recv, peer_address(frames[0]) if len(frames) else "", batch)
+
+    def _router_reply(self, envelope: list[bytes]) -> Callable[[list[Any]], None]:
+        def reply(frames: list[Any]) -> None:
+            try:
+                self.router.send_multipart(envelope + frames, copy=False, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.counters["reply_dropped"] += 1
+        return reply
+
+    def _drain_ctrl(self, batch: list[_Pending]) -> None:
+        while True:
+            try:
+                frames = self.ctrl.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._admit(frames, self._send_ctrl, time.monotonic_ns(), peer_address(frames[0]), batch,
+                        from_controller=True)
+
+    def _admit(self, frames: list[Any], reply, t_recv: int, peer: str, batch: list[_Pending],
+               from_controller: bool = False) -> None:
+        self.counters["received"] += 1
+        try:
+            msg = P.decode(frames)
+        except P.ProtocolError as exc:
+            self.counters["malformed"] += 1
+            reply(P.error_frames(exc.req_id, P.ErrorCode.MALFORMED, exc.reason, self.name))
+            return
+        if from_controller and msg.type in (P.MsgType.HEARTBEAT, P.MsgType.OK):
+            return  # liveness only
+        item = _Pending(reply, msg, t_recv)
+        if self.inbox.admit(item, peer or msg.src, msg.sent_ns, msg.nbytes):
+            batch.append(item)
+
+    # ---------------- handlers ----------------
+    def _process(self, batch: list[_Pending]) -> None:
+        calls: dict[tuple, list[_Pending]] = defaultdict(list)
+        for it in batch:
+            m = it.msg
+            if m.type == P.MsgType.EXPERT_CALL:
+                comp = m.body.get("compression") or {}
+                key = (m.body["layer"], m.body["expert"], m.tensors["x"].dtype, repr(sorted(comp.items())))
+                calls[key].append(it)
+            else:
+                self._guarded(it, self._handle_control)
+        for key, items in calls.items():
+            self._run_calls(key, items)
+
+    def _guarded(self, it: _Pending, fn) -> None:
+        try:
+            fn(it)
+        except ShardError as exc:
+            it.reply(P.error_frames(it.msg.req_id, exc.code, str(exc), self.name))
+        except Exception as exc:  # the agent must outlive any bad request
+            self.counters["internal_errors"] += 1
+            tb = traceback.format_exc(limit=3)
+            it.reply(P.error_frames(it.msg.req_id, P.ErrorCode.INTERNAL,
+                                    f"{type(exc).__name__}: {exc} | {tb[-600:]}", self.name))
+
+    def _ok(self, it: _Pending, body: dict | None = None, mtype: P.MsgType = P.MsgType.OK,
+            tensors: dict | None = None) -> None:
+        it.reply(P.encode(mtype, it.msg.req_id, body or {}, tensors, trace=it.msg.trace, src=self.name))
+
+    def _handle_control(self, it: _Pending) -> None:
+        m, T = it.msg, P.MsgType
+        if m.type == T.LOAD_SHARD:
+            t0 = time.monotonic_ns()
+            with torch.inference_mode():
+                keys = self.store.load(m.body["shards"], m.tensors)
+            self.counters["loads"] += len(keys)
+            self._ok(it, {"loaded": [list(k) for k in keys], "memory_used_bytes": self.store.used_bytes,
+                          "memory_budget_bytes": self.store.budget_bytes,
+                          "load_ns": time.monotonic_ns() - t0})
+        elif m.type == T.UNLOAD_SHARD:
+            gone = self.store.unload([tuple(s) for s in m.body["shards"]])
+            self._ok(it, {"unloaded": [list(k) for k in gone], "memory_used_bytes": self.store.used_bytes})
+        elif m.type == T.STATUS:
+            self._ok(it, self.status(), T.STATUS)
+        elif m.type == T.PROBE:
+            self._ok(it, {"echo": m.body.get("echo")}, T.PROBE, dict(m.tensors))
+        elif m.type == T.SET_PATH_DELAYS:
+            setter = getattr(self.delay, "set_delays", None)
+            if setter is None:
+                raise ShardError(P.ErrorCode.UNSUPPORTED, "this agent runs without a delay queue")
+            setter({k: float(v) for k, v in m.body["delays_ms"].items()})
+            self._ok(it)
+        elif m.type == T.SHUTDOWN:
+            self._ok(it)
+            self._stop.set()
+        else:
+            raise ShardError(P.ErrorCode.UNSUPPORTED, f"{m.type.name} is not a request an agent serves")
+
+    def _run_calls(self, key: tuple, items: list[_Pending]) -> None:
+        layer, expert = key[0], key[1]
+        shard = self.store.shards.get((layer, expert))
+        if shard is None:
+            for it in items:
+                it.reply(P.error_frames(it.msg.req_id, P.ErrorCode.NOT_LOADED,
+                                        f"agent {self.name} holds no shard (layer {layer}, expert {expert}); "
+                                        f"it holds {sorted(self.store.shards)[:8]}", self.name))
+            return
+        # split into batches of at most max_batch_tokens
+        groups, cur, n = [], [], 0
+        for it in items:
+            k = it.msg.tensors["x"].shape[0]
+            if cur and n + k > self.cfg.max_batch_tokens:
+                groups.append(cur)
+                cur, n = [], 0
+            cur.append(it)
+            n += k
+        if cur:
+            groups.append(cur)
+        for g in groups:
+            try:
+                self._run_batch(shard, g)
+            except Exception as exc:
+                for it in g:
+                    it.reply(P.error_frames(it.msg.req_id, P.ErrorCode.INTERNAL,
+                                            f"expert (layer {layer}, expert {expert}) failed: "
+                                            f"{type(exc).__name__}: {exc}", self.name))
+
+    def _run_batch(self, shard: Shard, items: list[_Pending]) -> None:
+        t0 = time.monotonic_ns()
+        xs, metas = [], []
+        for it in items:
+            x, meta = decode_activations(it.msg.tensors, it.msg.body.get("compression"), "x")
+            xs.append(x)
+            metas.append(meta)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        with torch.inference_mode():
+            y = shard.module(x)
+        t1 = time.monotonic_ns()
+        shard.calls += 1
+        shard.tokens += x.shape[0]
+        self.counters["expert_calls"] += len(items)
+        pos = 0
+        for it, xi, meta in zip(items, xs, metas):
+            yi = y[pos:pos + xi.shape[0]]
+            pos += xi.shape[0]
+            comp = it.msg.body.get("compression")
+            tensors = encode_activations(yi, comp, "y", meta)
+            body = {"queue_ns": t0 - it.t_recv_ns, "compute_ns": t1 - t0, "batch": len(items)}
+            if comp:
+                body["compression"] = comp
+            it.reply(P.encode(P.MsgType.EXPERT_REPLY, it.msg.req_id, body, tensors, trace=it.msg.trace,
+                              src=self.name))
+            if self.tracer is not None and it.msg.trace:
+                attrs = {"layer": shard.layer, "expert": shard.expert, "tokens": int(xi.shape[0]),
+                         "batch": len(items)}
+                self.tracer.span(it.msg.trace, "remote_queue", it.t_recv_ns, t0, **attrs)
+                self.tracer.span(it.msg.trace, "remote_compute", t0, t1, **attrs)
+
+    # ---------------- reporting ----------------
+    def stats(self) -> dict[str, Any]:
+        mem = self.proc.memory_info()
+        return {"cpu_percent": self.proc.cpu_percent(), "rss_bytes": mem.rss,
+                "available_bytes": psutil.virtual_memory().available, "load1": os.getloadavg()[0],
+                "memory_used_bytes": self.store.used_bytes, "memory_budget_bytes": self.store.budget_bytes,
+                "shards": len(self.store.shards), "expert_calls": self.counters["expert_calls"],
+                "t_ns": time.monotonic_ns()}
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "endpoint": self.cfg.endpoint, "protocol": P.PROTOCOL_VERSION,
+                "pid": os.getpid(), "threads": self.cfg.threads,
+                "memory_budget_bytes": self.store.budget_bytes, "memory_used_bytes": self.store.used_bytes,
+                "shards": self.store.describe(), "stats": self.stats(), "counters": dict(self.counters),
+                "held_messages": len(self.inbox)}
+
+
+def serve_in_thread(cfg: AgentConfig, delay: DelayHook | None = None) -> tuple[Agent, threading.Thread]:
+    """Start an agent in a daemon thread (in-process transport for tests); waits until bound."""
+    agent = Agent(cfg, delay)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            agent.run()
+        except BaseException as exc:
+            errors.append(exc)
+            agent.ready.set()
+
+    th = threading.Thread(target=target, name=f"agent-{agent.name}", daemon=True)
+    th.start()
+    agent.ready.wait(10)
+    if errors:
+        raise errors[0]
+    return agent, th
+
+
+def run_agent_process(cfg: AgentConfig, delay: DelayHook | None = None) -> int:
+    """Process entry (`coel agent`): set thread count, stop cleanly on SIGTERM/SIGINT."""
+    torch.set_num_threads(cfg.threads)
+    agent = Agent(cfg, delay)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    agent.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nodes.agent ...`: the same as `coel agent` (used by serve-local and tests)."""
+    from nodes.cli import add_agent_args, agent_config_from_args
+    ap = argparse.ArgumentParser(prog="nodes.agent")
+    add_agent_args(ap)
+    args = ap.parse_args(argv)
+    return run_agent_process(agent_config_from_args(args), delay_hook_from_env())
+
+
+def delay_hook_from_env() -> DelayHook | None:
+    """The emulated-delay hook for this process (nodes.delayqueue when present), else None."""
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

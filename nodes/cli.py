@@ -1,0 +1,89 @@
+"""`coel agent`, `coel keys` and `coel serve-local`: the nodes room's commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from coel_model.errors import ConfigError
+
+
+def add_agent_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", required=True, help="ROUTER endpoint to bind, e.g. tcp://10.0.0.2:5555")
+    p.add_argument("--memory-mb", type=float, required=True,
+                   help="model-shard memory budget in MiB (the topology's memory_mb)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
+    p.add_argument("--controller", default=None, help="controller endpoint to register and heartbeat with")
+    p.add_argument("--keys", default=None, help="CURVE key directory from `coel keys` (default: plain text)")
+    p.add_argument("--name", default="", help="agent name in traces and registration")
+    p.add_argument("--trace-out", default=None, help="append remote_queue/remote_compute spans (JSONL)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096)
+    p.add_argument("--heartbeat-s", type=float, default=None, help="heartbeat interval (s)")
+
+
+def agent_config_from_args(args: argparse.Namespace):
+    from nodes import protocol as P
+    from nodes.agent import MB, AgentConfig
+    if args.memory_mb < 0:
+        raise ConfigError(f"--memory-mb must be >= 0 (got {args.memory_mb})")
+    return AgentConfig(endpoint=args.endpoint, memory_budget_bytes=int(args.memory_mb * MB),
+                       threads=args.threads, controller=args.controller, keys_dir=args.keys,
+                       name=args.name, trace_path=args.trace_out, max_batch_tokens=args.max_batch_tokens,
+                       heartbeat_interval_s=args.heartbeat_s or P.HEARTBEAT_INTERVAL_S)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from nodes.agent import delay_hook_from_env, run_agent_process
+    return run_agent_process(agent_config_from_args(args), delay_hook_from_env())
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from nodes.security import make_keys
+    out = make_keys(args.out, overwrite=args.force)
+    print(f"wrote server and client CURVE keypairs to {out} (authorized clients: {out / 'authorized'})")
+    return 0
+
+
+def cmd_serve_local(args: argparse.Namespace) -> int:
+    from nodes.local import ServeLocalConfig, serve_local
+    cfg = ServeLocalConfig(model_dir=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                           n_agents=args.agents, plan_path=args.plan, bits=args.bits,
+                           compression=args.compression, secure=not args.insecure,
+                           memory_mb=args.memory_mb, trace_out=args.trace_out, call_timeout_s=args.timeout_s,
+                           replicas=args.replicas)
+    result = serve_local(cfg)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"] if result.get("text") is not None else result["tokens"])
+        print(f"{len(result['tokens'])} tokens, {result['ms_per_token']:.2f} ms/token, "
+              f"{result['bytes_on_wire']} bytes on the wire", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("agent", help="run a node agent serving expert shards")
+    add_agent_args(p)
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("keys", help="create CURVE keypairs (server, client) and authorized/")
+    p.add_argument("--out", required=True, help="key directory to create")
+    p.add_argument("--force", action="store_true", help="replace existing keys")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("serve-local", help="start N agents + a coordinator on 127.0.0.1 and generate")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompt", required=True, help="prompt text (or comma-separated token ids with --ids)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--agents", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=1, help="holders per expert (round-robin)")
+    p.add_argument("--plan", default=None, help="plan JSON with a placement (default: round-robin)")
+    p.add_argument("--bits", type=int, default=16, help="expert bits when no plan gives them")
+    p.add_argument("--compression", default=None,
+                   help="activation/token compression, e.g. 'act=fp16' or a JSON object")
+    p.add_argument("--memory-mb", type=float, default=0, help="per-agent budget (0 = just enough)")
+    p.add_argument("--insecure", action="store_true", help="no CURVE (default: temporary keys)")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="per expert call before failover")
+    p.add_argument("--trace-out", default=None, help="coordinator spans (JSONL)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_serve_local)

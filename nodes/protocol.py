@@ -1,0 +1,343 @@
+"""The CoEL wire protocol: every constant, message type and validation rule in one module.
+
+A message is a list of ZeroMQ frames:
+
+    [header, tensor_0, tensor_1, ...]
+
+`header` is a small msgpack map (a few hundred bytes):
+    {"v": PROTOCOL_VERSION, "t": MsgType, "id": request id (echoed in the reply),
+     "sent_ns": sender's time.monotonic_ns() (all Mininet hosts share one clock),
+     "src": sender name, "trace": trace id or None, "body": type-specific map,
+     "tensors": [[name, dtype, [shape...]], ...]}          # one entry per following frame
+Tensor frames are the raw little-endian bytes of contiguous tensors, sent zero-copy when large
+and never converted to Python lists. `decode` validates everything (version, type, body schema,
+dtype whitelist, shape vs frame size, size limits) and raises ProtocolError with a reason;
+servers answer such input with an ERROR message and keep serving.
+
+ROUTER sockets add identity frames in front; the transport strips them before `decode`.
+See docs/protocol.md for the message catalogue.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import msgpack
+import numpy as np
+import torch
+
+PROTOCOL_VERSION = 1
+
+# ---- size limits (a peer can never make us allocate more than this per message) ----
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 256
+MAX_TENSOR_DIMS = 4
+MAX_NAME_CHARS = 128
+MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB of tensor data (a large shard batch)
+MAX_TOKENS_PER_CALL = 1 << 16
+MAX_STR_CHARS = 4096
+
+# ---- timing constants (zguide Paranoid Pirate) ----
+HEARTBEAT_INTERVAL_S = 1.0  # agent -> controller heartbeat period
+HEARTBEAT_LIVENESS = 3  # missed controller replies before the agent reconnects
+RECONNECT_INITIAL_S = 1.0
+RECONNECT_MAX_S = 16.0
+
+# messages smaller than this are copied by pyzmq anyway; larger frames go zero-copy
+ZERO_COPY_MIN_BYTES = 64 * 1024
+
+
+class MsgType(enum.IntEnum):
+    REGISTER = 1  # agent -> controller: who I am, my budget and shards; reply OK
+    HEARTBEAT = 2  # agent -> controller: stats; controller answers HEARTBEAT (liveness)
+    LOAD_SHARD = 3  # -> agent: expert tensors; reply OK (body: loaded, memory) or ERROR
+    UNLOAD_SHARD = 4  # -> agent: drop shards; reply OK
+    EXPERT_CALL = 5  # -> agent: run (layer, expert) on token vectors x (n, d)
+    EXPERT_REPLY = 6  # agent -> caller: y (n, d), queue and compute time
+    STATUS = 7  # -> agent: request; the reply is a STATUS with the body filled
+    PROBE = 8  # -> agent: echo (RTT and bandwidth probes); reply PROBE with the same payload
+    ERROR = 9  # any reply: {"code", "reason"}
+    OK = 10  # generic success reply
+    SET_PATH_DELAYS = 11  # -> agent: one-way delays per peer for the in-transport delay queue
+    SHUTDOWN = 12  # -> agent: reply OK, then exit cleanly
+
+
+class ErrorCode(str, enum.Enum):
+    MALFORMED = "malformed"  # could not decode / validate
+    UNSUPPORTED = "unsupported"  # valid but not something this receiver handles
+    OVER_BUDGET = "over_budget"  # LOAD_SHARD would exceed the memory budget
+    NOT_LOADED = "not_loaded"  # EXPERT_CALL / UNLOAD for a shard this agent does not hold
+    BAD_SHARD = "bad_shard"  # shard tensors do not match the shard description
+    INTERNAL = "internal"  # the handler raised; the agent keeps serving
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; `reason` says which rule it broke."""
+
+    def __init__(self, reason: str, req_id: int = 0):
+        super().__init__(reason)
+        self.reason = reason
+        self.req_id = req_id
+
+
+# ---- body schemas: field -> (allowed python types, required) ----
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_MAP = (dict,)
+_LIST = (list,)
+_OPT_MAP = (dict, type(None))
+
+BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
+    MsgType.REGISTER: {"name": (_STR, True), "endpoint": (_STR, True), "memory_budget_bytes": (_INT, True),
+                       "threads": (_INT, False), "shards": (_LIST, False), "pid": (_INT, False)},
+    MsgType.HEARTBEAT: {"name": (_STR, False), "stats": (_MAP, False)},
+    MsgType.LOAD_SHARD: {"shards": (_LIST, True), "replace": ((bool,), False)},
+    MsgType.UNLOAD_SHARD: {"shards": (_LIST, True)},
+    MsgType.EXPERT_CALL: {"layer": (_INT, True), "expert": (_INT, True), "compression": (_OPT_MAP, False),
+                          "meta": (_OPT_MAP, False)},
+    MsgType.EXPERT_REPLY: {"queue_ns": (_INT, True), "compute_ns": (_INT, True), "batch": (_INT, False),
+                           "compression": (_OPT_MAP, False), "meta": (_OPT_MAP, False)},
+    MsgType.STATUS: {},
+    MsgType.PROBE: {"echo": ((int, float, str, type(None)), False)},
+    MsgType.ERROR: {"code": (_STR, True), "reason": (_STR, True)},
+    MsgType.OK: {},
+    MsgType.SET_PATH_DELAYS: {"delays_ms": (_MAP, True)},
+    MsgType.SHUTDOWN: {},
+}
+# types whose bodies may carry extra keys (replies with free-form status data)
+OPEN_BODIES = {MsgType.STATUS, MsgType.OK, MsgType.HEARTBEAT, MsgType.REGISTER}
+
+SHARD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "layer": (_INT, True), "expert": (_INT, True), "bits": (_INT, True), "d_model": (_INT, True),
+    "hidden": (_INT, True), "group_size": (_INT, False), "method": (_STR, False),
+}
+VALID_BITS = (2, 3, 4, 8, 16, 32)
+
+
+@dataclass
+class Message:
+    """A decoded (validated) message; tensors share memory with the received frames."""
+    type: MsgType
+    req_id: int = 0
+    body: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    trace: str | None = None
+    sent_ns: int = 0
+    src: str = ""
+    nbytes: int = 0  # header + tensor bytes as received
+
+
+def tensor_frame(t: torch.Tensor) -> memoryview:
+    """Raw bytes of a contiguous CPU tensor without copying (bfloat16 via an int16 view)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def encode(mtype: MsgType, req_id: int = 0, body: dict[str, Any] | None = None,
+           tensors: dict[str, torch.Tensor] | None = None, trace: str | None = None,
+           src: str = "", sent_ns: int | None = None) -> list[Any]:
+    """Message -> frames ready for `socket.send_multipart(frames, copy=False)`."""
+    specs, frames = [], []
+    for name, t in (tensors or {}).items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ProtocolError(f"tensor {name!r}: dtype {t.dtype} is not sendable")
+        specs.append([name, DTYPE_NAMES[t.dtype], list(t.shape)])
+        frames.append(tensor_frame(t))
+    header = {"v": PROTOCOL_VERSION, "t": int(mtype), "id": int(req_id),
+              "sent_ns": int(time.monotonic_ns() if sent_ns is None else sent_ns),
+              "src": src, "trace": trace, "body": body or {}, "tensors": specs}
+    return [msgpack.packb(header, use_bin_type=True)] + frames
+
+
+def error_frames(req_id: int, code: ErrorCode | str, reason: str, src: str = "") -> list[Any]:
+    code = code.value if isinstance(code, ErrorCode) else code
+    return encode(MsgType.ERROR, req_id, {"code": code, "reason": reason[:MAX_STR_CHARS]}, src=src)
+
+
+def _frame_buffer(frame: Any) -> memoryview:
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        return memoryview(frame)
+    buf = getattr(frame, "buffer", None)  # zmq.Frame
+    if buf is None:
+        raise ProtocolError(f"frame of type {type(frame).__name__} is not a buffer")
+    return buf
+
+
+def _check_fields(where: str, d: dict, schema: dict, open_keys: bool, req_id: int) -> None:
+    for k in d:
+        if not isinstance(k, str):
+            raise ProtocolError(f"{where}: non-string key {k!r}", req_id)
+        if k not in schema and not open_keys:
+            raise ProtocolError(f"{where}: unknown field {k!r} (allowed: {sorted(schema)})", req_id)
+    for k, (types, required) in schema.items():
+        if k not in d:
+            if required:
+                raise ProtocolError(f"{where}: missing field {k!r}", req_id)
+            continue
+        v = d[k]
+        if isinstance(v, bool) and bool not in types:
+            raise ProtocolError(f"{where}: field {k!r} must be {'/'.join(t.__name__ for t in types)}, "
+                                f"got bool", req_id)
+        if not isinstance(v, types):
+            raise ProtocolError(f"{where}: field {k!r} must be {'/'.join(t.__name__ for t in types)}, "
+                                f"got {type(v).__name__}", req_id)
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > (1 << 62):
+            raise ProtocolError(f"{where}: field {k!r} out of range", req_id)
+
+
+def validate_shard_desc(i: int, s: Any, req_id: int = 0) -> None:
+    if not isinstance(s, dict):
+        raise ProtocolError(f"shards[{i}] must be a map", req_id)
+    _check_fields(f"shards[{i}]", s, SHARD_FIELDS, False, req_id)
+    if s["bits"] not in VALID_BITS:
+        raise ProtocolError(f"shards[{i}]: bits={s['bits']} not in {VALID_BITS}", req_id)
+    for k in ("layer", "expert"):
+        if not 0 <= s[k] < 1 << 20:
+            raise ProtocolError(f"shards[{i}]: {k}={s[k]} out of range", req_id)
+    for k in ("d_model", "hidden"):
+        if not 0 < s[k] <= 1 << 20:
+            raise ProtocolError(f"shards[{i}]: {k}={s[k]} out of range", req_id)
+
+
+def _validate_body(mtype: MsgType, body: dict, tensors: dict[str, tuple[str, tuple[int, ...]]],
+                   req_id: int) -> None:
+    _check_fields(f"{mtype.name} body", body, BODY_SCHEMAS[mtype], mtype in OPEN_BODIES, req_id)
+    if mtype == MsgType.EXPERT_CALL:
+        if not (0 <= body["layer"] < 1 << 20 and 0 <= body["expert"] < 1 << 20):
+            raise ProtocolError(f"EXPERT_CALL: layer/expert out of range", req_id)
+        if "x" not in tensors:
+            raise ProtocolError("EXPERT_CALL carries no tensor 'x'", req_id)
+    if mtype in (MsgType.EXPERT_CALL, MsgType.EXPERT_REPLY):
+        name = "x" if mtype == MsgType.EXPERT_CALL else "y"
+        if name in tensors:
+            dt, shape = tensors[name]
+            comp = body.get("compression") or {}
+            if dt not in FLOAT_DTYPES and not comp:
+                raise ProtocolError(f"{mtype.name}: tensor {name!r} dtype {dt} needs compression "
+                                    f"settings (raw activations must be float)", req_id)
+            if len(shape) != 2:
+                raise ProtocolError(f"{mtype.name}: tensor {name!r} must be 2-D (n, d), got {list(shape)}",
+                                    req_id)
+            if shape[0] > MAX_TOKENS_PER_CALL:
+                raise ProtocolError(f"{mtype.name}: {shape[0]} tokens > limit {MAX_TOKENS_PER_CALL}", req_id)
+    elif mtype == MsgType.LOAD_SHARD:
+        if not body["shards"]:
+            raise ProtocolError("LOAD_SHARD lists no shards", req_id)
+        for i, s in enumerate(body["shards"]):
+            validate_shard_desc(i, s, req_id)
+    elif mtype == MsgType.UNLOAD_SHARD:
+        for i, s in enumerate(body["shards"]):
+            if not (isinstance(s, list) and len(s) == 2 and all(type(v) is int and v >= 0 for v in s)):
+                raise ProtocolError(f"UNLOAD_SHARD shards[{i}] must be [layer, expert]", req_id)
+    elif mtype == MsgType.SET_PATH_DELAYS:
+        for k, v in body["delays_ms"].items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                    or not (0 <= v < 1e6) or math.isnan(v):
+                raise ProtocolError(f"SET_PATH_DELAYS: bad entry {k!r}: {v!r}", req_id)
+    elif mtype == MsgType.ERROR:
+        try:
+            ErrorCode(body["code"])
+        except ValueError:
+            raise ProtocolError(f"ERROR: unknown code {body['code']!r}", req_id) from None
+
+
+def decode(frames: list[Any]) -> Message:
+    """Frames -> Message, validating every field; raises ProtocolError(reason)."""
+    if not frames:
+        raise ProtocolError("empty message")
+    hbuf = _frame_buffer(frames[0])
+    if len(hbuf) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(hbuf)} bytes > limit {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(hbuf, raw=False, strict_map_key=True, max_str_len=MAX_HEADER_BYTES,
+                                 max_bin_len=MAX_HEADER_BYTES, max_array_len=4096, max_map_len=4096,
+                                 max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"header is not msgpack ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    rid = header.get("id", 0)
+    req_id = rid if type(rid) is int and 0 <= rid < 1 << 63 else 0
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} != {PROTOCOL_VERSION}", req_id)
+    _check_fields("header", header, {
+        "v": (_INT, True), "t": (_INT, True), "id": (_INT, True), "sent_ns": (_INT, True),
+        "src": (_STR, False), "trace": ((str, type(None)), False), "body": (_MAP, True),
+        "tensors": (_LIST, True)}, False, req_id)
+    try:
+        mtype = MsgType(header["t"])
+    except ValueError:
+        raise ProtocolError(f"unknown message type {header['t']}", req_id) from None
+    if header["id"] != req_id:
+        raise ProtocolError(f"request id {header['id']} out of range", req_id)
+    specs = header["tensors"]
+    if len(specs) > MAX_TENSORS:
+        raise ProtocolError(f"{len(specs)} tensors > limit {MAX_TENSORS}", req_id)
+    if len(frames) != 1 + len(specs):
+        raise ProtocolError(f"header lists {len(specs)} tensors but {len(frames) - 1} frames follow", req_id)
+    metas: dict[str, tuple[str, tuple[int, ...]]] = {}
+    bufs = []
+    total = 0
+    for i, spec in enumerate(specs):
+        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)
+                and isinstance(spec[1], str) and isinstance(spec[2], list)):
+            raise ProtocolError(f"tensor spec {i} must be [name, dtype, shape]", req_id)
+        name, dt, shape = spec
+        if not name or len(name) > MAX_NAME_CHARS or name in metas:
+            raise ProtocolError(f"tensor {i}: bad or duplicate name {name[:40]!r}", req_id)
+        if dt not in DTYPES:
+            raise ProtocolError(f"tensor {name!r}: dtype {dt[:20]!r} not in {sorted(DTYPES)}", req_id)
+        if len(shape) > MAX_TENSOR_DIMS or not all(type(s) is int and 0 <= s < 1 << 31 for s in shape):
+            raise ProtocolError(f"tensor {name!r}: bad shape {shape[:8]}", req_id)
+        nbytes = math.prod(shape) * DTYPES[dt].itemsize
+        buf = _frame_buffer(frames[1 + i])
+        if nbytes != len(buf):
+            raise ProtocolError(f"tensor {name!r}: shape {shape} {dt} needs {nbytes} bytes, frame has "
+                                f"{len(buf)}", req_id)
+        total += nbytes
+        if total > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"tensor data {total} bytes > limit {MAX_MESSAGE_BYTES}", req_id)
+        metas[name] = (dt, tuple(shape))
+        bufs.append(buf)
+    body = header["body"]
+    _validate_body(mtype, body, metas, req_id)
+    tensors = {name: _as_tensor(buf, *metas[name]) for name, buf in zip(metas, bufs)}
+    return Message(mtype, req_id, body, tensors, header.get("trace"), header["sent_ns"],
+                   header.get("src", ""), len(hbuf) + total)
+
+
+def _as_tensor(buf: memoryview, dt: str, shape: tuple[int, ...]) -> torch.Tensor:
+    dtype = DTYPES[dt]
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    view_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+    with warnings.catch_warnings():  # received frames are read-only; we never write into them
+        warnings.simplefilter("ignore")
+        t = torch.frombuffer(buf, dtype=view_dtype)
+    if dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.view(shape)
+
+
+def frames_nbytes(frames: Iterable[Any]) -> int:
+    """Bytes a message occupies on the wire (payload only, without ZMTP framing)."""
+    return sum(len(_frame_buffer(f)) for f in frames)

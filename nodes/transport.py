@@ -1,0 +1,194 @@
+"""Sockets around the wire protocol: a request client for one agent, and the delay hook.
+
+Division of labour: `protocol` turns messages into frames and back; this module moves frames
+(DEALER clients with CURVE, matching replies to requests by id, bounded waits) and, on kernels
+without netem, holds each received message until its send time + the current one-way path delay
+(`DelayHook`, implemented by nodes.delayqueue). Without a hook nothing is delayed.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import Any, Protocol
+
+import torch
+import zmq
+
+from coel_model.errors import CoelError
+from nodes import protocol as P
+from nodes.security import KeyDir, secure_client
+
+
+class DelayHook(Protocol):
+    """Emulated link delay: absolute monotonic ns before which a received message is not seen."""
+
+    def hold_until_ns(self, peer_addr: str, sent_ns: int, nbytes: int) -> int: ...
+
+
+class NodeError(CoelError):
+    """A remote node answered ERROR, or did not answer in time."""
+
+
+class RemoteError(NodeError):
+    def __init__(self, endpoint: str, code: str, reason: str):
+        super().__init__(f"{endpoint}: {code}: {reason}")
+        self.endpoint, self.code, self.reason = endpoint, code, reason
+
+
+class NodeTimeout(NodeError):
+    pass
+
+
+def peer_address(frame: Any, fallback: str = "") -> str:
+    """IP address of the peer that sent a zmq.Frame (libzmq 'Peer-Address'), else `fallback`."""
+    try:
+        return frame.get("Peer-Address") or fallback
+    except (AttributeError, zmq.ZMQError):
+        return fallback
+
+
+def endpoint_host(endpoint: str) -> str:
+    """'tcp://10.0.0.2:5555' -> '10.0.0.2'."""
+    rest = endpoint.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0]
+
+
+class HeldInbox:
+    """Messages received but not yet 'arrived' under the emulated path delay (a min-heap)."""
+
+    def __init__(self, hook: DelayHook | None):
+        self.hook = hook
+        self._heap: list[tuple[int, int, Any]] = []
+        self._seq = itertools.count()
+
+    def admit(self, item: Any, peer: str, sent_ns: int, nbytes: int) -> bool:
+        """True when `item` may be handled now; otherwise it is held until its release time."""
+        if self.hook is None:
+            return True
+        release = self.hook.hold_until_ns(peer, sent_ns, nbytes)
+        if release <= time.monotonic_ns():
+            return True
+        heapq.heappush(self._heap, (release, next(self._seq), item))
+        return False
+
+    def pop_ready(self) -> list[Any]:
+        now = time.monotonic_ns()
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    def timeout_ms(self, default_ms: float) -> float:
+        """Poll timeout so that the next held message is released on time (spin the last 0.2 ms)."""
+        if not self._heap:
+            return default_ms
+        wait_ms = (self._heap[0][0] - time.monotonic_ns()) / 1e6
+        return max(0.0, min(default_ms, wait_ms - 0.2))
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+_req_ids = itertools.count(1)
+
+
+def next_req_id() -> int:
+    return next(_req_ids)
+
+
+class AgentClient:
+    """Request/reply client of one agent (for the controller, serve-local and tests).
+
+    One DEALER socket; replies are matched to requests by id, so a late reply to an abandoned
+    request is dropped instead of being taken for the answer to the next one. Not thread-safe.
+    """
+
+    def __init__(self, endpoint: str, keys: KeyDir | None = None, ctx: zmq.Context | None = None,
+                 name: str = "client", delay: DelayHook | None = None,
+                 server_public: bytes | None = None):
+        self.endpoint = endpoint
+        self.name = name
+        self.ctx = ctx or zmq.Context.instance()
+        self.keys = keys
+        self.server_public = server_public
+        self.inbox = HeldInbox(delay)
+        self._open()
+
+    def _open(self) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        secure_client(self.sock, self.keys, self.server_public)
+        self.sock.connect(self.endpoint)
+
+    def reconnect(self) -> None:
+        """Drop the socket (and anything queued in it) and connect afresh (Lazy Pirate)."""
+        self.sock.close(linger=0)
+        self._open()
+
+    def send(self, frames: list[Any]) -> int:
+        self.sock.send_multipart(frames, copy=False)
+        return P.frames_nbytes(frames)
+
+    def recv(self, timeout_ms: float) -> P.Message | None:
+        """Next decoded message within timeout_ms (after any emulated delay), else None."""
+        deadline = time.monotonic() + timeout_ms / 1e3
+        host = endpoint_host(self.endpoint)
+        while True:
+            ready = self.inbox.pop_ready()
+            if ready:
+                return ready[0]
+            left_ms = (deadline - time.monotonic()) * 1e3
+            if left_ms <= 0:
+                return None
+            if self.sock.poll(self.inbox.timeout_ms(left_ms)):
+                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    msg = P.decode(frames)
+                except P.ProtocolError:
+                    continue  # garbage from a peer never becomes a reply
+                if self.inbox.admit(msg, peer_address(frames[0], host), msg.sent_ns, msg.nbytes):
+                    return msg
+
+    def call(self, mtype: P.MsgType, body: dict | None = None, tensors: dict | None = None,
+             timeout_s: float = 10.0, trace: str | None = None) -> P.Message:
+        """Send one request and wait for its reply; ERROR -> RemoteError, silence -> NodeTimeout."""
+        rid = next_req_id()
+        self.send(P.encode(mtype, rid, body, tensors, trace=trace, src=self.name))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            msg = self.recv(max(0.0, left) * 1e3) if left > 0 else None
+            if msg is None:
+                self.reconnect()
+                raise NodeTimeout(f"{self.endpoint}: no reply to {mtype.name} within {timeout_s:.1f} s")
+            if msg.req_id != rid:
+                continue
+            if msg.type == P.MsgType.ERROR:
+                raise RemoteError(self.endpoint, msg.body["code"], msg.body["reason"])
+            return msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+# ---- activations on the wire ----
+def decode_activations(tensors: dict[str, torch.Tensor], compression: dict | None,
+                       name: str) -> tuple[torch.Tensor, dict]:
+    """Received token vectors -> float32 (n, d), plus what the reply encoder needs to mirror them.
+
+    Without compression settings the tensor travels as float32/float16/bfloat16 and the reply
+    uses the same dtype. With settings, nodes.compression (D2) decodes (e.g. int8 + scales).
+    """
+    if compression:
+        from nodes import compression as C
+        return C.decode_activations(tensors, compression, name)
+    x = tensors[name]
+    return x.float(), {"dtype": x.dtype}
+
+
+def encode_activations(y: torch.Tensor, compression: dict | None, name: str, meta: dict) -> dict[str, torch.Tensor]:
+    if compression:
+        from nodes import compression as C
+        return C.encode_activations(y, compression, name, meta)
+    return {name: y.to(meta["dtype"])}
