@@ -1,0 +1,187 @@
+"""Dequantizing matmuls for the packed expert format (see coel_model/quant.py).
+
+Native path: qmatmul.cpp (AVX2 + FMA + F16C, OpenMP), compiled with the system g++ on first
+use into a cache dir (COEL_KERNEL_CACHE, default ~/.cache/coel/kernels) under a name that hashes
+the source and flags, and loaded with ctypes (a plain C ABI: no torch headers, ~4 s to build).
+It shares torch's OpenMP runtime (libgomp.so.1 is already loaded by torch).
+  batch < GEMM_MIN_BATCH: fused unpack + dequant + dot, the weight read once, packed;
+  batch >= GEMM_MIN_BATCH: dequantize row tiles (cache sized) in C, multiply with torch.mm.
+Fallback (no compiler, no AVX2, or COEL_KERNELS=off): the same tiling in pure torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("qmatmul.cpp")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+GEMM_MIN_BATCH = 8  # from this many rows of x on, tile-dequantize + GEMM beats the fused GEMV
+TILE_FLOATS = 1 << 18  # fp32 elements per dequantized tile (1 MiB: stays in L2)
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status: str = "not loaded"  # "native (<path>)" or "fallback: <reason>"
+
+
+def _cpu_ok() -> str | None:
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError as exc:
+        return f"cannot read /proc/cpuinfo ({exc})"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
+    return f"CPU lacks {missing}" if missing else None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COEL_KERNEL_CACHE") or Path.home() / ".cache" / "coel" / "kernels")
+
+
+def _build(cxx: str) -> Path:
+    src = SOURCE.read_bytes()
+    ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    tag = hashlib.sha256(src + " ".join(CFLAGS + ver).encode()).hexdigest()[:16]
+    out = cache_dir() / f"qmatmul-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {SOURCE}: {r.stderr.strip()[:2000]}")
+        os.replace(tmp, out)  # atomic: concurrent builders never see a half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    """Build (once, cached) and load the native library; None (with _status saying why) if not."""
+    global _lib, _status
+    if _status != "not loaded":
+        return _lib
+    with _lock:
+        if _status != "not loaded":
+            return _lib
+        reason = None
+        if os.environ.get("COEL_KERNELS", "").lower() in ("off", "0", "torch", "fallback"):
+            reason = "disabled by COEL_KERNELS"
+        reason = reason or _cpu_ok()
+        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        if reason is None and not cxx:
+            reason = "no C++ compiler (g++) on PATH"
+        if reason is None:
+            try:
+                lib = ctypes.CDLL(str(_build(cxx)))
+                i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                lib.coel_qgemv.argtypes = [vp, i64, i64, vp, vp, vp, vp, i64, i64, i64, ci, vp, ci]
+                lib.coel_dequant_rows.argtypes = [vp, vp, vp, vp, i64, i64, i64, ci, i64, i64, vp, ci]
+                lib.coel_hgemv.argtypes = [vp, i64, i64, vp, i64, ci, vp, ci]
+                for f in (lib.coel_qgemv, lib.coel_dequant_rows, lib.coel_hgemv):
+                    f.restype = ci
+                _lib = lib
+                _status = f"native ({lib._name})"
+                return _lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                reason = f"native build/load failed: {exc}"
+        _status = f"fallback: {reason}"
+        return None
+
+
+def status() -> str:
+    """Which implementation runs ("native (...)" or "fallback: reason"); builds on first call."""
+    _load()
+    return _status
+
+
+def native_available() -> bool:
+    return _load() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _dequant_rows_torch(t: dict[str, torch.Tensor], bits: int, gs: int, o0: int, o1: int) -> torch.Tensor:
+    from coel_model.quant import unpack_codes
+    part = {k: v[o0:o1] for k, v in t.items()}
+    q = unpack_codes(part, bits).float()
+    n, kp = q.shape
+    w = (q.view(n, kp // gs, gs) - part["zeros"].float().unsqueeze(-1)) * part["scales"].float().unsqueeze(-1)
+    return w.view(n, kp)
+
+
+def qmatmul(x: torch.Tensor, t: dict[str, torch.Tensor], bits: int, group_size: int,
+            in_features: int, out_features: int, force: str | None = None) -> torch.Tensor:
+    """x (N, in) -> (N, out) fp32 with the packed weight `t` (quant.py format).
+    force: None (best available), "native", "torch" (fallback path; for tests/benchmarks)."""
+    lib = None if force == "torch" else _load()
+    if force == "native" and lib is None:
+        raise RuntimeError(f"native kernels unavailable: {_status}")
+    O = out_features
+    G = t["scales"].shape[1]
+    kp = G * group_size
+    x = x.float()
+    if x.shape[1] != kp:
+        x = F.pad(x, (0, kp - x.shape[1]))
+    x = x.contiguous()
+    N = x.shape[0]
+    nt = torch.get_num_threads()
+    if lib is not None and N < GEMM_MIN_BATCH:
+        y = torch.empty(N, O, dtype=torch.float32)
+        rc = lib.coel_qgemv(x.data_ptr(), N, kp, t["qweight"].data_ptr(), _ptr(t.get("qweight_hi")),
+                            t["scales"].data_ptr(), t["zeros"].data_ptr(), O, G, group_size, bits,
+                            y.data_ptr(), nt)
+        if rc != 0:
+            raise RuntimeError(f"coel_qgemv failed (rc={rc}, bits={bits}, group={group_size}, kp={kp})")
+        return y
+    rows = max(8, min(O, TILE_FLOATS // kp) // 8 * 8)
+    if N < GEMM_MIN_BATCH:  # fallback GEMV: small tiles keep the transient fp32 copy small
+        rows = max(8, min(O, (1 << 16) // kp) // 8 * 8)
+    yt = torch.empty(O, N, dtype=torch.float32)  # y^T: row tiles of it are contiguous
+    xt = x.t()
+    buf = torch.empty(rows, kp, dtype=torch.float32) if lib is not None else None
+    for o0 in range(0, O, rows):
+        o1 = min(O, o0 + rows)
+        if lib is not None:
+            w = buf[: o1 - o0]
+            rc = lib.coel_dequant_rows(t["qweight"].data_ptr(), _ptr(t.get("qweight_hi")),
+                                       t["scales"].data_ptr(), t["zeros"].data_ptr(), kp, G, group_size,
+                                       bits, o0, o1, w.data_ptr(), nt)
+            if rc != 0:
+                raise RuntimeError(f"coel_dequant_rows failed (rc={rc}, bits={bits}, group={group_size})")
+        else:
+            w = _dequant_rows_torch(t, bits, group_size, o0, o1)
+        torch.mm(w, xt, out=yt[o0:o1])
+    return yt.t()
+
+
+def float_matmul(x: torch.Tensor, w: torch.Tensor, force: str | None = None) -> torch.Tensor:
+    """x (N, K) fp32 @ w^T for a 16-bit float weight w (O, K), without converting w to fp32."""
+    lib = None if force == "torch" else _load()
+    if lib is None or w.dtype not in (torch.float16, torch.bfloat16):
+        return F.linear(x.to(w.dtype), w).float()
+    x = x.float().contiguous()
+    N, K = x.shape
+    O = w.shape[0]
+    w = w.contiguous()
+    y = torch.empty(N, O, dtype=torch.float32)
+    lib.coel_hgemv(x.data_ptr(), N, K, w.data_ptr(), O, int(w.dtype == torch.bfloat16), y.data_ptr(),
+                   torch.get_num_threads())
+    return y
