@@ -111,8 +111,8 @@ class Attention(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache ({cache.max_len})")
             cache.k[layer][:B, :, start:start + T] = k
             cache.v[layer][:B, :, start:start + T] = v
-            k = cache.k[layer][:B, :, :start + T]
-            v = cache.v[layer][:B, :, :start + T]
+            k = cache.k[layer][:B, :, :start + T].to(q.dtype)  # cache may be fp32 under an fp16 model
+            v = cache.v[layer][:B, :, :start + T].to(q.dtype)
         S = k.shape[2]
         if T == 1:
             mask = None
