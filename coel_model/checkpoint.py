@@ -90,6 +90,14 @@ def is_own_format(path: Path) -> bool:
         return False
 
 
+def _check_version(path: Path) -> None:
+    """Refuse files written by a newer format than this code understands."""
+    version = json.loads((path / "config.json").read_text()).get("version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path / 'config.json'}: {FORMAT_NAME} format version {version} is not "
+                              f"supported (this code reads version {FORMAT_VERSION})")
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEModel:
     """Load any supported checkpoint directory: own format (plain or quantized) or HF MoE."""
     path = Path(model_dir)
@@ -100,6 +108,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoE
     if not is_own_format(path):
         from coel_model import hf
         return hf.load_hf_model(path, dtype=dtype)
+    _check_version(path)
     cfg = MoEConfig.load(path / "config.json")
     model = MoEModel(cfg)
     quantized = (path / "quant.json").exists()
