@@ -86,13 +86,24 @@ class CompressionSettings:
         return not self.prunes and not self.fuses and self.act_dtype == "fp32"
 
     def to_header(self) -> dict[str, Any]:
-        """msgpack-friendly dict (plain floats, bools, strings) for the message header."""
-        return {f.name: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                for f in fields(self) for v in [getattr(self, f.name)]}
+        """msgpack-friendly dict of the knobs that differ from the defaults ({} = no compression).
+
+        Compact on purpose: in batch-1 decode a message carries one token (~0.4-1 KB), so a
+        200-byte settings map would cost more than int8 saves. Both ends run the same protocol
+        version, hence the same defaults.
+        """
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v != f.default:
+                out[f.name] = float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        return out
 
     @classmethod
     def from_header(cls, data: Any) -> "CompressionSettings":
-        """Inverse of to_header; unknown keys and bad values are rejected with the reason."""
+        """Inverse of to_header (missing keys = defaults); unknown keys and bad values are rejected."""
+        if data is None:
+            return NONE
         if not isinstance(data, dict):
             raise ValueError(f"compression settings must be a map, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -100,6 +111,43 @@ class CompressionSettings:
         if unknown:
             raise ValueError(f"unknown compression setting(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def parse(cls, text: str | None) -> "CompressionSettings":
+        """Command-line form: 'none', a JSON object, or 'act=int8,beta=0.5,fuse=0.9,...'.
+
+        Short keys: act, beta, renorm, protect, drop, fuse, fuse_max; full field names work too.
+        """
+        if text is None or not text.strip() or text.strip().lower() in ("none", "off"):
+            return NONE
+        text = text.strip()
+        if text.startswith("{"):
+            import json
+            try:
+                return cls.from_header(json.loads(text))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"compression {text!r}: not valid JSON ({exc.msg})") from None
+        types = {f.name: f.type for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            key, val = key.strip(), val.strip()
+            name = _SHORT_KEYS.get(key, key)
+            if not sep or name not in types:
+                raise ValueError(f"compression {text!r}: bad item {item!r}; use key=value with keys "
+                                 f"{sorted(_SHORT_KEYS)} (or full names)")
+            if name == "act_dtype":
+                out[name] = val
+            elif name == "prune_renorm":
+                if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"compression {text!r}: renorm must be true/false, got {val!r}")
+                out[name] = val.lower() in ("1", "true", "yes")
+            else:
+                try:
+                    out[name] = float(val)
+                except ValueError:
+                    raise ValueError(f"compression {text!r}: {key} must be a number, got {val!r}") from None
+        return cls(**out)
 
     def label(self) -> str:
         """Short human-readable name for tables, e.g. 'beta0.5+fuse0.9+int8'."""
@@ -118,6 +166,9 @@ class CompressionSettings:
 
 
 NONE = CompressionSettings()
+_SHORT_KEYS = {"act": "act_dtype", "beta": "prune_beta", "renorm": "prune_renorm",
+               "protect": "protect_top_frac", "drop": "drop_tokens_frac", "fuse": "fuse_threshold",
+               "fuse_max": "fuse_max_frac"}
 
 
 # ----------------------------------------------------------------------------- importance, pruning
@@ -225,7 +276,7 @@ class WireTensor:
     act_dtype: str  # fp32 | fp16 | int8
     data: torch.Tensor  # (m, d) in act_dtype
     scales: torch.Tensor | None  # (m,) fp16 for int8, else None
-    orig_dtype: str  # fp32 | fp16 | bf16: what decode_activations returns
+    orig_dtype: str  # fp32 | fp16 | bf16: what decode_rows returns
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -287,6 +338,42 @@ class WireTensor:
         return cls(act, data, scales, orig)
 
 
+    def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """As named tensors for nodes.protocol: {name: (m, d) data[, name + '_scale': (m,) fp16]}."""
+        out = {name: self.data.contiguous()}
+        if self.scales is not None:
+            out[name + "_scale"] = self.scales.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str,
+                     orig_dtype: str = "fp32") -> "WireTensor":
+        """Validated inverse of to_tensors; the wire dtype is read from the data tensor."""
+        if name not in tensors:
+            raise ValueError(f"message carries no tensor {name!r} (has {sorted(tensors)})")
+        data = tensors[name]
+        act = {torch.float32: "fp32", torch.float16: "fp16", torch.int8: "int8"}.get(data.dtype)
+        if act is None:
+            raise ValueError(f"tensor {name!r} has dtype {data.dtype}; compressed rows travel as "
+                             f"float32, float16 or int8")
+        if data.dim() != 2:
+            raise ValueError(f"tensor {name!r} must be (rows, d), got shape {tuple(data.shape)}")
+        scales = None
+        if act == "int8":
+            key = name + "_scale"
+            scales = tensors.get(key)
+            if scales is None:
+                raise ValueError(f"int8 tensor {name!r} arrived without its scales {key!r}")
+            if scales.dtype != torch.float16 or tuple(scales.shape) != (data.shape[0],):
+                raise ValueError(f"{key!r} must be float16 of shape ({data.shape[0]},), got "
+                                 f"{scales.dtype} {tuple(scales.shape)}")
+            if not bool(torch.isfinite(scales).all()):
+                raise ValueError(f"{key!r} contains inf/nan")
+        elif not bool(torch.isfinite(data).all()):
+            raise ValueError(f"tensor {name!r} contains inf/nan")
+        return cls(act, data, scales, orig_dtype)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     for name, dt in _TORCH_DTYPES.items():
         if dt == dtype and name != "int8":
@@ -294,7 +381,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"activations of dtype {dtype} cannot be sent (want float32/float16/bfloat16)")
 
 
-def encode_activations(x: torch.Tensor, act_dtype: str) -> WireTensor:
+def encode_rows(x: torch.Tensor, act_dtype: str) -> WireTensor:
     """(m, d) float -> WireTensor. int8: per-row absmax scale s (fp16), q = round(x / s).
 
     Error bounds: fp16 relative 2^-11 per element; int8 |x - x'| <= s / 2 with
@@ -322,7 +409,7 @@ def encode_activations(x: torch.Tensor, act_dtype: str) -> WireTensor:
     raise ValueError(f"act_dtype must be one of {list(ACT_DTYPES)} (got {act_dtype!r})")
 
 
-def decode_activations(w: WireTensor) -> torch.Tensor:
+def decode_rows(w: WireTensor) -> torch.Tensor:
     """WireTensor -> (m, d) tensor in the sender's original dtype."""
     if w.act_dtype == "int8":
         assert w.scales is not None
@@ -331,6 +418,24 @@ def decode_activations(w: WireTensor) -> torch.Tensor:
         x = w.data
     target = _TORCH_DTYPES[w.orig_dtype]
     return x if x.dtype == target else x.to(target)
+
+
+def decode_activations(tensors: dict[str, torch.Tensor], compression: dict | None,
+                       name: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Receiver side of nodes.transport: named tensors + header settings -> float32 rows (m, d).
+
+    Returns the meta that `encode_activations` needs to answer in kind (the parsed settings).
+    """
+    settings = CompressionSettings.from_header(compression)
+    x = decode_rows(WireTensor.from_tensors(tensors, name)).float()
+    return x, {"settings": settings}
+
+
+def encode_activations(y: torch.Tensor, compression: dict | None, name: str,
+                       meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Reply side of nodes.transport: rows (m, d) -> named tensors in the link's act_dtype."""
+    settings = (meta or {}).get("settings") or CompressionSettings.from_header(compression)
+    return encode_rows(y, settings.act_dtype).to_tensors(name)
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -400,23 +505,27 @@ def compress_group(x: torch.Tensor, settings: CompressionSettings,
     merged, merge_map = x, None
     if settings.fuses:
         merged, merge_map = fuse_rows(x, settings.fuse_threshold, settings.fuse_max_frac, protected)
-    wire = encode_activations(merged, settings.act_dtype)
+    wire = encode_rows(merged, settings.act_dtype)
     return CompressedGroup(wire, merge_map, n, n - merged.shape[0])
 
 
 def decompress_group(wire: WireTensor) -> torch.Tensor:
     """Receiver side: the (m, d) rows to run the expert on."""
-    return decode_activations(wire)
+    return decode_rows(wire)
 
 
 def compress_reply(y: torch.Tensor, settings: CompressionSettings) -> WireTensor:
     """Receiver side: expert outputs (m, d) -> WireTensor in the link's act_dtype."""
-    return encode_activations(y, settings.act_dtype)
+    return encode_rows(y, settings.act_dtype)
 
 
 def decompress_reply(reply: WireTensor, group: CompressedGroup) -> torch.Tensor:
     """Sender side: decode the reply and unmerge it -> (n, d), one output row per original row."""
-    y = decode_activations(reply)
+    return unmerge(decode_rows(reply), group)
+
+
+def unmerge(y: torch.Tensor, group: CompressedGroup) -> torch.Tensor:
+    """Sender side: (m, d) outputs of the sent rows -> (n, d), copying a merged row to each member."""
     if y.shape[0] != group.wire.shape[0]:
         raise ValueError(f"reply has {y.shape[0]} rows, {group.wire.shape[0]} were sent")
     if group.merge_map is None:
@@ -443,7 +552,7 @@ class CompressionStats:
     raw_bytes: int = 0  # request + reply bytes with no compression at all
     request_bytes: int = 0  # payload bytes sender -> expert
     reply_bytes: int = 0  # payload bytes expert -> sender
-    header_bytes: int = 0  # msgpack size of the per-message compression metadata (both ways)
+    header_bytes: int = 0  # header bytes compression adds (settings map, scale spec), both ways
 
     @property
     def wire_bytes(self) -> int:
@@ -534,11 +643,15 @@ class CompressingExecutor:
 
 
 def _header_bytes(settings: CompressionSettings) -> int:
-    """msgpack size of the compression part of a request/reply header (settings + tensor meta)."""
+    """Header bytes compression adds to one message: its settings map and, for int8, the scale
+    tensor's [name, dtype, shape] entry (the layout nodes.protocol uses)."""
     import msgpack
-    meta = {"compression": settings.to_header(),
-            "tensor": {"act_dtype": settings.act_dtype, "shape": [1024, 1024], "orig_dtype": "fp32"}}
-    return len(msgpack.packb(meta, use_bin_type=True))
+    extra = len(msgpack.packb({"compression": settings.to_header()})) - len(msgpack.packb({}))
+    if settings.is_identity:
+        return 0
+    if settings.act_dtype == "int8":
+        extra += len(msgpack.packb(["x_scale", "float16", [1024]]))
+    return extra
 
 
 # ----------------------------------------------------------------------------- measured cost table

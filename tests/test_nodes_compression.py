@@ -13,10 +13,10 @@ from coel_model.config import MoEConfig
 from coel_model.generate import generate
 from coel_model.model import MoEModel, Routing, combine, group_by_expert, init_weights, route
 from nodes.compression import (NONE, CompressingExecutor, CompressionSettings, WireTensor,
-                               compress_group, compress_reply, decode_activations,
-                               decompress_group, decompress_reply, encode_activations, fuse_rows,
+                               compress_group, compress_reply, decode_rows,
+                               decompress_group, decompress_reply, encode_rows, fuse_rows,
                                measure_compression_cost, protected_mask, prune_routing,
-                               token_importance)
+                               token_importance, unmerge, encode_activations, decode_activations)
 
 torch.set_num_threads(1)
 
@@ -53,8 +53,24 @@ def test_settings_header_round_trip_through_msgpack():
                             prune_renorm=False)
     wire = msgpack.unpackb(msgpack.packb(s.to_header()))
     assert CompressionSettings.from_header(wire) == s
-    assert CompressionSettings.from_header(NONE.to_header()) == NONE
+    assert NONE.to_header() == {} and CompressionSettings.from_header({}) == NONE
+    assert CompressionSettings.from_header(None) == NONE
+    assert CompressionSettings(act_dtype="int8").to_header() == {"act_dtype": "int8"}
     assert NONE.is_identity and not s.is_identity
+
+
+def test_settings_parse_command_line_forms():
+    s = CompressionSettings.parse("act=int8, beta=0.5, fuse=0.9, renorm=false, protect=0.05")
+    assert s == CompressionSettings(act_dtype="int8", prune_beta=0.5, fuse_threshold=0.9,
+                                    prune_renorm=False, protect_top_frac=0.05)
+    assert CompressionSettings.parse('{"act_dtype": "fp16"}') == CompressionSettings(act_dtype="fp16")
+    assert CompressionSettings.parse("none") == NONE and CompressionSettings.parse(None) == NONE
+    with pytest.raises(ValueError, match="bad item"):
+        CompressionSettings.parse("act=int8,bogus=1")
+    with pytest.raises(ValueError, match="beta must be a number"):
+        CompressionSettings.parse("beta=half")
+    with pytest.raises(ValueError, match="act_dtype"):
+        CompressionSettings.parse("act=int4")
 
 
 @pytest.mark.parametrize("bad, word", [
@@ -82,9 +98,9 @@ finite_rows = st.integers(1, 6).flatmap(lambda m: st.integers(1, 40).flatmap(
 @hsettings(max_examples=60, deadline=None)
 @given(finite_rows)
 def test_int8_round_trip_error_within_half_a_scale_step(x):
-    w = encode_activations(x, "int8")
+    w = encode_rows(x, "int8")
     assert w.act_dtype == "int8" and w.scales is not None and w.scales.dtype == torch.float16
-    back = decode_activations(w)
+    back = decode_rows(w)
     s = w.scales.float().unsqueeze(1)
     assert torch.all((back - x).abs() <= s / 2 + 1e-6 * x.abs())
     absmax = x.abs().amax(dim=1)
@@ -96,8 +112,8 @@ def test_int8_round_trip_error_within_half_a_scale_step(x):
 @hsettings(max_examples=40, deadline=None)
 @given(finite_rows)
 def test_fp16_round_trip_relative_error(x):
-    w = encode_activations(x, "fp16")
-    back = decode_activations(w)
+    w = encode_rows(x, "fp16")
+    back = decode_rows(w)
     assert back.dtype == torch.float32
     assert torch.all((back - x).abs() <= x.abs() * 2 ** -11 + 2 ** -24)
     assert w.nbytes == 2 * x.numel()
@@ -105,28 +121,69 @@ def test_fp16_round_trip_relative_error(x):
 
 def test_fp16_overflow_falls_back_to_fp32_and_zero_rows_are_fine():
     x = torch.tensor([[1e6, -3.0]])
-    w = encode_activations(x, "fp16")
-    assert w.act_dtype == "fp32" and torch.equal(decode_activations(w), x)
+    w = encode_rows(x, "fp16")
+    assert w.act_dtype == "fp32" and torch.equal(decode_rows(w), x)
     z = torch.zeros(3, 8)
-    assert torch.equal(decode_activations(encode_activations(z, "int8")), z)
+    assert torch.equal(decode_rows(encode_rows(z, "int8")), z)
     e = torch.zeros(0, 8)
-    assert decode_activations(encode_activations(e, "int8")).shape == (0, 8)
+    assert decode_rows(encode_rows(e, "int8")).shape == (0, 8)
 
 
 @pytest.mark.parametrize("act", ["fp32", "fp16", "int8"])
 def test_wire_frames_round_trip_and_keep_the_original_dtype(act):
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    w = encode_activations(x, act)
+    w = encode_rows(x, act)
     frames = [bytes(f) for f in w.frames()]
     assert sum(len(f) for f in frames) == w.nbytes
     meta = msgpack.unpackb(msgpack.packb(w.meta()))
     w2 = WireTensor.from_wire(meta, frames)
-    assert torch.equal(decode_activations(w2), decode_activations(w))
-    assert decode_activations(w2).dtype == torch.bfloat16
+    assert torch.equal(decode_rows(w2), decode_rows(w))
+    assert decode_rows(w2).dtype == torch.bfloat16
+
+
+def test_named_tensor_adapters_for_the_transport():
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(4))
+    comp = CompressionSettings(act_dtype="int8", prune_beta=0.5).to_header()
+    t = encode_rows(x, "int8").to_tensors("x")
+    assert set(t) == {"x", "x_scale"} and t["x"].dtype == torch.int8
+    got, meta = decode_activations(t, comp, "x")
+    assert got.dtype == torch.float32 and torch.equal(got, decode_rows(encode_rows(x, "int8")))
+    reply = encode_activations(got * 2, comp, "y", meta)
+    assert set(reply) == {"y", "y_scale"}
+    with pytest.raises(ValueError, match="without its scales"):
+        decode_activations({"x": t["x"]}, comp, "x")
+    with pytest.raises(ValueError, match="float16 of shape"):
+        decode_activations({"x": t["x"], "x_scale": t["x_scale"][:3]}, comp, "x")
+    with pytest.raises(ValueError, match="unknown compression setting"):
+        decode_activations(t, {"act": "int8"}, "x")
+
+
+def test_round_trip_through_the_real_wire_protocol():
+    P = pytest.importorskip("nodes.protocol")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(10, 32, generator=g)
+    x[1] = x[0]  # one duplicate pair to merge
+    s = CompressionSettings(act_dtype="int8", fuse_threshold=0.99)
+    group = compress_group(x, s)
+    assert group.n_merged == 1
+    frames = P.encode(P.MsgType.EXPERT_CALL, 7, {"layer": 0, "expert": 3,
+                                                  "compression": s.to_header()},
+                      group.wire.to_tensors("x"))
+    call = P.decode([bytes(f) for f in frames])
+    rows, meta = decode_activations(call.tensors, call.body["compression"], "x")
+    back = P.decode([bytes(f) for f in P.encode(
+        P.MsgType.EXPERT_REPLY, 7, {"queue_ns": 0, "compute_ns": 0,
+                                    "compression": call.body["compression"]},
+        encode_activations(rows * 0.5, call.body["compression"], "y", meta))])
+    y, _ = decode_activations(back.tensors, back.body["compression"], "y")
+    out = unmerge(y, group)
+    assert out.shape == x.shape
+    assert torch.allclose(out, 0.5 * x, atol=0.5 * 2 * float(x.abs().max()) / 127)
+    assert torch.equal(out[0], out[1])
 
 
 def test_wire_rejects_malformed_messages_with_the_reason():
-    w = encode_activations(torch.randn(4, 8), "int8")
+    w = encode_rows(torch.randn(4, 8), "int8")
     meta, frames = w.meta(), [bytes(f) for f in w.frames()]
     with pytest.raises(ValueError, match="data frame has 31 bytes"):
         WireTensor.from_wire(meta, [frames[0][:-1], frames[1]])
