@@ -1,0 +1,417 @@
+"""The coordinator: the entry-server role that runs the backbone and scatters expert work.
+
+Division of labour: the MoE model (coel_model.model) knows how to route and combine; the
+`Placement` says which agents hold each (layer, expert); `ReplicaChooser` picks a holder by
+measured latency (EWMA) and in-flight load and bans failing ones for a while; `Coordinator`
+owns one DEALER per agent, sends every remote expert's token group concurrently, runs local
+experts in place while the remote ones are in flight, fails over to another replica on timeout
+or ERROR, and raises `RemoteExpertError` within a bounded time when nobody answers (never hangs).
+Placement swaps are atomic between layer calls (one reference assignment), so a live migration
+can switch routes while requests keep flowing.
+
+Trace spans (JSONL, monotonic ns): request, backbone, encode, wire (with the remote queue and
+compute times as attrs; the agent writes remote_queue/remote_compute itself), decode,
+local_compute, combine.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import zmq
+
+from coel_model.errors import ConfigError
+from coel_model.generate import sample_next
+from coel_model.model import KVCache, MoEModel, Routing, combine, expert_inputs, route
+from nodes import protocol as P
+from nodes.security import KeyDir, secure_client
+from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations, encode_activations,
+                             endpoint_host, peer_address)
+
+LOCAL = "local"  # placement entry meaning "run on this server"
+
+PlacementMap = Mapping[tuple[int, int], Iterable[str]]
+
+
+class RemoteExpertError(NodeError):
+    """No holder of an expert answered in time; carries every attempt."""
+
+
+class RemoteExpertStub(nn.Module):
+    """Stands in for an expert whose weights live on other servers: holds nothing."""
+
+    nbytes = 0
+
+    def __init__(self, layer: int, expert: int):
+        super().__init__()
+        self.layer, self.expert = layer, expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RemoteExpertError(f"expert (layer {self.layer}, expert {self.expert}) is remote; "
+                                f"run the model with the coordinator's executor")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """(layer, expert) -> holders (endpoints or LOCAL), validated and immutable."""
+    holders: dict[tuple[int, int], tuple[str, ...]]
+
+    @staticmethod
+    def of(mapping: PlacementMap) -> "Placement":
+        out = {}
+        for key, eps in mapping.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise ConfigError(f"placement key {key!r} must be (layer, expert)")
+            eps = tuple(dict.fromkeys(eps))
+            if not eps:
+                raise ConfigError(f"placement of (layer {key[0]}, expert {key[1]}) lists no holder")
+            for ep in eps:
+                if ep != LOCAL and "://" not in ep:
+                    raise ConfigError(f"placement of {key}: holder {ep!r} is not an endpoint or 'local'")
+            out[(int(key[0]), int(key[1]))] = eps
+        return Placement(out)
+
+    def endpoints(self) -> set[str]:
+        return {ep for eps in self.holders.values() for ep in eps if ep != LOCAL}
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    call_timeout_s: float = 2.0  # one attempt at one replica before failing over
+    layer_deadline_s: float = 10.0  # bound on one layer's scatter/gather, all retries included
+    ewma_alpha: float = 0.3  # weight of the newest RTT in the latency estimate
+    ban_s: float = 5.0  # a replica that failed is avoided this long (Petals-style ban)
+    default_rtt_ms: float = 1.0  # prior for replicas never measured
+    name: str = "coordinator"
+    trace_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.call_timeout_s <= 0 or self.layer_deadline_s <= 0:
+            raise ConfigError("call_timeout_s and layer_deadline_s must be > 0")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ConfigError(f"ewma_alpha must be in (0, 1] (got {self.ewma_alpha})")
+
+
+class ReplicaChooser:
+    """Latency EWMA + in-flight count per endpoint; lowest ewma*(1+inflight) wins (ties: name)."""
+
+    def __init__(self, alpha: float, ban_s: float, default_rtt_ms: float):
+        self.alpha, self.ban_s, self.default = alpha, ban_s, default_rtt_ms
+        self.rtt_ms: dict[str, float] = {}
+        self.inflight: dict[str, int] = {}
+        self.banned_until: dict[str, float] = {}
+
+    def choose(self, holders: Iterable[str], exclude: set[str], now: float) -> str | None:
+        cands = [h for h in holders if h not in exclude]
+        if not cands:
+            return None
+        ok = [h for h in cands if self.banned_until.get(h, 0.0) <= now] or cands
+        return min(ok, key=lambda h: (self.rtt_ms.get(h, self.default) * (1 + self.inflight.get(h, 0)), h))
+
+    def observe(self, ep: str, rtt_ms: float) -> None:
+        old = self.rtt_ms.get(ep)
+        self.rtt_ms[ep] = rtt_ms if old is None else (1 - self.alpha) * old + self.alpha * rtt_ms
+
+    def fail(self, ep: str, now: float) -> None:
+        self.banned_until[ep] = now + self.ban_s
+
+
+@dataclass
+class _Call:
+    expert: int
+    x: torch.Tensor  # (n, d) float32
+    tried: list[tuple[str, str]] = field(default_factory=list)  # (endpoint, why it failed)
+    endpoint: str = ""
+    req_id: int = 0
+    t_send_ns: int = 0
+    deadline: float = 0.0
+
+
+class Coordinator:
+    """Runs the backbone of `model` and sends routed-expert work to agents per the placement."""
+
+    def __init__(self, model: MoEModel, placement: PlacementMap | Placement, keys: KeyDir | None = None,
+                 cfg: CoordinatorConfig | None = None, delay: DelayHook | None = None,
+                 compression: Mapping[str, dict] | None = None, ctx: zmq.Context | None = None):
+        self.model = model
+        self.cfg = cfg or CoordinatorConfig()
+        self.keys = keys
+        self.ctx = ctx or zmq.Context.instance()
+        self.inbox = HeldInbox(delay)
+        self.compression = dict(compression or {})  # endpoint -> settings dict (header form)
+        self.chooser = ReplicaChooser(self.cfg.ewma_alpha, self.cfg.ban_s, self.cfg.default_rtt_ms)
+        self.socks: dict[str, zmq.Socket] = {}
+        self.poller = zmq.Poller()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self.failovers = 0
+        self._ids = itertools.count(1)
+        self.trace_id: str | None = None
+        self.tracer = None
+        if self.cfg.trace_path:
+            from testbed.traces import TraceWriter
+            self.tracer = TraceWriter(self.cfg.trace_path, self.cfg.name)
+        self._placement = placement if isinstance(placement, Placement) else Placement.of(placement)
+
+    # ---------------- placement ----------------
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    def set_placement(self, placement: PlacementMap | Placement) -> None:
+        """Atomic swap; the next layer call uses the new routes. Sockets open lazily."""
+        self._placement = placement if isinstance(placement, Placement) else Placement.of(placement)
+
+    def strip_remote_experts(self) -> int:
+        """Replace experts with no LOCAL holder by weightless stubs; returns bytes freed."""
+        freed = 0
+        cfg = self.model.cfg
+        for l in range(cfg.n_layers):
+            for e in range(cfg.n_experts):
+                if LOCAL not in self._placement.holders.get((l, e), ()):
+                    m = self.model.expert(l, e)
+                    if not isinstance(m, RemoteExpertStub):
+                        freed += int(getattr(m, "nbytes", 0))
+                        self.model.set_expert(l, e, RemoteExpertStub(l, e))
+        return freed
+
+    # ---------------- sockets ----------------
+    def _sock(self, ep: str) -> zmq.Socket:
+        s = self.socks.get(ep)
+        if s is None:
+            s = self.ctx.socket(zmq.DEALER)
+            s.linger = 0
+            secure_client(s, self.keys)
+            s.connect(ep)
+            self.socks[ep] = s
+            self.poller.register(s, zmq.POLLIN)
+        return s
+
+    def _reset_sock(self, ep: str) -> None:
+        s = self.socks.pop(ep, None)
+        if s is not None:
+            self.poller.unregister(s)
+            s.close(linger=0)
+
+    def close(self) -> None:
+        for ep in list(self.socks):
+            self._reset_sock(ep)
+        if self.tracer is not None:
+            self.tracer.close()
+
+    def _span(self, name: str, t0: int, t1: int, **attrs: Any) -> None:
+        if self.tracer is not None and self.trace_id:
+            self.tracer.span(self.trace_id, name, t0, t1, **attrs)
+
+    # ---------------- the executor ----------------
+    def __call__(self, layer: int, routing: Routing, h: torch.Tensor) -> dict[int, torch.Tensor]:
+        """ExpertExecutor: e -> output (n_e, d) for every expert in routing.groups."""
+        placement = self._placement  # one snapshot per layer call
+        xs = expert_inputs(routing, h)
+        outputs: dict[int, torch.Tensor] = {}
+        local: list[int] = []
+        inflight: dict[int, _Call] = {}
+        start = time.monotonic()
+        layer_deadline = start + self.cfg.layer_deadline_s
+        try:
+            for e, x in xs.items():
+                holders = placement.holders.get((layer, e))
+                if not holders:
+                    raise RemoteExpertError(f"layer {layer} expert {e}: the placement names no holder "
+                                            f"({len(placement.holders)} experts placed)")
+                if LOCAL in holders:
+                    local.append(e)
+                    continue
+                call = _Call(e, x)
+                self._dispatch(layer, call, holders, inflight, layer_deadline)
+            if local:
+                t0 = time.monotonic_ns()
+                for e in local:
+                    outputs[e] = self.model.expert(layer, e)(xs[e])
+                self._span("local_compute", t0, time.monotonic_ns(), layer=layer, experts=local)
+            while inflight:
+                now = time.monotonic()
+                wait_s = min(min(c.deadline for c in inflight.values()), layer_deadline) - now
+                msgs = self._poll(max(0.0, wait_s)) if wait_s > 0 else []
+                for ep, msg in msgs:
+                    call = inflight.get(msg.req_id)
+                    if call is None or call.endpoint != ep:
+                        continue  # a late answer to an abandoned attempt
+                    del inflight[msg.req_id]
+                    self.chooser.inflight[ep] -= 1
+                    if msg.type == P.MsgType.EXPERT_REPLY and "y" in msg.tensors:
+                        outputs[call.expert] = self._finish(layer, call, msg)
+                    else:
+                        why = (f"{msg.body.get('code')}: {msg.body.get('reason', '')[:200]}"
+                               if msg.type == P.MsgType.ERROR else f"unexpected {msg.type.name}")
+                        self._retry(layer, call, why, placement, inflight, layer_deadline)
+                now = time.monotonic()
+                for rid, call in list(inflight.items()):
+                    if now >= call.deadline or now >= layer_deadline:
+                        del inflight[rid]
+                        self.chooser.inflight[call.endpoint] -= 1
+                        self._reset_sock(call.endpoint)  # Lazy Pirate: drop queued requests to it
+                        limit = min(self.cfg.call_timeout_s, self.cfg.layer_deadline_s)
+                        self._retry(layer, call, f"no reply within {limit:.2f} s", placement, inflight,
+                                    layer_deadline)
+        except BaseException:
+            for call in inflight.values():  # keep the load estimate honest
+                self.chooser.inflight[call.endpoint] -= 1
+            raise
+        return outputs
+
+    def _dispatch(self, layer: int, call: _Call, holders: Iterable[str], inflight: dict[int, _Call],
+                  layer_deadline: float) -> None:
+        now = time.monotonic()
+        tried = {ep for ep, _ in call.tried}
+        ep = self.chooser.choose(holders, tried, now) if now < layer_deadline else None
+        if ep is None:
+            waited = now - (layer_deadline - self.cfg.layer_deadline_s)
+            attempts = "; ".join(f"{e}: {why}" for e, why in call.tried) or "none"
+            raise RemoteExpertError(
+                f"layer {layer} expert {call.expert}: no holder answered ({len(call.tried)} attempt(s) "
+                f"in {waited:.2f} s, holders {list(holders)}): {attempts}")
+        t0 = time.monotonic_ns()
+        comp = self.compression.get(ep)
+        tensors = encode_activations(call.x, comp, "x", {"dtype": call.x.dtype})
+        body = {"layer": layer, "expert": call.expert}
+        if comp:
+            body["compression"] = comp
+        rid = next(self._ids)
+        frames = P.encode(P.MsgType.EXPERT_CALL, rid, body, tensors, trace=self.trace_id, src=self.cfg.name)
+        t1 = time.monotonic_ns()
+        self._sock(ep).send_multipart(frames, copy=False)
+        self.bytes_sent += P.frames_nbytes(frames)
+        self.calls += 1
+        self._span("encode", t0, t1, layer=layer, expert=call.expert, endpoint=ep, tokens=int(call.x.shape[0]))
+        call.endpoint, call.req_id, call.t_send_ns = ep, rid, t1
+        call.deadline = min(time.monotonic() + self.cfg.call_timeout_s, layer_deadline)
+        self.chooser.inflight[ep] = self.chooser.inflight.get(ep, 0) + 1
+        inflight[rid] = call
+
+    def _retry(self, layer: int, call: _Call, why: str, placement: Placement, inflight: dict[int, _Call],
+               layer_deadline: float) -> None:
+        call.tried.append((call.endpoint, why))
+        self.chooser.fail(call.endpoint, time.monotonic())
+        self.failovers += 1
+        if self.tracer is not None:
+            self.tracer.event("expert_call_failed", layer=layer, expert=call.expert, endpoint=call.endpoint,
+                              reason=why, trace_id=self.trace_id)
+        self._dispatch(layer, call, placement.holders.get((layer, call.expert), ()), inflight, layer_deadline)
+
+    def _poll(self, wait_s: float) -> list[tuple[str, P.Message]]:
+        """Replies that have arrived (after emulated delay) within wait_s; [] on timeout."""
+        out = [(ep, m) for ep, m in self.inbox.pop_ready()]
+        if out:
+            return out
+        events = dict(self.poller.poll(self.inbox.timeout_ms(wait_s * 1e3)))
+        by_sock = {s: ep for ep, s in self.socks.items()}
+        for s in events:
+            ep = by_sock.get(s)
+            if ep is None:
+                continue
+            while True:
+                try:
+                    frames = s.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                t_recv = time.monotonic_ns()
+                try:
+                    msg = P.decode(frames)
+                except P.ProtocolError:
+                    continue
+                msg.body["_t_recv_ns"] = t_recv
+                self.bytes_received += msg.nbytes
+                if self.inbox.admit((ep, msg), peer_address(frames[0], endpoint_host(ep)), msg.sent_ns,
+                                    msg.nbytes):
+                    out.append((ep, msg))
+        return out + [(ep, m) for ep, m in self.inbox.pop_ready()]
+
+    def _finish(self, layer: int, call: _Call, msg: P.Message) -> torch.Tensor:
+        t_recv = msg.body.pop("_t_recv_ns", time.monotonic_ns())
+        t0 = time.monotonic_ns()
+        y, _meta = decode_activations(msg.tensors, msg.body.get("compression"), "y")
+        t1 = time.monotonic_ns()
+        rtt_ns = t_recv - call.t_send_ns
+        q, c = msg.body["queue_ns"], msg.body["compute_ns"]
+        self.chooser.observe(call.endpoint, rtt_ns / 1e6)
+        self._span("wire", call.t_send_ns, t_recv, layer=layer, expert=call.expert, endpoint=call.endpoint,
+                   rtt_ns=rtt_ns, remote_queue_ns=q, remote_compute_ns=c, net_ns=rtt_ns - q - c,
+                   batch=msg.body.get("batch", 1), attempt=len(call.tried) + 1)
+        self._span("decode", t0, t1, layer=layer, expert=call.expert)
+        if y.shape != call.x.shape:
+            raise RemoteExpertError(f"layer {layer} expert {call.expert}: {call.endpoint} returned "
+                                    f"{tuple(y.shape)}, expected {tuple(call.x.shape)}")
+        return y
+
+    # ---------------- the backbone ----------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Same computation as MoEModel.forward, split into spans (backbone, experts, combine)."""
+        m, cfg = self.model, self.model.cfg
+        B, T = tokens.shape
+        d = cfg.d_model
+        start = cache.length if cache is not None else 0
+        cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]
+        t0 = time.monotonic_ns()
+        x = m.embed(tokens)  # (B, T, d)
+        for i, layer in enumerate(m.layers):
+            x = x + layer.attn(layer.input_norm(x), cos, sin, i, cache)
+            moe = layer.moe
+            h = layer.post_attn_norm(x).reshape(B * T, d)  # (N, d)
+            routing = route(moe.router, h, cfg.top_k, cfg.norm_topk_prob)
+            t1 = time.monotonic_ns()
+            self._span("backbone", t0, t1, layer=i, tokens=B * T)
+            outputs = self(i, routing, h)
+            t2 = time.monotonic_ns()
+            y = combine(routing, outputs, B * T, d, dtype=x.dtype)
+            if moe.shared_expert is not None:
+                s = moe.shared_expert(h)
+                if moe.shared_expert_gate is not None:
+                    s = torch.sigmoid(moe.shared_expert_gate(h)) * s
+                y = y + s
+            x = x + y.view(B, T, d)
+            t0 = time.monotonic_ns()
+            self._span("combine", t2, t0, layer=i)
+        if cache is not None:
+            cache.length += T
+        logits = m.lm_head(m.norm(x))
+        self._span("backbone", t0, time.monotonic_ns(), layer=-1, part="lm_head")
+        return logits
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                 trace_id: str | None = None, on_token: Callable[[int, int], None] | None = None) -> list[int]:
+        """coel_model.generate.generate with the experts on the agents; one trace id per request."""
+        cfg = self.model.cfg
+        if not prompt:
+            raise ConfigError("prompt must hold at least one token")
+        if len(prompt) + max_new_tokens > cfg.max_seq_len:
+            raise ConfigError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                              f"max_seq_len ({cfg.max_seq_len})")
+        self.trace_id = trace_id or uuid.uuid4().hex[:16]
+        t_req = time.monotonic_ns()
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = KVCache(cfg, batch=1, max_len=len(prompt) + max_new_tokens)
+        out: list[int] = []
+        try:
+            logits = self.forward(torch.tensor([prompt]), cache)[0, -1]
+            for step in range(max_new_tokens):
+                tok = sample_next(logits, temperature, top_k, top_p, gen)
+                out.append(tok)
+                if on_token is not None:
+                    on_token(step, tok)
+                if stop_at_eos and cfg.eos_token_id >= 0 and tok == cfg.eos_token_id:
+                    break
+                if step + 1 < max_new_tokens:
+                    logits = self.forward(torch.tensor([[tok]]), cache)[0, -1]
+        finally:
+            self._span("request", t_req, time.monotonic_ns(), prompt_tokens=len(prompt), new_tokens=len(out))
+        return out

@@ -1,0 +1,291 @@
+"""Loopback deployment without Mininet: N agent processes + a coordinator on 127.0.0.1.
+
+`LocalCluster` starts and always stops the agent processes (SHUTDOWN, then SIGTERM, then
+SIGKILL; also on errors and Ctrl-C). `deploy_experts` sends every expert's tensors over the
+wire with LOAD_SHARD (so load time is real transfer time). `serve_local` is `coel serve-local`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coel_model.errors import ConfigError
+from coel_model.model import MoEModel
+from nodes import protocol as P
+from nodes.agent import MB, expert_tensors
+from nodes.coordinator import Coordinator, CoordinatorConfig
+from nodes.security import KeyDir, load_keys, make_keys
+from nodes.transport import AgentClient, NodeError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """N agent processes on loopback; use as a context manager so they are always stopped."""
+
+    def __init__(self, n_agents: int, memory_mb: float | list[float], keys_dir: str | None = None,
+                 threads: int = 1, trace_dir: str | None = None, start_timeout_s: float = 30.0,
+                 extra_args: list[str] | None = None):
+        if n_agents < 1:
+            raise ConfigError(f"need at least one agent (got {n_agents})")
+        mems = memory_mb if isinstance(memory_mb, list) else [memory_mb] * n_agents
+        self.keys_dir = keys_dir
+        self.keys: KeyDir | None = load_keys(keys_dir) if keys_dir else None
+        self.endpoints: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        self.clients: list[AgentClient] = []
+        try:
+            for i in range(n_agents):
+                ep = f"tcp://127.0.0.1:{free_port()}"
+                cmd = [sys.executable, "-m", "nodes.agent", "--endpoint", ep, "--memory-mb", str(mems[i]),
+                       "--threads", str(threads), "--name", f"agent{i}"]
+                if keys_dir:
+                    cmd += ["--keys", keys_dir]
+                if trace_dir:
+                    cmd += ["--trace-out", str(Path(trace_dir) / f"agent{i}.jsonl")]
+                cmd += extra_args or []
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+                self.procs.append(subprocess.Popen(cmd, env=env, cwd=str(Path(__file__).resolve().parents[1])))
+                self.endpoints.append(ep)
+            for i, ep in enumerate(self.endpoints):
+                self.clients.append(AgentClient(ep, self.keys, name="serve-local"))
+                self._wait_ready(i, start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, i: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.procs[i].poll() is not None:
+                raise NodeError(f"agent{i} ({self.endpoints[i]}) exited with code {self.procs[i].returncode} "
+                                f"during start-up")
+            try:
+                self.clients[i].call(P.MsgType.STATUS, timeout_s=0.5)
+                return
+            except NodeError:
+                if time.monotonic() > deadline:
+                    raise NodeError(f"agent{i} ({self.endpoints[i]}) not answering after {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        for c in self.clients:
+            try:
+                c.call(P.MsgType.SHUTDOWN, timeout_s=0.5)
+            except Exception:
+                pass
+            c.close()
+        for p in self.procs:
+            try:
+                p.wait(2)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(3)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(3)
+        self.clients, self.procs = [], []
+
+    def kill(self, i: int) -> None:
+        """SIGKILL agent i (fault tests)."""
+        self.procs[i].kill()
+        self.procs[i].wait(5)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def round_robin_placement(n_layers: int, n_experts: int, endpoints: list[str],
+                          replicas: int = 1) -> dict[tuple[int, int], list[str]]:
+    """(layer, expert) i-th in layer-major order -> endpoints i, i+1, ... (replicas of them)."""
+    if not 1 <= replicas <= len(endpoints):
+        raise ConfigError(f"replicas must be in 1..{len(endpoints)} (got {replicas})")
+    out = {}
+    for i, (l, e) in enumerate((l, e) for l in range(n_layers) for e in range(n_experts)):
+        out[(l, e)] = [endpoints[(i + r) % len(endpoints)] for r in range(replicas)]
+    return out
+
+
+def load_plan_placement(path: str | Path, endpoints: list[str]) -> tuple[dict, dict]:
+    """Plan JSON {"placement": [{"layer", "expert", "agents": [index...], "bits"?}]} -> (placement, bits)."""
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+        rows = plan["placement"]
+        placement, bits = {}, {}
+        for i, r in enumerate(rows):
+            key = (int(r["layer"]), int(r["expert"]))
+            idx = r["agents"]
+            bad = [a for a in idx if not (isinstance(a, int) and 0 <= a < len(endpoints))]
+            if bad:
+                raise ConfigError(f"{path}: placement[{i}] names agent(s) {bad}; there are {len(endpoints)}")
+            placement[key] = [endpoints[a] for a in idx]
+            if "bits" in r:
+                bits[key] = int(r["bits"])
+        return placement, bits
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not a usable plan ({type(exc).__name__}: {exc})") from None
+
+
+def shard_message(model: MoEModel, keys: list[tuple[int, int]], bits: dict | int) -> tuple[dict, dict]:
+    """LOAD_SHARD body + tensors for the given experts of `model`."""
+    cfg = model.cfg
+    descs, tensors = [], {}
+    for i, (l, e) in enumerate(keys):
+        b = bits if isinstance(bits, int) else bits.get((l, e), 16)
+        module = model.expert(l, e)
+        if b not in (16, 32):
+            from coel_model import quant
+            module = quant.quantize_expert(module, quant.QuantSpec(bits=b))
+        descs.append({"layer": l, "expert": e, "bits": b, "d_model": cfg.d_model, "hidden": cfg.expert_hidden})
+        for name, t in expert_tensors(module, b).items():
+            tensors[f"{i}/{name}"] = t
+    return {"shards": descs}, tensors
+
+
+def deploy_experts(model: MoEModel, cluster: LocalCluster, placement: dict, bits: dict | int = 16,
+                   timeout_s: float = 30.0) -> dict[str, int]:
+    """LOAD_SHARD every placed expert to its holders (one message per agent); bytes sent per agent."""
+    per_agent: dict[str, list[tuple[int, int]]] = {ep: [] for ep in cluster.endpoints}
+    for key, eps in sorted(placement.items()):
+        for ep in eps:
+            per_agent[ep].append(key)
+    sent = {}
+    for client in cluster.clients:
+        keys = per_agent[client.endpoint]
+        if not keys:
+            continue
+        body, tensors = shard_message(model, keys, bits)
+        sent[client.endpoint] = sum(t.numel() * t.element_size() for t in tensors.values())
+        client.call(P.MsgType.LOAD_SHARD, body, tensors, timeout_s=timeout_s)
+    return sent
+
+
+def parse_compression(spec: str | None) -> dict | None:
+    """'--compression' text -> header settings dict (JSON object or k=v,k=v)."""
+    if not spec:
+        return None
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            out = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--compression: bad JSON ({exc})") from None
+    else:
+        out = {}
+        for part in spec.split(","):
+            k, sep, v = part.partition("=")
+            if not sep:
+                raise ConfigError(f"--compression: {part!r} is not key=value")
+            try:
+                out[k.strip()] = json.loads(v)
+            except json.JSONDecodeError:
+                out[k.strip()] = v.strip()
+    try:
+        from nodes import compression as C
+    except ModuleNotFoundError:
+        raise ConfigError("--compression needs nodes.compression, which is not installed yet") from None
+    return C.CompressionSettings.from_dict(out).to_dict()
+
+
+@dataclass(frozen=True)
+class ServeLocalConfig:
+    model_dir: str
+    prompt: str
+    max_new_tokens: int = 16
+    n_agents: int = 3
+    plan_path: str | None = None
+    bits: int = 16  # expert bits when no plan gives them (16 = fp16 passthrough)
+    compression: str | None = None
+    secure: bool = True  # CURVE with temporary keys
+    memory_mb: float = 0.0  # per-agent budget; 0 = exactly what its shards need (+1 MiB)
+    trace_out: str | None = None
+    call_timeout_s: float = 5.0
+    replicas: int = 1
+    prompt_ids: tuple[int, ...] | None = None  # bypass the tokenizer (tests)
+
+
+def _tokenizer(model_dir: str):
+    try:
+        from coel_model.evaluate import base_model_dir, find_tokenizer
+        return find_tokenizer(model_dir, base_model_dir(model_dir))
+    except ModuleNotFoundError:
+        from coel_model.tokenizer import Tokenizer
+        return Tokenizer.load(model_dir)
+
+
+def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
+    from coel_model.checkpoint import load_model
+    model = load_model(cfg.model_dir)
+    mc = model.cfg
+    tok = None
+    if cfg.prompt_ids is not None:
+        prompt = list(cfg.prompt_ids)
+    else:
+        tok = _tokenizer(cfg.model_dir)
+        prompt = tok.encode(cfg.prompt)
+    if not prompt:
+        raise ConfigError("--prompt encodes to no tokens; give a non-empty prompt")
+    compression = parse_compression(cfg.compression)
+    with tempfile.TemporaryDirectory(prefix="coel-serve-local-") as tmp:
+        keys_dir = str(make_keys(Path(tmp) / "keys")) if cfg.secure else None
+        # sizes first, so each agent's budget can default to what it will hold
+        names = [f"tcp://placeholder:{i}" for i in range(cfg.n_agents)]
+        if cfg.plan_path:
+            placement0, bits = load_plan_placement(cfg.plan_path, names)
+        else:
+            placement0, bits = round_robin_placement(mc.n_layers, mc.n_experts, names, cfg.replicas), {}
+        bits_of = {k: bits.get(k, cfg.bits) for k in placement0}
+        need = {n: 0 for n in names}
+        for key, eps in placement0.items():
+            _, ts = shard_message(model, [key], bits_of[key])
+            nb = sum(t.numel() * t.element_size() for t in ts.values())
+            for ep in eps:
+                need[ep] += nb
+        mems = [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
+        with LocalCluster(cfg.n_agents, mems, keys_dir) as cluster:
+            rename = dict(zip(names, cluster.endpoints))
+            placement = {k: [rename[e] for e in eps] for k, eps in placement0.items()}
+            t0 = time.perf_counter()
+            deployed = deploy_experts(model, cluster, placement, bits_of)
+            deploy_s = time.perf_counter() - t0
+            coord = Coordinator(model, placement, cluster.keys,
+                                CoordinatorConfig(call_timeout_s=cfg.call_timeout_s, trace_path=cfg.trace_out,
+                                                  name="serve-local"),
+                                compression={ep: compression for ep in cluster.endpoints} if compression else None)
+            coord.strip_remote_experts()
+            try:
+                stamps: list[int] = []
+                t_start = time.perf_counter_ns()
+                out = coord.generate(prompt, cfg.max_new_tokens,
+                                     on_token=lambda s, t: stamps.append(time.perf_counter_ns()))
+            finally:
+                coord.close()
+    prefill_ms = (stamps[0] - t_start) / 1e6 if stamps else 0.0
+    decode_ms = (stamps[-1] - stamps[0]) / 1e6 / (len(stamps) - 1) if len(stamps) > 1 else prefill_ms
+    return {"tokens": out, "text": tok.decode(out) if tok is not None else None, "prompt_tokens": prompt,
+            "ms_per_token": round(decode_ms, 3), "prefill_ms": round(prefill_ms, 3),
+            "bytes_on_wire": coord.bytes_sent + coord.bytes_received,
+            "bytes_sent": coord.bytes_sent, "bytes_received": coord.bytes_received,
+            "expert_calls": coord.calls, "failovers": coord.failovers,
+            "deploy_bytes": sum(deployed.values()), "deploy_s": round(deploy_s, 3),
+            "agents": cfg.n_agents, "secure": cfg.secure, "compression": compression}
