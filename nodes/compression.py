@@ -101,16 +101,27 @@ class CompressionSettings:
 
     @classmethod
     def from_header(cls, data: Any) -> "CompressionSettings":
-        """Inverse of to_header (missing keys = defaults); unknown keys and bad values are rejected."""
+        """Inverse of to_header (missing keys = defaults; parse()'s short keys accepted too);
+        unknown keys and bad values are rejected with the reason."""
         if data is None:
             return NONE
         if not isinstance(data, dict):
             raise ValueError(f"compression settings must be a map, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in known)
-        if unknown:
-            raise ValueError(f"unknown compression setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        full = {_SHORT_KEYS.get(k, k) if isinstance(k, str) else k: v for k, v in data.items()}
+        unknown = sorted(str(k) for k in full if k not in known)
+        if unknown or len(full) != len(data):
+            raise ValueError(f"unknown or repeated compression setting(s) {unknown or sorted(map(str, data))}; "
+                             f"known: {sorted(known)} (short: {sorted(_SHORT_KEYS)})")
+        return cls(**full)
+
+    # the names nodes.local uses
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_header()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CompressionSettings":
+        return cls.from_header(data)
 
     @classmethod
     def parse(cls, text: str | None) -> "CompressionSettings":

@@ -65,6 +65,10 @@ def test_settings_parse_command_line_forms():
                                     prune_renorm=False, protect_top_frac=0.05)
     assert CompressionSettings.parse('{"act_dtype": "fp16"}') == CompressionSettings(act_dtype="fp16")
     assert CompressionSettings.parse("none") == NONE and CompressionSettings.parse(None) == NONE
+    assert CompressionSettings.from_dict({"act": "fp16", "beta": 0.5}).to_dict() == \
+        {"act_dtype": "fp16", "prune_beta": 0.5}
+    with pytest.raises(ValueError, match="repeated"):
+        CompressionSettings.from_header({"act": "fp16", "act_dtype": "int8"})
     with pytest.raises(ValueError, match="bad item"):
         CompressionSettings.parse("act=int8,bogus=1")
     with pytest.raises(ValueError, match="beta must be a number"):
@@ -81,7 +85,7 @@ def test_settings_parse_command_line_forms():
     ({"drop_tokens_frac": 1.0}, "drop_tokens_frac"),
     ({"prune_beta": float("nan")}, "prune_beta"),
     ({"prune_beta": "0.5"}, "prune_beta"),
-    ({"beta": 0.5}, "unknown compression setting"),
+    ({"betta": 0.5}, "unknown or repeated compression setting"),
 ])
 def test_settings_reject_bad_values_naming_the_field(bad, word):
     with pytest.raises(ValueError, match=word):
@@ -154,8 +158,8 @@ def test_named_tensor_adapters_for_the_transport():
         decode_activations({"x": t["x"]}, comp, "x")
     with pytest.raises(ValueError, match="float16 of shape"):
         decode_activations({"x": t["x"], "x_scale": t["x_scale"][:3]}, comp, "x")
-    with pytest.raises(ValueError, match="unknown compression setting"):
-        decode_activations(t, {"act": "int8"}, "x")
+    with pytest.raises(ValueError, match="unknown or repeated"):
+        decode_activations(t, {"act_type": "int8"}, "x")
 
 
 def test_round_trip_through_the_real_wire_protocol():
