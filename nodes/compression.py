@@ -279,6 +279,24 @@ def prune_routing(routing: Routing, settings: CompressionSettings, *,
     return Routing(ids, new_w, routing.probs, groups)
 
 
+def prune_in_place(routing: Routing, h: torch.Tensor, settings: CompressionSettings,
+                   remote: Iterable[int] | None = None) -> torch.Tensor | None:
+    """For an executor: protect, prune, and write the result into the routing the model passed.
+
+    The model combines with the Routing object it handed to the executor, so pruning must update
+    that object's weights and groups. Returns the protected-token mask (N,) for compress_group
+    (index it with a group's token indices), or None when nothing is protected.
+    """
+    prot = None
+    if (settings.prunes or settings.fuses) and settings.protect_top_frac > 0:
+        prot = protected_mask(token_importance(h), settings.protect_top_frac)
+    pruned = prune_routing(routing, settings, protected=prot, remote=remote)
+    if pruned is not routing:
+        routing.weights = pruned.weights
+        routing.groups = pruned.groups
+    return prot
+
+
 # ----------------------------------------------------------------------------- activations on the wire
 
 @dataclass
@@ -616,13 +634,7 @@ class CompressingExecutor:
         remote = self._remote_ids(layer)
         is_remote = (lambda e: True) if remote is None else (lambda e: e in remote)
         n_before = sum(int(tok.numel()) for e, (tok, _) in routing.groups.items() if is_remote(e))
-        prot = None
-        if (s.prunes or s.fuses) and s.protect_top_frac > 0:
-            prot = protected_mask(token_importance(h), s.protect_top_frac)
-        pruned = prune_routing(routing, s, protected=prot, remote=remote)
-        if pruned is not routing:  # the model combines with the routing object it passed us
-            routing.weights = pruned.weights
-            routing.groups = pruned.groups
+        prot = prune_in_place(routing, h, s, remote)
         n_after = sum(int(tok.numel()) for e, (tok, _) in routing.groups.items() if is_remote(e))
         st.assignments += n_before
         st.pruned += n_before - n_after
