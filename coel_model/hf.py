@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from coel_model.config import MoEConfig
 from coel_model.errors import CheckpointError, ConfigError
-from coel_model.model import MoEModel
+from coel_model.model import MoEModel, rope_tables
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -408,7 +408,7 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     fam = family_of(raw, source)
     index = tensor_index(root)
     plan = weight_plan(cfg, fam, set(index))
-    model = MoEModel(cfg)
+    model = empty_model(cfg, dtype)
     params = model.state_dict()
     unplanned = sorted(k for k in params if k not in plan and not (cfg.tie_embeddings and k == "lm_head.weight"))
     assert not unplanned, f"weight_plan misses {unplanned}"  # internal invariant, not user input
@@ -430,8 +430,23 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                 p.copy_(t.to(p.dtype))
     finally:
         reader.close()
-    model.to(dtype)
     model.eval()
+    return model
+
+
+def empty_model(cfg: MoEConfig, dtype: torch.dtype) -> MoEModel:
+    """An uninitialised MoEModel allocated directly in `dtype`.
+
+    Built on the meta device, so a large checkpoint costs one copy of its weights in `dtype`
+    (not an fp32 random init first); every parameter is then overwritten by the loader.
+    """
+    with torch.device("meta"):
+        model = MoEModel(cfg)
+    model = model.to(dtype).to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gives each module its own storage: tie again
+        model.lm_head.weight = model.embed.weight
+    cos, sin = rope_tables(cfg.hd, cfg.max_seq_len, cfg.rope_theta)  # non-persistent buffers
+    model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)
     return model
 
 

@@ -251,6 +251,10 @@ def test_handwritten_fp16_weights_and_dtype(tmp_path):
     half = load_model(d, dtype=torch.float16)
     assert half.lm_head.weight.dtype == torch.float16
     assert half.lm_head.weight.data_ptr() == half.embed.weight.data_ptr()  # still tied
+    assert half.rope_cos.dtype == torch.float16
+    with torch.no_grad():
+        err = (half(TOKENS).float() - model(TOKENS)).abs().max().item()
+    assert err < 0.1, err
 
 
 def _load_all(d: Path) -> dict[str, torch.Tensor]:
