@@ -418,16 +418,24 @@ class Agent:
         elif m.type == T.PROBE:
             self._ok(it, {"echo": m.body.get("echo")}, T.PROBE, dict(m.tensors))
         elif m.type == T.SET_PATH_DELAYS:
-            setter = getattr(self.delay, "set_delays", None)
-            if setter is None:
-                raise ShardError(P.ErrorCode.UNSUPPORTED, "this agent runs without a delay queue")
-            setter({k: float(v) for k, v in m.body["delays_ms"].items()})
+            self._set_delays({k: float(v) for k, v in m.body["delays_ms"].items()})
             self._ok(it)
         elif m.type == T.SHUTDOWN:
             self._ok(it)
             self._stop.set()
         else:
             raise ShardError(P.ErrorCode.UNSUPPORTED, f"{m.type.name} is not a request an agent serves")
+
+    def _set_delays(self, delays_ms: dict[str, float]) -> None:
+        """In-band path delays (peer IP -> one-way ms); a later change of the delay file wins."""
+        from nodes.delayqueue import DelayTable, PeerDelay
+        if self.delay is None:
+            self.delay = DelayTable(None)
+            self.inbox.hook = self.delay
+        if not isinstance(self.delay, DelayTable):
+            raise ShardError(P.ErrorCode.UNSUPPORTED, f"delay hook {type(self.delay).__name__} cannot be set")
+        self.delay.peers = {ip: PeerDelay(ms) for ip, ms in delays_ms.items()}
+        self.delay.mode = "emulated"
 
     def _run_calls(self, key: tuple, items: list[_Pending]) -> None:
         layer, expert = key[0], key[1]
@@ -542,12 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nodes.agent")
     add_agent_args(ap)
     args = ap.parse_args(argv)
-    return run_agent_process(agent_config_from_args(args), delay_hook_from_env())
+    return run_agent_process(agent_config_from_args(args), delay_hook_from_env(args.delay_file))
 
 
-def delay_hook_from_env() -> DelayHook | None:
-    """The emulated-delay hook for this process (nodes.delayqueue when present), else None."""
-    return None
+def delay_hook_from_env(path: str | None = None) -> DelayHook | None:
+    """The emulated-delay table (nodes.delayqueue) from `path` or $COEL_DELAY_FILE, else None."""
+    path = path or os.environ.get("COEL_DELAY_FILE")
+    if not path:
+        return None
+    from nodes.delayqueue import DelayTable
+    return DelayTable(path)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-out", default=None, help="append remote_queue/remote_compute spans (JSONL)")
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--heartbeat-s", type=float, default=None, help="heartbeat interval (s)")
+    p.add_argument("--delay-file", default=None,
+                   help="emulated path delays (nodes.delayqueue JSON; default $COEL_DELAY_FILE)")
 
 
 def agent_config_from_args(args: argparse.Namespace):
@@ -34,7 +36,7 @@ def agent_config_from_args(args: argparse.Namespace):
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from nodes.agent import delay_hook_from_env, run_agent_process
-    return run_agent_process(agent_config_from_args(args), delay_hook_from_env())
+    return run_agent_process(agent_config_from_args(args), delay_hook_from_env(args.delay_file))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -30,12 +30,25 @@ from coel_model.generate import sample_next
 from coel_model.model import KVCache, MoEModel, Routing, combine, expert_inputs, route
 from nodes import protocol as P
 from nodes.security import KeyDir, secure_client
-from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations, encode_activations,
+from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations,
                              endpoint_host, peer_address)
 
 LOCAL = "local"  # placement entry meaning "run on this server"
 
 PlacementMap = Mapping[tuple[int, int], Iterable[str]]
+
+
+def _settings(v: Any):
+    """CompressionSettings from a settings object, a header dict or None."""
+    from nodes.compression import NONE, CompressionSettings
+    if v is None:
+        return NONE
+    if isinstance(v, CompressionSettings):
+        return v
+    try:
+        return CompressionSettings.from_header(v)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"compression settings {v!r}: {exc}") from None
 
 
 class RemoteExpertError(NodeError):
@@ -125,6 +138,9 @@ class ReplicaChooser:
 class _Call:
     expert: int
     x: torch.Tensor  # (n, d) float32
+    tok: torch.Tensor | None = None  # (n,) token index of each row (for protected tokens)
+    prefer: str | None = None  # replica chosen before pruning (its link's settings pruned this call)
+    group: Any = None  # nodes.compression.CompressedGroup of the attempt in flight (merge map)
     tried: list[tuple[str, str]] = field(default_factory=list)  # (endpoint, why it failed)
     endpoint: str = ""
     req_id: int = 0
@@ -143,7 +159,9 @@ class Coordinator:
         self.keys = keys
         self.ctx = ctx or zmq.Context.instance()
         self.inbox = HeldInbox(delay)
-        self.compression = dict(compression or {})  # endpoint -> settings dict (header form)
+        self.compression = {ep: _settings(v) for ep, v in (compression or {}).items()}  # endpoint -> settings
+        self.raw_bytes = 0  # what the same calls would carry as fp32 rows both ways, no compression
+        self.pruned_assignments = 0
         self.chooser = ReplicaChooser(self.cfg.ewma_alpha, self.cfg.ban_s, self.cfg.default_rtt_ms)
         self.socks: dict[str, zmq.Socket] = {}
         self.poller = zmq.Poller()
@@ -213,23 +231,29 @@ class Coordinator:
     def __call__(self, layer: int, routing: Routing, h: torch.Tensor) -> dict[int, torch.Tensor]:
         """ExpertExecutor: e -> output (n_e, d) for every expert in routing.groups."""
         placement = self._placement  # one snapshot per layer call
-        xs = expert_inputs(routing, h)
         outputs: dict[int, torch.Tensor] = {}
         local: list[int] = []
         inflight: dict[int, _Call] = {}
         start = time.monotonic()
         layer_deadline = start + self.cfg.layer_deadline_s
+        prefer: dict[int, str] = {}
+        for e in routing.groups:
+            holders = placement.holders.get((layer, e))
+            if not holders:
+                raise RemoteExpertError(f"layer {layer} expert {e}: the placement names no holder "
+                                        f"({len(placement.holders)} experts placed)")
+            if LOCAL in holders:
+                local.append(e)
+            else:
+                prefer[e] = self.chooser.choose(holders, set(), start)
+        prot = self._prune(routing, h, prefer) if self.compression else {}
+        xs = expert_inputs(routing, h)
         try:
             for e, x in xs.items():
-                holders = placement.holders.get((layer, e))
-                if not holders:
-                    raise RemoteExpertError(f"layer {layer} expert {e}: the placement names no holder "
-                                            f"({len(placement.holders)} experts placed)")
-                if LOCAL in holders:
-                    local.append(e)
+                if e in local:
                     continue
-                call = _Call(e, x)
-                self._dispatch(layer, call, holders, inflight, layer_deadline)
+                call = _Call(e, x, routing.groups[e][0], prefer[e])
+                self._dispatch(layer, call, placement.holders[(layer, e)], inflight, layer_deadline, prot)
             if local:
                 t0 = time.monotonic_ns()
                 for e in local:
@@ -245,12 +269,17 @@ class Coordinator:
                         continue  # a late answer to an abandoned attempt
                     del inflight[msg.req_id]
                     self.chooser.inflight[ep] -= 1
+                    why = None
                     if msg.type == P.MsgType.EXPERT_REPLY and "y" in msg.tensors:
-                        outputs[call.expert] = self._finish(layer, call, msg)
+                        try:
+                            outputs[call.expert] = self._finish(layer, call, msg)
+                        except (ValueError, RemoteExpertError) as exc:  # undecodable or mis-shaped
+                            why = f"bad reply: {exc}"
                     else:
                         why = (f"{msg.body.get('code')}: {msg.body.get('reason', '')[:200]}"
                                if msg.type == P.MsgType.ERROR else f"unexpected {msg.type.name}")
-                        self._retry(layer, call, why, placement, inflight, layer_deadline)
+                    if why is not None:
+                        self._retry(layer, call, why, placement, inflight, layer_deadline, prot)
                 now = time.monotonic()
                 for rid, call in list(inflight.items()):
                     if now >= call.deadline or now >= layer_deadline:
@@ -259,18 +288,48 @@ class Coordinator:
                         self._reset_sock(call.endpoint)  # Lazy Pirate: drop queued requests to it
                         limit = min(self.cfg.call_timeout_s, self.cfg.layer_deadline_s)
                         self._retry(layer, call, f"no reply within {limit:.2f} s", placement, inflight,
-                                    layer_deadline)
+                                    layer_deadline, prot)
         except BaseException:
             for call in inflight.values():  # keep the load estimate honest
                 self.chooser.inflight[call.endpoint] -= 1
             raise
         return outputs
 
+    def _prune(self, routing: Routing, h: torch.Tensor, prefer: dict[int, str]) -> dict[float, torch.Tensor]:
+        """Apply each link's pruning to the experts bound for it (rewrites routing in place).
+
+        Returns the protected-token masks by protect fraction, reused by fusion at dispatch.
+        """
+        from nodes.compression import protected_mask, prune_routing, token_importance
+        by_settings: dict[Any, list[int]] = {}
+        for e, ep in prefer.items():
+            s = self.compression.get(ep)
+            if s is not None and (s.prunes or s.fuses):
+                by_settings.setdefault(s, []).append(e)
+        prot: dict[float, torch.Tensor] = {}
+        if not by_settings:
+            return prot
+        importance = token_importance(h)
+        before = sum(int(routing.groups[e][0].numel()) for e in prefer)
+        for s, es in by_settings.items():
+            if s.protect_top_frac > 0 and s.protect_top_frac not in prot:
+                prot[s.protect_top_frac] = protected_mask(importance, s.protect_top_frac)
+            if s.prunes:
+                pruned = prune_routing(routing, s, protected=prot.get(s.protect_top_frac), remote=es)
+                if pruned is not routing:  # combine() uses the routing object the model passed us
+                    routing.weights, routing.groups = pruned.weights, pruned.groups
+        self.pruned_assignments += before - sum(int(routing.groups[e][0].numel())
+                                                for e in prefer if e in routing.groups)
+        return prot
+
     def _dispatch(self, layer: int, call: _Call, holders: Iterable[str], inflight: dict[int, _Call],
-                  layer_deadline: float) -> None:
+                  layer_deadline: float, prot: dict[float, torch.Tensor]) -> None:
         now = time.monotonic()
         tried = {ep for ep, _ in call.tried}
-        ep = self.chooser.choose(holders, tried, now) if now < layer_deadline else None
+        if call.prefer is not None and call.prefer not in tried and now < layer_deadline:
+            ep = call.prefer
+        else:
+            ep = self.chooser.choose(holders, tried, now) if now < layer_deadline else None
         if ep is None:
             waited = now - (layer_deadline - self.cfg.layer_deadline_s)
             attempts = "; ".join(f"{e}: {why}" for e, why in call.tried) or "none"
@@ -278,16 +337,23 @@ class Coordinator:
                 f"layer {layer} expert {call.expert}: no holder answered ({len(call.tried)} attempt(s) "
                 f"in {waited:.2f} s, holders {list(holders)}): {attempts}")
         t0 = time.monotonic_ns()
-        comp = self.compression.get(ep)
-        tensors = encode_activations(call.x, comp, "x", {"dtype": call.x.dtype})
-        body = {"layer": layer, "expert": call.expert}
-        if comp:
-            body["compression"] = comp
+        body: dict[str, Any] = {"layer": layer, "expert": call.expert}
+        s = self.compression.get(ep)
+        call.group = None
+        if s is not None and not s.is_identity:
+            from nodes.compression import compress_group
+            mask = prot.get(s.protect_top_frac)
+            call.group = compress_group(call.x, s, None if mask is None or call.tok is None else mask[call.tok])
+            tensors = call.group.wire.to_tensors("x")
+            body["compression"] = s.to_header()
+        else:
+            tensors = {"x": call.x}
         rid = next(self._ids)
         frames = P.encode(P.MsgType.EXPERT_CALL, rid, body, tensors, trace=self.trace_id, src=self.cfg.name)
         t1 = time.monotonic_ns()
         self._sock(ep).send_multipart(frames, copy=False)
         self.bytes_sent += P.frames_nbytes(frames)
+        self.raw_bytes += 2 * call.x.shape[0] * call.x.shape[1] * 4
         self.calls += 1
         self._span("encode", t0, t1, layer=layer, expert=call.expert, endpoint=ep, tokens=int(call.x.shape[0]))
         call.endpoint, call.req_id, call.t_send_ns = ep, rid, t1
@@ -296,14 +362,15 @@ class Coordinator:
         inflight[rid] = call
 
     def _retry(self, layer: int, call: _Call, why: str, placement: Placement, inflight: dict[int, _Call],
-               layer_deadline: float) -> None:
+               layer_deadline: float, prot: dict[float, torch.Tensor]) -> None:
         call.tried.append((call.endpoint, why))
         self.chooser.fail(call.endpoint, time.monotonic())
         self.failovers += 1
         if self.tracer is not None:
             self.tracer.event("expert_call_failed", layer=layer, expert=call.expert, endpoint=call.endpoint,
                               reason=why, trace_id=self.trace_id)
-        self._dispatch(layer, call, placement.holders.get((layer, call.expert), ()), inflight, layer_deadline)
+        self._dispatch(layer, call, placement.holders.get((layer, call.expert), ()), inflight, layer_deadline,
+                       prot)
 
     def _poll(self, wait_s: float) -> list[tuple[str, P.Message]]:
         """Replies that have arrived (after emulated delay) within wait_s; [] on timeout."""
@@ -337,6 +404,9 @@ class Coordinator:
         t_recv = msg.body.pop("_t_recv_ns", time.monotonic_ns())
         t0 = time.monotonic_ns()
         y, _meta = decode_activations(msg.tensors, msg.body.get("compression"), "y")
+        if call.group is not None:
+            from nodes.compression import unmerge
+            y = unmerge(y, call.group)
         t1 = time.monotonic_ns()
         rtt_ns = t_recv - call.t_send_ns
         q, c = msg.body["queue_ns"], msg.body["compute_ns"]

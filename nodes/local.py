@@ -181,30 +181,15 @@ def deploy_experts(model: MoEModel, cluster: LocalCluster, placement: dict, bits
 
 
 def parse_compression(spec: str | None) -> dict | None:
-    """'--compression' text -> header settings dict (JSON object or k=v,k=v)."""
+    """'--compression' text (see CompressionSettings.parse) -> header settings; None when off."""
     if not spec:
         return None
-    spec = spec.strip()
-    if spec.startswith("{"):
-        try:
-            out = json.loads(spec)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--compression: bad JSON ({exc})") from None
-    else:
-        out = {}
-        for part in spec.split(","):
-            k, sep, v = part.partition("=")
-            if not sep:
-                raise ConfigError(f"--compression: {part!r} is not key=value")
-            try:
-                out[k.strip()] = json.loads(v)
-            except json.JSONDecodeError:
-                out[k.strip()] = v.strip()
+    from nodes.compression import CompressionSettings
     try:
-        from nodes import compression as C
-    except ModuleNotFoundError:
-        raise ConfigError("--compression needs nodes.compression, which is not installed yet") from None
-    return C.CompressionSettings.from_dict(out).to_dict()
+        settings = CompressionSettings.parse(spec)
+    except ValueError as exc:
+        raise ConfigError(f"--compression: {exc}") from None
+    return settings.to_header() or None
 
 
 @dataclass(frozen=True)
