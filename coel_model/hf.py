@@ -326,9 +326,11 @@ def weight_plan(cfg: MoEConfig, fam: Family, names: set[str]) -> dict[str, Sourc
 class _Reader:
     """Reads HF tensors (or one expert's slice of a fused tensor) with errors naming file and tensor."""
 
-    def __init__(self, index: dict[str, Path], model_dir: Path):
+    def __init__(self, index: dict[str, Path], model_dir: Path, cfg: MoEConfig):
         self.index = index
         self.model_dir = model_dir
+        self.n_experts = cfg.n_experts
+        self.hint = f"d_model={cfg.d_model}, expert_hidden={cfg.expert_hidden}"
         self.handles: dict[Path, Any] = {}
 
     def _handle(self, path: Path):
@@ -371,16 +373,12 @@ class _Reader:
         shape = tuple(sl.get_shape())
         out_dim, in_dim = want
         rows = 2 * out_dim if src.part in ("gate", "up") else out_dim  # gate_up stacks gate then up
-        if len(shape) != 3 or src.expert >= shape[0]:
-            raise CheckpointError(f"{path}: fused tensor {src.hf_name!r} has shape {shape}; expected "
-                                  f"(n_experts, {rows}, {in_dim}) with n_experts > {src.expert}")
-        if shape[1:] == (rows, in_dim):
-            m = sl[src.expert]
-        elif shape[1:] == (in_dim, rows):
-            m = sl[src.expert].t()
-        else:
+        E = self.n_experts
+        if len(shape) != 3 or shape[0] != E or shape[1:] not in ((rows, in_dim), (in_dim, rows)):
+            alt = f" or {(E, in_dim, rows)}" if rows != in_dim else ""
             raise CheckpointError(f"{path}: fused tensor {src.hf_name!r} has shape {shape}; config.json "
-                                  f"implies ({shape[0]}, {rows}, {in_dim}) or ({shape[0]}, {in_dim}, {rows})")
+                                  f"implies {(E, rows, in_dim)}{alt} (n_experts={E}, {self.hint})")
+        m = sl[src.expert] if shape[1:] == (rows, in_dim) else sl[src.expert].t()
         if src.part == "gate":
             m = m[:out_dim]
         elif src.part == "up":
@@ -421,7 +419,7 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
         path = index[unused[0]]
         raise CheckpointError(f"{path}: tensor {unused[0]!r} ({len(unused)} unused in all) has no place in "
                               f"the model that {source} describes (config/weights mismatch?)")
-    reader = _Reader(index, root)
+    reader = _Reader(index, root, cfg)
     try:
         with torch.no_grad():
             for ours, src in plan.items():

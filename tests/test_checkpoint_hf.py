@@ -338,7 +338,22 @@ def test_wrong_fused_shape_is_named(tmp_path):
     with pytest.raises(CheckpointError) as ei:
         load_model(d)
     msg = str(ei.value)
-    assert "experts.gate_up_proj" in msg and "(4, 48, 32)" in msg, msg
+    assert "experts.gate_up_proj" in msg and "(4, 48, 32)" in msg and "(4, 32, 32)" in msg, msg
+
+
+def test_fused_with_more_experts_than_config(tmp_path):
+    d, _ = handwritten(tmp_path, "qwen3_moe", fused=True)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_experts"] = 3  # the fused expert weights hold 4 ...
+    (d / "config.json").write_text(json.dumps(cfg))
+    state = _load_all(d)
+    for i in range(2):  # ... while the routers agree with the config
+        state[f"model.layers.{i}.mlp.gate.weight"] = state[f"model.layers.{i}.mlp.gate.weight"][:3].clone()
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError) as ei:
+        load_model(d)
+    msg = str(ei.value)
+    assert "gate_up_proj" in msg and "(4, 48, 32)" in msg and "n_experts=3" in msg, msg
 
 
 def test_unused_tensor_means_mismatch(tmp_path):
