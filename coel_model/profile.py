@@ -1,0 +1,360 @@
+"""Expert profiling: how often each expert fires, with what weight, with whom, and what it costs
+the model's loss to quantize it -- measured, not assumed (popularity alone misleads; see MC-MoE
+and EdgeMoE in docs/profile-format.md).
+
+One baseline pass over calibration tokens records the routing (popularity, mean routing weight,
+co-activation within a layer and from layer l to l+1) and caches, per layer, the residual stream
+after that layer's MoE. Quantizing only expert (l, e) changes layer l's output by
+`w * (q_e(h) - f_e(h))` on exactly the tokens routed to e, so each measurement adds that delta to
+the cached stream and re-runs only layers l+1.. and the head: no full forward per measurement.
+
+The document format ("coel-profile" v1) and `validate_profile` are described in
+docs/profile-format.md; the controller and `coel quantize` read these files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from coel_model.config import MoEConfig
+from coel_model.errors import ConfigError
+from coel_model.model import MoEModel, Routing
+
+PROFILE_FORMAT = "coel-profile"
+PROFILE_VERSION = 1
+ALL_BITS = (2, 3, 4, 8, 16)
+DEFAULT_MEASURED_BITS = (2, 3, 4, 8)
+DEFAULT_WINDOW = 512
+TOP_KEYS = {"format", "version", "model_config", "group_size", "bits", "experts", "coactivation",
+            "backbone_bytes", "calibration"}
+OPTIONAL_TOP_KEYS = {"coactivation"}  # synthetic profiles (controller) may leave it out
+EXPERT_KEYS = {"layer", "expert", "popularity", "mean_weight", "loss_increase", "bytes"}
+OPTIONAL_EXPERT_KEYS = {"output_kl"}  # mean KL(fp || quantized) per token, when measured
+POPULARITY_SUM_TOL = 1e-3  # relative: popularity over a layer must sum to top_k
+
+Progress = Callable[[int, int, str], None]  # (done, total, what is running)
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate_profile(doc: Any, source: str = "<profile>") -> MoEConfig:
+    """Check a "coel-profile" v1 document; raise ConfigError naming the entry and the numbers.
+
+    Returns the model config it describes. Checks: known keys only; every (layer, expert) exactly
+    once; popularity in [0, 1] summing to top_k per layer (when any token was seen); loss and
+    bytes given for every listed width, finite, bytes strictly growing with bits; co-activation
+    matrices of the right shapes, non-negative; backbone bytes positive.
+    """
+    def fail(msg: str) -> ConfigError:
+        return ConfigError(f"{source}: {msg}")
+
+    if not isinstance(doc, dict):
+        raise fail(f"a profile is a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != PROFILE_FORMAT:
+        raise fail(f'"format" must be "{PROFILE_FORMAT}" (got {doc.get("format")!r})')
+    if doc.get("version") != PROFILE_VERSION:
+        raise fail(f'"version" {doc.get("version")!r} is not supported (this code reads {PROFILE_VERSION})')
+    unknown = sorted(set(doc) - TOP_KEYS)
+    if unknown:
+        raise fail(f"unknown key(s) {unknown}; known keys: {sorted(TOP_KEYS)}")
+    missing = sorted(TOP_KEYS - OPTIONAL_TOP_KEYS - set(doc))
+    if missing:
+        raise fail(f"missing key(s) {missing}")
+    if not isinstance(doc["model_config"], dict):
+        raise fail('"model_config" must be an object of MoEConfig fields')
+    cfg = MoEConfig.from_dict(doc["model_config"], source=f"{source}: model_config")
+    L, E = cfg.n_layers, cfg.n_experts
+
+    gs = doc["group_size"]
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0 or gs % 8:
+        raise fail(f'"group_size" must be a positive multiple of 8 (got {gs!r})')
+    bits = doc["bits"]
+    if (not isinstance(bits, list) or not bits or any(not isinstance(b, int) or isinstance(b, bool) for b in bits)
+            or bits != sorted(set(bits)) or any(b not in ALL_BITS for b in bits)):
+        raise fail(f'"bits" must be a non-empty ascending list of distinct widths from {list(ALL_BITS)} '
+                   f"(got {bits!r})")
+    widths = [str(b) for b in bits]
+
+    experts = doc["experts"]
+    if not isinstance(experts, list):
+        raise fail('"experts" must be a list')
+    seen: dict[tuple[int, int], int] = {}
+    pop_sum = [0.0] * L
+    for i, ent in enumerate(experts):
+        where = f"experts[{i}]"
+        if not isinstance(ent, dict):
+            raise fail(f"{where} must be an object")
+        bad = sorted(set(ent) - EXPERT_KEYS - OPTIONAL_EXPERT_KEYS)
+        if bad:
+            raise fail(f"{where}: unknown key(s) {bad}; known: {sorted(EXPERT_KEYS | OPTIONAL_EXPERT_KEYS)}")
+        lack = sorted(EXPERT_KEYS - set(ent))
+        if lack:
+            raise fail(f"{where}: missing key(s) {lack}")
+        l, e = ent["layer"], ent["expert"]
+        if not (isinstance(l, int) and isinstance(e, int) and 0 <= l < L and 0 <= e < E):
+            raise fail(f"{where}: layer {l!r} / expert {e!r} outside the model ({L} layers x {E} experts)")
+        where = f"{where} (layer {l}, expert {e})"
+        if (l, e) in seen:
+            raise fail(f"{where} repeats experts[{seen[(l, e)]}]")
+        seen[(l, e)] = i
+        for key, hi in (("popularity", 1.0), ("mean_weight", 1.0)):
+            v = ent[key]
+            if not _is_num(v) or not (0.0 <= v <= hi + 1e-9):
+                raise fail(f"{where}: {key} must be a number in [0, {hi}] (got {v!r})")
+        pop_sum[l] += ent["popularity"]
+        for key in ("loss_increase", "bytes") + tuple(k for k in OPTIONAL_EXPERT_KEYS if k in ent):
+            d = ent[key]
+            if not isinstance(d, dict):
+                raise fail(f"{where}: {key} must be an object keyed by bit width")
+            absent = [w for w in widths if w not in d]
+            extra = sorted(set(d) - set(widths))
+            if absent or extra:
+                raise fail(f"{where}: {key} must have exactly the widths {widths} "
+                           f"(missing {absent}, unexpected {extra})")
+            for w in widths:
+                if not _is_num(d[w]):
+                    raise fail(f"{where}: {key}[{w!r}] must be a finite number (got {d[w]!r})")
+        nb = [ent["bytes"][w] for w in widths]
+        if any(not isinstance(x, int) or isinstance(x, bool) or x <= 0 for x in nb):
+            raise fail(f"{where}: bytes must be positive integers (got {nb})")
+        for a, b, wa, wb in zip(nb, nb[1:], widths, widths[1:]):
+            if b <= a:
+                raise fail(f"{where}: bytes must grow with bits ({wa} bits: {a} >= {wb} bits: {b})")
+    if len(seen) != L * E:
+        gone = [(l, e) for l in range(L) for e in range(E) if (l, e) not in seen]
+        raise fail(f"{len(gone)} of {L * E} experts have no entry, first {gone[:5]}")
+    for l, s in enumerate(pop_sum):
+        if s > 0 and abs(s - cfg.top_k) > POPULARITY_SUM_TOL * cfg.top_k:
+            raise fail(f"layer {l}: popularity sums to {s:.6f}, expected top_k = {cfg.top_k} "
+                       f"(popularity is the fraction of tokens routed to the expert)")
+
+    if "coactivation" in doc:
+        co = doc["coactivation"]
+        if not isinstance(co, dict) or set(co) != {"same_layer", "next_layer"}:
+            raise fail('"coactivation" must be an object with exactly "same_layer" and "next_layer"')
+        _check_matrices(co["same_layer"], L, E, "coactivation.same_layer", fail)
+        _check_matrices(co["next_layer"], L - 1, E, "coactivation.next_layer", fail)
+
+    bb = doc["backbone_bytes"]
+    if not isinstance(bb, dict) or not bb or set(bb) - {"16", "32"}:
+        raise fail(f'"backbone_bytes" must be an object with keys "16" and/or "32" (got {bb!r})')
+    for k, v in bb.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise fail(f"backbone_bytes[{k!r}] must be a positive integer (got {v!r})")
+
+    cal = doc["calibration"]
+    if not isinstance(cal, dict) or "tokens" not in cal or "source" not in cal:
+        raise fail('"calibration" must be an object with at least "tokens" and "source"')
+    if not isinstance(cal["tokens"], int) or isinstance(cal["tokens"], bool) or cal["tokens"] < 0:
+        raise fail(f"calibration.tokens must be a non-negative integer (got {cal['tokens']!r})")
+    if not isinstance(cal["source"], str):
+        raise fail(f"calibration.source must be a string (got {cal['source']!r})")
+    return cfg
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_matrices(mats: Any, n: int, E: int, name: str, fail) -> None:
+    if not isinstance(mats, list) or len(mats) != n:
+        raise fail(f"{name} must be a list of {n} matrices of {E}x{E} (got "
+                   f"{len(mats) if isinstance(mats, list) else type(mats).__name__})")
+    for l, m in enumerate(mats):
+        if not isinstance(m, list) or len(m) != E or any(not isinstance(r, list) or len(r) != E for r in m):
+            raise fail(f"{name}[{l}] must be a {E}x{E} matrix")
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                if not _is_num(v) or v < 0:
+                    raise fail(f"{name}[{l}][{i}][{j}] must be a non-negative number (got {v!r})")
+
+
+def load_profile(path: str | Path) -> dict:
+    """Read and validate a profile file."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: profile not found (make one with `coel profile`)") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    validate_profile(doc, source=str(path))
+    return doc
+
+
+def write_profile(doc: dict, path: str | Path) -> Path:
+    """Validate, then write (so a broken profile never reaches the controller)."""
+    validate_profile(doc, source=str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- measurement
+
+def backbone_params(model: MoEModel) -> int:
+    """Parameters outside the routed experts (tied embeddings counted once)."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".moe.experts." not in n)
+
+
+def calibration_batch(ids: list[int], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping full windows -> inputs (B, W) and next-token targets (B, W)."""
+    if len(ids) < 2:
+        raise ConfigError(f"calibration needs at least 2 tokens (got {len(ids)})")
+    window = min(window, len(ids) - 1)
+    n = (len(ids) - 1) // window
+    t = torch.tensor(ids[: n * window + 1], dtype=torch.long)
+    x = torch.stack([t[i * window:(i + 1) * window] for i in range(n)])
+    y = torch.stack([t[i * window + 1:(i + 1) * window + 1] for i in range(n)])
+    return x, y
+
+
+def _dequantized_expert(expert: torch.nn.Module, bits: int, group_size: int, method: str):
+    """The expert as the packed format reproduces it, run with plain float matmuls (the packed
+    kernels compute the same products; dense float is faster for the many-token profiling calls)."""
+    from coel_model.quant import QuantSpec, quantize_expert
+    q = quantize_expert(expert, QuantSpec(bits, group_size, method))
+    wg, wu, wd = q.w_gate.dequantize(), q.w_up.dequantize(), q.w_down.dequantize()
+    return lambda x: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+def _mean_nll(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean negative log-likelihood summed in float64: differences of 1e-6 nats must survive."""
+    return float(-logp.gather(1, targets.unsqueeze(1)).double().mean())
+
+
+@torch.inference_mode()
+def profile_model(model: MoEModel, ids: list[int], bits: tuple[int, ...] = DEFAULT_MEASURED_BITS,
+                  group_size: int = 64, method: str = "rtn", window: int = DEFAULT_WINDOW,
+                  with_kl: bool = False, source: str = "unknown",
+                  progress: Progress | None = None) -> dict:
+    """Measure everything a "coel-profile" v1 document holds for `model` on the token stream `ids`.
+
+    `bits` are the widths whose loss is measured; 16 is always listed with loss 0.0 (the fp
+    reference). The model must be unquantized (float experts).
+    """
+    from coel_model.quant import QuantSpec, packed_expert_bytes
+
+    cfg = model.cfg
+    L, E, k, d = cfg.n_layers, cfg.n_experts, cfg.top_k, cfg.d_model
+    measured = sorted({int(b) for b in bits} - {16})
+    bad = [b for b in measured if b not in ALL_BITS]
+    if bad:
+        raise ConfigError(f"cannot profile bit widths {bad}; choose from {list(ALL_BITS[:-1])}")
+    for l in range(L):
+        for e in range(E):
+            if not hasattr(model.expert(l, e), "w_gate") or not isinstance(
+                    getattr(model.expert(l, e).w_gate, "weight", None), torch.Tensor):
+                raise ConfigError(f"expert (layer {l}, expert {e}) is not a float SwiGLU expert; "
+                                  f"profile the unquantized model")
+    t_start = time.monotonic()
+    x_tok, y_tok = calibration_batch(ids, min(window, cfg.max_seq_len))
+    B, T = x_tok.shape
+    N = B * T
+    targets = y_tok.reshape(-1)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+
+    # ---- baseline pass: cache the stream after every layer's MoE and the routing decisions
+    routings: list[Routing] = []
+    after: list[torch.Tensor] = []  # (B, T, d) residual stream after layer l
+    normed: list[torch.Tensor] = []  # (N, d) MoE input of layer l
+
+    def observer(layer: int, routing: Routing) -> None:
+        routings.append(routing)
+
+    x = model.embed(x_tok)
+    for i, layer in enumerate(model.layers):
+        x = x + layer.attn(layer.input_norm(x), cos, sin, i, None)
+        h = layer.post_attn_norm(x)
+        normed.append(h.reshape(N, d))
+        x = x + layer.moe(h, i, None, observer)
+        after.append(x)
+    logits = model.lm_head(model.norm(x)).reshape(N, -1)
+    reference = model(x_tok).reshape(N, -1)
+    if not torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("profile: the layer-by-layer replay no longer matches MoEModel.forward "
+                           f"(max diff {float((logits - reference).abs().max()):.3g}); update profile.py")
+    base_logp = F.log_softmax(logits.float(), dim=-1)
+    base_loss = _mean_nll(base_logp, targets)
+
+    # ---- routing statistics
+    counts = torch.zeros(L, E, dtype=torch.float64)
+    wsum = torch.zeros(L, E, dtype=torch.float64)
+    same, nxt = [], []
+    onehots = []
+    for l, r in enumerate(routings):
+        oh = torch.zeros(N, E, dtype=torch.float64)
+        oh.scatter_(1, r.expert_ids, 1.0)
+        onehots.append(oh)
+        counts[l] = oh.sum(0)
+        wsum[l].index_add_(0, r.expert_ids.reshape(-1), r.weights.reshape(-1).double())
+        same.append((oh.T @ oh).round().long().tolist())
+    for l in range(L - 1):
+        nxt.append((onehots[l].T @ onehots[l + 1]).round().long().tolist())
+
+    # ---- importance: loss increase with only (l, e) quantized to b bits
+    total = L * E * len(measured)
+    done = 0
+    loss_inc = [[{} for _ in range(E)] for _ in range(L)]
+    kls = [[{} for _ in range(E)] for _ in range(L)]
+    for l in range(L):
+        r = routings[l]
+        for e in range(E):
+            expert = model.expert(l, e)
+            if e not in r.groups:  # never routed here: quantizing it cannot change these tokens
+                for b in measured:
+                    loss_inc[l][e][str(b)] = 0.0
+                    kls[l][e][str(b)] = 0.0
+                done += len(measured)
+                if progress:
+                    progress(done, total, f"layer {l} expert {e} (unused)")
+                continue
+            tok, slot = r.groups[e]
+            xe = normed[l].index_select(0, tok)
+            w = r.weights[tok, slot].unsqueeze(-1).to(xe.dtype)
+            fp_out = expert(xe)
+            for b in measured:
+                q_out = _dequantized_expert(expert, b, group_size, method)(xe)
+                stream = after[l].reshape(N, d).index_add(0, tok, (q_out - fp_out) * w).view(B, T, d)
+                for j in range(l + 1, L):
+                    layer = model.layers[j]
+                    stream = stream + layer.attn(layer.input_norm(stream), cos, sin, j, None)
+                    stream = stream + layer.moe(layer.post_attn_norm(stream), j, None, None)
+                logp = F.log_softmax(model.lm_head(model.norm(stream)).reshape(N, -1).float(), dim=-1)
+                loss_inc[l][e][str(b)] = _mean_nll(logp, targets) - base_loss
+                if with_kl:
+                    kls[l][e][str(b)] = float(F.kl_div(logp, base_logp, log_target=True,
+                                                       reduction="sum")) / N
+                done += 1
+                if progress:
+                    progress(done, total, f"layer {l} expert {e} {b}-bit")
+
+    widths = measured + [16]
+    bytes_at = {b: packed_expert_bytes(d, cfg.expert_hidden, QuantSpec(b, group_size)) for b in widths}
+    experts = []
+    for l in range(L):
+        for e in range(E):
+            c = float(counts[l, e])
+            ent = {"layer": l, "expert": e,
+                   "popularity": c / N,
+                   "mean_weight": float(wsum[l, e]) / c if c else 0.0,
+                   "loss_increase": {**loss_inc[l][e], "16": 0.0},
+                   "bytes": {str(b): int(bytes_at[b]) for b in widths}}
+            if with_kl:
+                ent["output_kl"] = {**kls[l][e], "16": 0.0}
+            experts.append(ent)
+    bb = backbone_params(model)
+    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "model_config": cfg.to_dict(),
+            "group_size": group_size, "bits": widths, "experts": experts,
+            "coactivation": {"same_layer": same, "next_layer": nxt},
+            "backbone_bytes": {"16": 2 * bb, "32": 4 * bb},
+            "calibration": {"tokens": N, "source": source, "windows": B, "window": T,
+                            "method": method, "base_loss_nats": round(base_loss, 6),
+                            "seconds": round(time.monotonic() - t_start, 1)}}
