@@ -452,3 +452,47 @@ def test_cached_decode_matches_transformers(tmp_path, family):
             rows.append(model(seq[:, t:t + 1], cache=cache)[0])
     got = torch.cat(rows, 0)
     assert (got - want).abs().max().item() < 1e-4
+
+
+# -------------------------------------------------- published configs: the mapping gives their sizes
+
+REAL_CONFIGS = {  # config.json of the published checkpoints (the keys that matter), nothing downloaded
+    "Mixtral-8x7B-v0.1": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+        num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        sliding_window=None, tie_word_embeddings=False, hidden_act="silu"),
+    "Qwen1.5-MoE-A2.7B": dict(
+        model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+        max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6, norm_topk_prob=False,
+        decoder_sparse_step=1, sliding_window=32768, use_sliding_window=False, max_window_layers=21,
+        tie_word_embeddings=False, hidden_act="silu"),
+    "Qwen3-30B-A3B": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, max_position_embeddings=40960,
+        rope_theta=1e6, rms_norm_eps=1e-6, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], sliding_window=None, use_sliding_window=False, rope_scaling=None,
+        attention_bias=False, tie_word_embeddings=False, hidden_act="silu"),
+    "OLMoE-1B-7B-0924": dict(
+        model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+        num_experts_per_tok=8, max_position_embeddings=4096, rope_theta=10000.0, clip_qkv=None,
+        norm_topk_prob=False, rope_scaling=None, attention_bias=False, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, eos_token_id=50279, pad_token_id=1, hidden_act="silu"),
+}
+PUBLISHED_BILLIONS = {  # (total, active per token) as the model cards state them
+    "Mixtral-8x7B-v0.1": (46.7, 12.9), "Qwen1.5-MoE-A2.7B": (14.3, 2.7),
+    "Qwen3-30B-A3B": (30.5, 3.3), "OLMoE-1B-7B-0924": (6.9, 1.3),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_published_configs_map_to_published_sizes(name):
+    from coel_model.hf import config_from_hf_dict
+    counts = config_from_hf_dict(REAL_CONFIGS[name], name).param_counts()
+    total, active = PUBLISHED_BILLIONS[name]
+    assert abs(counts["total"] / 1e9 - total) < 0.06, counts  # cards round to 0.1 B
+    assert abs(counts["active_per_token"] / 1e9 - active) < 0.06, counts
