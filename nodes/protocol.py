@@ -149,7 +149,9 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.numpy().reshape(-1)).cast("B")
 
 
 def encode(mtype: MsgType, req_id: int = 0, body: dict[str, Any] | None = None,
