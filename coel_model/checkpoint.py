@@ -85,9 +85,10 @@ def is_own_format(path: Path) -> bool:
     if not cfg.exists():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT_NAME
+        data = json.loads(cfg.read_text())
     except json.JSONDecodeError:
         return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
 def _check_version(path: Path) -> None:

@@ -410,6 +410,13 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     params = model.state_dict()
     unplanned = sorted(k for k in params if k not in plan and not (cfg.tie_embeddings and k == "lm_head.weight"))
     assert not unplanned, f"weight_plan misses {unplanned}"  # internal invariant, not user input
+    missing = [(ours, s.hf_name) for ours, s in plan.items() if s.hf_name not in index]
+    if missing:  # checked before unused tensors: a wrong prefix shows up as missing, not as extra
+        where = root / (INDEX_FILE if (root / INDEX_FILE).exists() else SINGLE_FILE)
+        names = sorted({h for _, h in missing})
+        raise CheckpointError(f"{where}: tensor {missing[0][1]!r} (for our {missing[0][0]!r}) is missing"
+                              f"{f' with {len(names) - 1} more' if len(names) > 1 else ''} "
+                              f"(config/weights mismatch?)")
     used = {s.hf_name for s in plan.values()}
     ignorable = {n for n in index if n.endswith(IGNORABLE_SUFFIXES)}
     if cfg.tie_embeddings:

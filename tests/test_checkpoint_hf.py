@@ -374,6 +374,24 @@ def test_too_few_layers_in_weights(tmp_path):
         load_model(d)
 
 
+def test_base_model_without_prefix_is_reported_missing(tmp_path):
+    d, _ = handwritten(tmp_path, "qwen2_moe")
+    state = {k.removeprefix("model."): v for k, v in _load_all(d).items() if k != "lm_head.weight"}
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError) as ei:
+        load_model(d)
+    msg = str(ei.value)
+    assert "'model.embed_tokens.weight'" in msg and "is missing with" in msg and "model.safetensors" in msg, msg
+
+
+def test_config_json_not_an_object(tmp_path):
+    d = tmp_path / "list"
+    d.mkdir()
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        load_model(d)
+
+
 def test_no_weights_and_pytorch_bin_only(tmp_path):
     d = tmp_path / "binonly"
     d.mkdir()
