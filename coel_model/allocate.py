@@ -202,6 +202,9 @@ def solve_ilp(table: CostTable, budget_bytes: int, time_limit_s: float = DEFAULT
         alloc = solve_greedy(table, budget_bytes)
         return _make(table, _choice_of(table, alloc), budget_bytes, "ilp", False,
                      f"HiGHS answer exceeded the budget by {used - budget_bytes} bytes after rounding; greedy result")
+    # ties: measured costs are often exactly 0 at 8 and 16 bits (clipped noise) and HiGHS picks any
+    # of the equal-cost answers; spare bytes then buy wider widths at no cost (still optimal)
+    choice, used = _fill(table, choice, used, budget_bytes)
     optimal = res.status == 0
     return _make(table, choice, budget_bytes, "ilp", optimal, "" if optimal else f"HiGHS: {res.message}")
 
@@ -315,20 +318,25 @@ def _greedy_down(table: CostTable, budget_bytes: int) -> np.ndarray:
 
 
 def _fill(table: CostTable, choice: np.ndarray, used: int, budget_bytes: int) -> tuple[np.ndarray, int]:
-    """Best single move that fits and lowers the cost, repeated (or one that restores the budget)."""
+    """Best single move that fits and lowers the cost, repeated; then spare bytes buy wider widths
+    at equal cost (ties prefer precision, as in the ILP)."""
     cost, nbytes = table.cost, table.nbytes
     rows = np.arange(table.n)
     choice = choice.copy()
-    while True:
-        cur_cost, cur_bytes = cost[rows, choice][:, None], nbytes[rows, choice][:, None]
-        gain = cur_cost - cost  # (n, B) positive = better
-        fits = (nbytes - cur_bytes) <= (budget_bytes - used)
-        gain = np.where(fits & (gain > 1e-15), gain, -np.inf)
-        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
-        if not np.isfinite(gain[i, j]):
-            return choice, used
-        used += int(nbytes[i, j] - nbytes[i, choice[i]])
-        choice[i] = j
+    for strict in (True, False):
+        while True:
+            cur_cost, cur_bytes = cost[rows, choice][:, None], nbytes[rows, choice][:, None]
+            gain = cur_cost - cost  # (n, B) positive = better
+            extra = nbytes - cur_bytes
+            fits = extra <= (budget_bytes - used)
+            useful = (gain > 1e-15) if strict else ((gain >= 0) & (extra > 0))
+            score = np.where(fits & useful, gain if strict else extra.astype(np.float64), -np.inf)
+            i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+            if not np.isfinite(score[i, j]):
+                break
+            used += int(extra[i, j])
+            choice[i] = j
+    return choice, used
 
 
 def _swap_refine(table: CostTable, choice: np.ndarray, used: int, budget_bytes: int,

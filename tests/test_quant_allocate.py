@@ -180,3 +180,16 @@ def test_ilp_handles_tiny_loss_values():
     tiny = CostTable(table.keys, table.bits, table.cost * 1e-8, table.nbytes)
     budget = (table.min_bytes() + table.max_bytes()) // 2
     assert solve_ilp(tiny, budget).bits == solve_ilp(table, budget).bits
+
+
+def test_ties_prefer_wider_widths():
+    """Costs clipped to 0 at 8 and 16 bits: a budget that fits 16 bits everywhere must use it."""
+    n, bits = 6, (2, 4, 8, 16)
+    keys = tuple((0, i) for i in range(n))
+    cost = np.array([[0.5, 0.1, 0.0, 0.0]] * n)
+    nbytes = np.array([[100, 200, 400, 800]] * n, dtype=np.int64)
+    table = CostTable(keys, bits, cost, nbytes)
+    for solve in (solve_ilp, solve_greedy):
+        assert set(solve(table, table.uniform_bytes(16)).bits.values()) == {16}
+        mixed = solve(table, table.uniform_bytes(8) + 400)
+        assert sorted(mixed.bits.values()) == [8, 8, 8, 8, 8, 16]
