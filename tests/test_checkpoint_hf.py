@@ -240,14 +240,15 @@ def test_handwritten_sharded_and_transposed_fused(tmp_path):
         assert torch.equal(model(TOKENS), src(TOKENS))
 
 
-def test_handwritten_fp16_weights_and_dtype(tmp_path):
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_handwritten_half_weights_and_dtype(tmp_path, stored):
     d, src = handwritten(tmp_path, "mixtral")
-    state = {k: v.half() for k, v in _load_all(d).items()}
+    state = {k: v.to(stored) for k, v in _load_all(d).items()}
     save_file(state, str(d / "model.safetensors"))
     model = load_model(d, dtype=torch.float32)
     assert model.embed.weight.dtype == torch.float32
     assert torch.equal(model.layers[1].moe.experts[3].w_up.weight,
-                       src.layers[1].moe.experts[3].w_up.weight.half().float())
+                       src.layers[1].moe.experts[3].w_up.weight.to(stored).float())
     half = load_model(d, dtype=torch.float16)
     assert half.lm_head.weight.dtype == torch.float16
     assert half.lm_head.weight.data_ptr() == half.embed.weight.data_ptr()  # still tied
