@@ -5,6 +5,7 @@ For each average bit width (default 2.5, 3, 3.5, 4, 16) the same byte budget is 
                   fractional averages; popularity-agnostic)
   mixed-mcmoe     ILP on freq^1 * weight^1.5 * measured loss_increase (MC-MoE's cost)
   mixed-measured  ILP on the measured loss_increase alone
+  greedy-mcmoe    the fast hull greedy on MC-MoE's cost (how far the heuristic is from the ILP)
 and each quantized model (real packed experts, run through the quant kernels) is evaluated on the
 held-out split against the fp32 model: perplexity, its increase over fp32, top-1 agreement.
 
@@ -27,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from coel_model import evaluate  # noqa: E402
-from coel_model.allocate import (budget_bytes_for_avg_bits, costs_from_profile, solve_ilp,  # noqa: E402
-                                 solve_uniform)
+from coel_model.allocate import (budget_bytes_for_avg_bits, costs_from_profile, solve_greedy,  # noqa: E402
+                                 solve_ilp, solve_uniform)
 from coel_model.checkpoint import load_model  # noqa: E402
 from coel_model.profile import load_profile  # noqa: E402
 from coel_model.quant import QuantSpec, quantize_expert  # noqa: E402
 
-STRATEGIES = ("uniform", "mixed-mcmoe", "mixed-measured")
+STRATEGIES = ("uniform", "mixed-mcmoe", "mixed-measured", "greedy-mcmoe")
 
 
 @torch.inference_mode()
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     group = int(profile["group_size"])
     tables = {"uniform": costs_from_profile(profile, "mcmoe"),
               "mixed-mcmoe": costs_from_profile(profile, "mcmoe"),
-              "mixed-measured": costs_from_profile(profile, "measured")}
+              "mixed-measured": costs_from_profile(profile, "measured"),
+              "greedy-mcmoe": costs_from_profile(profile, "mcmoe")}
     tok = evaluate.find_tokenizer(args.model)
     ids = evaluate.eval_token_ids(tok, "heldout", args.max_tokens + 1)
     wins = evaluate.windows(ids, min(evaluate.MAX_WINDOW, cfg.max_seq_len))
@@ -88,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in STRATEGIES:
             table = tables[strategy]
             t0 = time.monotonic()
-            alloc = solve_uniform(table, budget) if strategy == "uniform" else solve_ilp(table, budget)
+            if strategy == "uniform":
+                alloc = solve_uniform(table, budget)
+            elif strategy.startswith("greedy"):
+                alloc = solve_greedy(table, budget)
+            else:
+                alloc = solve_ilp(table, budget)
             solve_s = time.monotonic() - t0
             for (l, e), b in alloc.bits.items():
                 if (l, e, b) not in qcache:
