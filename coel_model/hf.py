@@ -456,7 +456,7 @@ def empty_model(cfg: MoEConfig, dtype: torch.dtype) -> MoEModel:
 
 
 def hf_state_dict_names(cfg: MoEConfig, model_type: str) -> dict[str, str]:
-    """Our name -> classic per-expert HF name (for docs and for writing test checkpoints)."""
+    """Our name -> classic per-expert HF name (for docs and tools that write HF-layout files)."""
     fam = FAMILIES[model_type]
     names: set[str] = set()
     return {k: s.hf_name for k, s in weight_plan(cfg, fam, names).items()}
