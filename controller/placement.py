@@ -1,0 +1,224 @@
+"""Greedy expert placement that minimises the cost model's own objective.
+
+Experts are placed hottest first (popularity across all layers, ties by layer and expert id).
+Each goes to the server that least increases its layer's expected decode latency,
+sum over request classes (weight w_c) of E[max over involved servers (net_c(v) + compute_v)],
+among servers with room. A server already holding experts that fire with this one (measured
+co-activation) barely raises its involvement probability, so co-firing experts gather on one
+server; a server's growing compute pushes later experts to others, so a layer spreads only as
+far as compute and memory require. One step costs O(S^2) numpy work: 58 x 256 experts on 64
+servers place in about a second.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from coel_model.errors import InfeasibleError
+from controller.cluster import Cluster
+from controller.costmodel import _msg_ms, expected_max
+from controller.plan import PlanOptions, Requirements
+from controller.profile import Profile
+
+MB = 1 << 20
+
+
+class LayerState:
+    """Per layer: involvement q (S,), summed popularity (S,), expected compute ms (S,), and the
+    co-activation mass A (E, S) between each expert and what each server already holds."""
+
+    def __init__(self, L: int, E: int, S: int):
+        self.q = np.zeros((L, S))
+        self.psum = np.zeros((L, S))
+        self.work = np.zeros((L, S))
+        self.A = np.zeros((L, E, S))
+
+    def add(self, profile: Profile, l: int, e: int, v: int, p: float, work_ms: float) -> None:
+        self.q[l, v] = self._new_q(l, e, np.array([v]), p)[0]
+        self.psum[l, v] += p
+        self.work[l, v] += work_ms
+        self.A[l, :, v] += profile.coact_same[l, :, e]
+
+    def _new_q(self, l: int, e: int, vs: np.ndarray, p: float) -> np.ndarray:
+        q = self.q[l, vs]
+        joint = np.minimum(self.A[l, e, vs], p)
+        bonf = q + p - joint
+        indep = 1.0 - (1.0 - q) * (1.0 - p)
+        new = np.where(self.A[l, e, vs] > 0, bonf, indep)
+        return np.clip(new, np.maximum(q, p), np.minimum(1.0, self.psum[l, vs] + p))
+
+
+def class_net_ms(profile: Profile, cluster: Cluster, reqs: Requirements, coords: dict[str, int],
+                 opts: PlanOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(C, S) decode message cost from each class's coordinator and (C,) class weights."""
+    w = reqs.weights()
+    nets, ws = [], []
+    for c in reqs.classes:
+        nets.append(_msg_ms(cluster, opts, coords[c.entry], profile.cfg.d_model * 2.0))
+        ws.append(w[c.name])
+    return np.array(nets), np.array(ws)
+
+
+def delta_expected_max(c: np.ndarray, q: np.ndarray, c_new: np.ndarray, q_new: np.ndarray) -> np.ndarray:
+    """Change of E[max] (costmodel.expected_max) of each row when only server v changes from
+    (c[:, v], q[:, v]) to (c_new[:, v], q_new[:, v]); all (n, S), for every v at once.
+
+    E[max] = integral over t of 1 - F(t), F(t) = prod_i (1 - q_i [c_i > t]). Changing server v
+    multiplies F by g(t) = (1 - q'[c' > t]) / (1 - q[c > t]), so the change is the integral of
+    F(t) (1 - g(t)), a combination of G(x) = integral_0^x F read off the sorted costs. O(n S^2)
+    comparisons instead of a sort per candidate."""
+    n, S = c.shape
+    q = np.minimum(q, 1.0 - 1e-9)
+    q_new = np.minimum(q_new, 1.0 - 1e-9)
+    c = np.where(q > 0, c, 0.0)
+    order = np.argsort(c, axis=1, kind="stable")
+    cs = np.take_along_axis(c, order, 1)  # ascending
+    one_minus = 1.0 - np.take_along_axis(q, order, 1)
+    # F_j on [cs_j, cs_{j+1}) = prod_{i > j} (1 - q_i); F_-1 on [0, cs_0) = prod of all
+    suf = np.cumprod(one_minus[:, ::-1], axis=1)[:, ::-1]  # suf[j] = prod_{i >= j}
+    F = np.concatenate([suf[:, 1:], np.ones((n, 1))], axis=1)  # F_j
+    F_m1 = suf[:, 0]
+    widths = np.diff(cs, axis=1)  # (n, S-1)
+    Gk = np.concatenate([(F_m1 * cs[:, 0])[:, None],
+                         (F_m1 * cs[:, 0])[:, None] + np.cumsum(F[:, :-1] * widths, axis=1)], axis=1)  # G(cs_j)
+
+    def G(x: np.ndarray) -> np.ndarray:  # x (n, S) -> (n, S)
+        j = (cs[:, None, :] <= x[:, :, None]).sum(2) - 1  # last knot <= x
+        jj = np.maximum(j, 0)
+        at = np.take_along_axis(Gk, jj, 1) + np.take_along_axis(F, jj, 1) * (x - np.take_along_axis(cs, jj, 1))
+        return np.where(j < 0, F_m1[:, None] * x, at)
+
+    c_old = c
+    g_old, g_new = G(c_old), G(c_new)
+    up = (q_new - q) / (1.0 - q)
+    grow = c_new >= c_old
+    return np.where(grow, up * g_old + q_new * (g_new - g_old),
+                    up * g_new - q / (1.0 - q) * (g_old - g_new))
+
+
+def place_experts(profile: Profile, cluster: Cluster, reqs: Requirements, bits: np.ndarray,
+                  free_bytes: np.ndarray, coords: dict[str, int], usable: np.ndarray, opts: PlanOptions,
+                  hosted: np.ndarray | None = None, todo: np.ndarray | None = None,
+                  notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Place every expert with `todo` (default: all) on one server. Returns (hosted (L,E,S),
+    bits (L,E) possibly lowered where nothing had room, free bytes left). Existing `hosted`
+    copies count in the layer states (re-planning keeps them).
+
+    Vectorised over layers: round r places the r-th hottest remaining expert of every layer at
+    once (layers only interact through memory, which is settled hottest first inside a round)."""
+    L, E = bits.shape
+    S = len(cluster.servers)
+    hosted = np.zeros((L, E, S), dtype=bool) if hosted is None else hosted.copy()
+    bits = bits.copy()
+    free = free_bytes.astype(np.float64).copy()
+    net, w = class_net_ms(profile, cluster, reqs, coords, opts)  # (C, S), (C,)
+    bw = np.array([s.effective_bytes_per_s for s in cluster.servers])
+    eb = profile.expert_bytes(bits).astype(np.float64)
+    pop = profile.popularity
+    st = LayerState(L, E, S)
+    for l, e, v in np.argwhere(hosted):
+        if not hosted[l, e, :v].any():  # count each expert once, at its first copy
+            st.add(profile, l, e, v, pop[l, e], pop[l, e] * eb[l, e] / bw[v] * 1e3)
+    if todo is None:
+        todo = ~hosted.any(2)
+    # per layer: experts to place, hottest first (ties by id)
+    queues = []
+    for l in range(L):
+        es = np.nonzero(todo[l])[0]
+        queues.append(es[np.lexsort((es, -pop[l, es]))])
+    rounds = max((len(q) for q in queues), default=0)
+    allowed_bits = [b for b in profile.bits if b in opts.allowed_bits]
+    call = opts.call_overhead_ms
+    for r in range(rounds):
+        ls = np.array([l for l in range(L) if r < len(queues[l])], dtype=np.int64)
+        es = np.array([queues[l][r] for l in ls], dtype=np.int64)
+        p = pop[ls, es]  # (n,)
+        b = eb[ls, es]
+        q0 = st.q[ls]  # (n, S)
+        A = st.A[ls, es]  # (n, S)
+        ps0 = st.psum[ls]
+        joint = np.minimum(A, p[:, None])
+        qn = np.where(A > 0, q0 + p[:, None] - joint, 1.0 - (1.0 - q0) * (1.0 - p[:, None]))
+        qn = np.clip(qn, np.maximum(q0, p[:, None]), np.minimum(1.0, ps0 + p[:, None]))
+        wadd = p[:, None] * b[:, None] / bw[None, :] * 1e3  # (n, S)
+        # objective change if the expert goes to server v, for every v at once
+        wk0 = st.work[ls]
+        c_old = np.where(q0 > 0, (wk0 + call * ps0) / np.where(q0 > 0, q0, 1.0), 0.0)
+        c_new = (wk0 + wadd + call * (ps0 + p[:, None])) / qn
+        obj = np.zeros((len(ls), S))
+        for c in range(net.shape[0]):
+            obj += w[c] * delta_expected_max(net[c][None, :] + c_old, q0, net[c][None, :] + c_new, qn)
+        obj = np.where(usable[None, :], obj, np.inf)
+        for k in np.argsort(-p, kind="stable"):
+            l, e = int(ls[k]), int(es[k])
+            pk, bk = float(p[k]), float(b[k])
+            ok = np.isfinite(obj[k]) & (free >= bk)
+            if not ok.any():
+                v = _lower_bits(profile, l, e, bits, eb, free, usable, allowed_bits, notes)
+            else:
+                v = int(np.argmin(np.where(ok, obj[k], np.inf)))
+            bk = float(eb[l, e])
+            hosted[l, e, v] = True
+            free[v] -= bk
+            wv = pk * bk / bw[v] * 1e3
+            st.add(profile, l, e, v, pk, wv)
+    return hosted, bits, free
+
+
+def _lower_bits(profile: Profile, l: int, e: int, bits: np.ndarray, eb: np.ndarray, free: np.ndarray,
+                usable: np.ndarray, allowed_bits: list[int], notes: list[str] | None) -> int:
+    """No server has room for this expert at its width: take the widest smaller width some
+    server has room for (the most free server), or raise with the numbers."""
+    for nb in sorted([x for x in allowed_bits if x < bits[l, e]], reverse=True):
+        nbytes = float(profile.nbytes[l, e, profile.bit_index(nb)])
+        cand = np.nonzero(usable & (free >= nbytes))[0]
+        if len(cand):
+            if notes is not None:
+                notes.append(f"layer {l} expert {e}: lowered {bits[l, e]} -> {nb} bits, no server had "
+                             f"{eb[l, e] / MB:.2f} MB free")
+            bits[l, e] = nb
+            eb[l, e] = nbytes
+            return int(cand[np.argmax(free[cand])])
+    raise InfeasibleError(
+        f"layer {l} expert {e} fits no server even at {allowed_bits[0]} bits "
+        f"({profile.nbytes[l, e, 0] / MB:.2f} MB; the most free memory left is "
+        f"{free[usable].max() / MB if usable.any() else 0:.2f} MB)")
+
+
+def replicate_hot(profile: Profile, cluster: Cluster, reqs: Requirements, bits: np.ndarray, hosted: np.ndarray,
+                  free: np.ndarray, coords: dict[str, int], reserve: np.ndarray, opts: PlanOptions,
+                  notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Copy hot experts to each coordinator while it has room above its reserve: an expert
+    whose nearest copy is remote saves p x round trip per token there. Most valuable first."""
+    hosted = hosted.copy()
+    free = free.copy()
+    eb = profile.expert_bytes(bits).astype(np.float64)
+    net, _ = class_net_ms(profile, cluster, reqs, coords, opts)
+    done: set[int] = set()
+    added_total = 0
+    for ci, c in enumerate(reqs.classes):
+        h = coords[c.entry]
+        if h in done:
+            continue
+        done.add(h)
+        nearest = np.where(hosted, net[ci][None, None, :], np.inf).min(2)  # (L, E)
+        ncopies = hosted.sum(2)
+        gain = np.where(~hosted[:, :, h] & (ncopies < opts.max_replicas) & np.isfinite(nearest),
+                        profile.popularity * nearest, 0.0)
+        order = np.argsort(-gain, axis=None, kind="stable")
+        added = 0
+        room = free[h] - reserve[h]
+        for flat in order:
+            l, e = divmod(int(flat), gain.shape[1])
+            if gain[l, e] <= 0:
+                break
+            if eb[l, e] > room:
+                continue
+            hosted[l, e, h] = True
+            room -= eb[l, e]
+            added += 1
+        free[h] = room + reserve[h]
+        if added:
+            notes.append(f"replicated {added} hot experts onto coordinator {cluster.servers[h].name} "
+                         f"({(free[h]) / MB:.1f} MB left there)")
+            added_total += added
+    return hosted, free

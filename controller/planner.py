@@ -1,0 +1,257 @@
+"""The controller's planning API: plan, replan, diff. Pure: no I/O, no clocks, no global
+randomness; the same inputs give the same Plan, and diff(plan, plan) is empty.
+
+    plan(profile, cluster, requirements, strategy="coel", current=None, options) -> Plan
+    replan(current, profile, cluster', requirements, options) -> Plan   (keeps what it can)
+    diff(current, target) -> [Action]                                   (make-before-break order)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from coel_model.errors import ConfigError, InfeasibleError
+from controller.cluster import Cluster
+from controller.compression import DEFAULT_COSTS, CompressionCost
+from controller.costmodel import Layout, layout_from_plan, layout_memory, layout_to_plan
+from controller.placement import place_experts
+from controller.plan import Plan, PlanOptions, Requirements
+from controller.profile import Profile
+from controller.strategies import STRATEGIES, Context, make_context, negotiate_compression, _mb
+
+MB = 1 << 20
+
+
+def strategy_names() -> list[str]:
+    return sorted(STRATEGIES)
+
+
+def plan(profile: Profile, cluster: Cluster, requirements: Requirements, strategy: str = "coel",
+         current: Plan | None = None, options: PlanOptions | None = None,
+         costs: tuple[CompressionCost, ...] = DEFAULT_COSTS) -> Plan:
+    """A full plan by the named strategy; with `current`, an incremental re-plan (see replan)."""
+    opts = options or PlanOptions()
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; valid strategies: {strategy_names()}")
+    if current is not None:
+        return replan(current, profile, cluster, requirements, opts, costs)
+    _check_shapes(profile)
+    ctx = make_context(profile, cluster, requirements, opts, costs)
+    lay, mode, notes = STRATEGIES[strategy](ctx)
+    _check_memory(ctx, lay, strategy)
+    return layout_to_plan(profile, cluster, requirements, lay, opts, strategy, mode, _model_name(profile),
+                          ctx.reasons + notes)
+
+
+def _model_name(profile: Profile) -> str:
+    c = profile.cfg
+    return f"{c.n_layers}x{c.n_experts} experts top-{c.top_k} d={c.d_model} ({profile.source})"
+
+
+def _check_shapes(profile: Profile) -> None:
+    if profile.n_layers != profile.cfg.n_layers or profile.n_experts != profile.cfg.n_experts:
+        raise ConfigError(f"{profile.source}: arrays are {profile.n_layers} x {profile.n_experts}, the config says "
+                          f"{profile.cfg.n_layers} x {profile.cfg.n_experts}")
+
+
+def _check_memory(ctx: Context, lay: Layout, who: str) -> None:
+    """Invariant every strategy must keep; a violation is a planner bug, reported with numbers."""
+    mem = layout_memory(ctx.profile, ctx.cluster, lay)
+    over = np.nonzero(mem > ctx.capacity + 0.5)[0]
+    if len(over):
+        v = int(over[0])
+        raise InfeasibleError(f"{who}: server {ctx.name(v)} would hold {_mb(mem[v])} > its {_mb(ctx.capacity[v])}")
+    missing = ~lay.hosted.any(2)
+    if missing.any():
+        l, e = np.argwhere(missing)[0]
+        raise InfeasibleError(f"{who}: layer {l} expert {e} placed nowhere")
+
+
+# ---------------------------------------------------------------- re-plan
+
+def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requirements,
+           options: PlanOptions | None = None, costs: tuple[CompressionCost, ...] = DEFAULT_COSTS) -> Plan:
+    """Start from `current`: keep every copy on a server that is still there and reachable,
+    re-home experts that lost their last copy (hottest first, same greedy as a full plan), move
+    a coordinator only if its server is gone, re-negotiate compression for the changed routes.
+    Moves nothing else, so the bytes loaded are those of the lost copies (at most the lost
+    servers' bytes; plus a backbone if a coordinator moved). Pipelines re-plan fully."""
+    opts = options or PlanOptions()
+    _check_shapes(profile)
+    if current.mode == "pipeline":
+        p = plan(profile, cluster, requirements, current.strategy, None, opts, costs)
+        return replace(p, reasons=("pipeline plans are re-planned in full",) + p.reasons)
+    ctx = make_context(profile, cluster, requirements, opts, costs)
+    lay, gone = layout_from_plan(current, profile, cluster, costs)
+    reasons: list[str] = list(ctx.reasons)
+    L, E, S = lay.hosted.shape
+    # coordinators: keep the current one when it still exists, is reachable from the entry and fits
+    coords: dict[str, int] = {}
+    for entry in requirements.entries:
+        cur = lay.stages.get(entry)
+        e = cluster.index[entry]
+        keep = cur and cur[0][0] >= 0 and math.isfinite(cluster.latency_matrix_ms[e, cur[0][0]]) \
+            and ctx.capacity[cur[0][0]] >= profile.backbone_bytes
+        coords[entry] = cur[0][0] if keep else ctx.coords[entry]
+        if not keep:
+            reasons.append(f"entry {entry}: coordinator {cur[0][0] if cur else None} gone or unreachable; backbone "
+                           f"moves to {ctx.name(coords[entry])}" if cur else
+                           f"entry {entry} is new: backbone on {ctx.name(coords[entry])}")
+    ctx.coords = coords
+    usable = np.ones(S, bool)
+    for h in set(coords.values()):
+        usable &= np.isfinite(cluster.latency_matrix_ms[h])
+    ctx.usable = usable
+    lay.stages = {c.entry: [(coords[c.entry], 0, L)] for c in requirements.classes}
+    if gone:
+        reasons.append(f"servers gone: {gone}")
+    lost_copies = int(lay.hosted[:, :, ~usable].sum())
+    lay.hosted[:, :, ~usable] = False
+    lay.on_demand &= lay.hosted
+    # memory that shrank (or a coordinator that now also holds a backbone): drop copies, replicas first
+    eb = profile.expert_bytes(lay.bits).astype(np.float64)
+    mem = layout_memory(profile, cluster, lay).astype(np.float64)
+    dropped = 0
+    for v in np.nonzero(mem > ctx.capacity)[0]:
+        here = np.argwhere(lay.hosted[:, :, v])
+        copies = lay.hosted.sum(2)[here[:, 0], here[:, 1]]
+        pop = profile.popularity[here[:, 0], here[:, 1]]
+        order = np.lexsort((pop, -(copies > 1)))  # replicas first, coldest first
+        for k in order:
+            if mem[v] <= ctx.capacity[v]:
+                break
+            l, e = here[k]
+            lay.hosted[l, e, v] = False
+            lay.on_demand[l, e, v] = False
+            mem[v] -= eb[l, e]
+            dropped += 1
+        if dropped:
+            reasons.append(f"server {ctx.name(v)} over its memory: dropped {dropped} copies")
+    orphans = ~lay.hosted.any(2)
+    n_orph = int(orphans.sum())
+    if n_orph:
+        mem = layout_memory(profile, cluster, lay).astype(np.float64)
+        free = np.where(usable, np.maximum(ctx.capacity - mem, 0.0), 0.0)
+        notes: list[str] = []
+        try:
+            hosted, bits, _ = place_experts(profile, cluster, requirements, lay.bits, free, coords, usable, opts,
+                                            hosted=lay.hosted, todo=orphans, notes=notes)
+        except InfeasibleError as exc:
+            raise InfeasibleError(f"re-plan: {n_orph} experts lost their last copy and cannot be re-homed: {exc}") \
+                from None
+        moved = float(profile.expert_bytes(bits)[orphans].sum())
+        lay.hosted, lay.bits = hosted, bits
+        targets = sorted({cluster.servers[v].name for v in np.nonzero(hosted[orphans].any(0))[0]})
+        reasons.append(f"re-homed {n_orph} experts that lost their last copy ({_mb(moved)}) onto {targets}")
+        reasons += notes[:5]
+    if lost_copies and not n_orph:
+        reasons.append(f"{lost_copies} copies lost, every expert still has a replica: nothing to re-home")
+    notes = negotiate_compression(ctx, lay, _budget(ctx, lay))
+    _check_memory(ctx, lay, "replan")
+    out = layout_to_plan(profile, cluster, requirements, lay, opts, current.strategy, current.mode,
+                         current.model, reasons + notes)
+    return out
+
+
+def _budget(ctx: Context, lay: Layout) -> float:
+    floor = ctx.reqs.max_loss_nats
+    return math.inf if not math.isfinite(floor) else max(0.0, floor - float(ctx.profile.expert_loss(lay.bits).sum()))
+
+
+# ---------------------------------------------------------------- diff
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One deployment step. kind: load_backbone | load_shard | set_compression | update_routes |
+    drop_shard | drop_backbone. A shard is (layer, expert) at `bits`; resident=False means the
+    server registers it for on-demand loading."""
+    order: int
+    kind: str
+    server: str
+    layer: int = -1
+    expert: int = -1
+    bits: int = 0
+    resident: bool = True
+    layers: tuple[int, int] = (0, 0)
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "server": self.server}
+        if self.kind.endswith("shard"):
+            d.update(layer=self.layer, expert=self.expert, bits=self.bits, resident=self.resident)
+        if self.kind.endswith("backbone"):
+            d.update(layers=list(self.layers))
+        if self.detail:
+            d["detail"] = self.detail
+        return d
+
+
+_ORDER = {"load_backbone": 0, "load_shard": 1, "set_compression": 2, "update_routes": 3, "drop_shard": 4,
+          "drop_backbone": 5}
+
+
+def _shards(p: Plan) -> set[tuple[str, int, int, int, bool]]:
+    od = p.on_demand_map()
+    out = set()
+    for l, row in enumerate(p.placement):
+        for e, reps in enumerate(row):
+            for s in reps:
+                out.add((s, l, e, p.bits[l][e], (l, e) not in od.get(s, set())))
+    return out
+
+
+def _backbones(p: Plan) -> set[tuple[str, int, int]]:
+    return {(st.server, st.l0, st.l1) for _, stages in p.backbone for st in stages}
+
+
+def diff(current: Plan | None, target: Plan) -> list[Action]:
+    """Actions turning `current` into `target`: loads before route changes before drops, so
+    every expert stays reachable throughout. Deterministic order; empty when nothing changes."""
+    cur_sh = _shards(current) if current else set()
+    tgt_sh = _shards(target)
+    cur_bb = _backbones(current) if current else set()
+    tgt_bb = _backbones(target)
+    acts: list[Action] = []
+    for s, l0, l1 in sorted(tgt_bb - cur_bb):
+        acts.append(Action(_ORDER["load_backbone"], "load_backbone", s, layers=(l0, l1)))
+    for s, l, e, b, res in sorted(tgt_sh - cur_sh):
+        acts.append(Action(_ORDER["load_shard"], "load_shard", s, l, e, b, res))
+    cur_c = current.compression_map() if current else {}
+    for k, st in sorted(target.compression_map().items()):
+        if cur_c.get(k) != st:
+            acts.append(Action(_ORDER["set_compression"], "set_compression", k, detail=str(st.get("name"))))
+    routes_changed = current is None or current.placement != target.placement or current.backbone != target.backbone \
+        or current.on_demand != target.on_demand
+    if routes_changed:
+        for entry, stages in target.backbone:
+            acts.append(Action(_ORDER["update_routes"], "update_routes", stages[0].server, detail=f"entry={entry}"))
+    for s, l, e, b, res in sorted(cur_sh - tgt_sh):
+        acts.append(Action(_ORDER["drop_shard"], "drop_shard", s, l, e, b, res))
+    for s, l0, l1 in sorted(cur_bb - tgt_bb):
+        acts.append(Action(_ORDER["drop_backbone"], "drop_backbone", s, layers=(l0, l1)))
+    return sorted(acts)
+
+
+def bytes_loaded(actions: list[Action], profile: Profile) -> int:
+    """Bytes the load actions move (expert shards + backbone parts)."""
+    from controller.costmodel import stage_backbone_bytes
+    tot = 0
+    for a in actions:
+        if a.kind == "load_shard":
+            tot += int(profile.nbytes[a.layer, a.expert, profile.bit_index(a.bits)])
+        elif a.kind == "load_backbone":
+            tot += stage_backbone_bytes(profile, a.layers[0], a.layers[1], with_head=True)
+    return tot
+
+
+def server_bytes(plan_: Plan, profile: Profile, server: str) -> int:
+    """Bytes of expert shards a plan puts on one server (what losing it loses)."""
+    tot = 0
+    for l, row in enumerate(plan_.placement):
+        for e, reps in enumerate(row):
+            if server in reps:
+                tot += int(profile.nbytes[l, e, profile.bit_index(plan_.bits[l][e])])
+    return tot

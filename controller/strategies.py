@@ -1,0 +1,524 @@
+"""Planning strategies behind one interface: strategy(ctx) -> (Layout, mode, reasons).
+
+  coel      intra-server when the compressed model at the quality floor fits one server that
+            meets the SLO, else inter-server placement jointly with bit allocation
+  uniform   one bit width for all experts, layers split in proportion to memory (exo-like)
+  pipeline  layer-wise partition by dynamic programming over devices and links (EdgeShard-like)
+  offload   one server, hot experts resident, the rest loaded on demand (Mixtral-offloading-like)
+  random    uniform bits, experts on random servers with room (seeded)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from coel_model.errors import InfeasibleError
+from controller.bits import allocate_for_budget, allocate_for_quality
+from controller.cluster import Cluster
+from controller.compression import DEFAULT_COSTS, CompressionCost, LinkView, Traffic, agree, propose, \
+    AgentCapabilities
+from controller.costmodel import Layout, evaluate, layout_memory, stage_backbone_bytes, used_pairs, ClassPrediction
+from controller.placement import place_experts, replicate_hot
+from controller.plan import PlanOptions, Requirements
+from controller.profile import Profile
+
+MB = 1 << 20
+
+
+def _mb(x: float) -> str:
+    return f"{x / MB:,.1f} MB"
+
+
+@dataclass
+class Context:
+    """Inputs shared by all strategies, checked once."""
+    profile: Profile
+    cluster: Cluster
+    reqs: Requirements
+    opts: PlanOptions
+    costs: tuple[CompressionCost, ...]
+    coords: dict[str, int]  # entry -> coordinator server index
+    usable: np.ndarray  # (S,) bool: reachable from every coordinator
+    capacity: np.ndarray  # (S,) memory_bytes
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def L(self) -> int:
+        return self.profile.n_layers
+
+    @property
+    def E(self) -> int:
+        return self.profile.n_experts
+
+    @property
+    def S(self) -> int:
+        return len(self.cluster.servers)
+
+    def name(self, v: int) -> str:
+        return self.cluster.servers[v].name
+
+    def min_expert_bytes(self) -> float:
+        b = min(x for x in self.profile.bits if x in self.opts.allowed_bits)
+        return float(self.profile.nbytes[:, :, self.profile.bit_index(b)].sum())
+
+    def empty_layout(self, bits: np.ndarray) -> Layout:
+        L, E, S = self.L, self.E, self.S
+        return Layout(bits.astype(np.int64), np.zeros((L, E, S), bool), np.zeros((L, E, S), bool),
+                      {c.entry: [(self.coords[c.entry], 0, L)] for c in self.reqs.classes})
+
+
+def make_context(profile: Profile, cluster: Cluster, reqs: Requirements, opts: PlanOptions,
+                 costs: tuple[CompressionCost, ...] = DEFAULT_COSTS) -> Context:
+    """Pick a coordinator (backbone host) per entry, the usable servers, and reject inputs that
+    cannot fit even at the smallest bit width."""
+    idx = cluster.index
+    S = len(cluster.servers)
+    cap = np.array([s.memory_bytes for s in cluster.servers], dtype=np.float64)
+    bb = profile.backbone_bytes
+    reasons: list[str] = []
+    coords: dict[str, int] = {}
+    for entry in reqs.entries:
+        if entry not in idx:
+            raise InfeasibleError(f"entry server {entry!r} is not in the cluster (servers: "
+                                  f"{[s.name for s in cluster.servers]})")
+        e = idx[entry]
+        if cap[e] >= bb:
+            coords[entry] = e
+            continue
+        lat = cluster.latency_matrix_ms[e]
+        fits = [v for v in range(S) if cap[v] >= bb and math.isfinite(lat[v])]
+        if not fits:
+            big = int(np.argmax(cap))
+            raise InfeasibleError(f"backbone needs {_mb(bb)} and no server reachable from entry {entry} has it "
+                                  f"(largest: {cluster.servers[big].name} with {_mb(cap[big])})")
+        v = min(fits, key=lambda x: (lat[x], -cap[x], x))
+        coords[entry] = v
+        reasons.append(f"entry {entry} has {_mb(cap[e])} < backbone {_mb(bb)}: backbone runs on "
+                       f"{cluster.servers[v].name} ({lat[v]:.2f} ms away)")
+    usable = np.ones(S, dtype=bool)
+    for h in set(coords.values()):
+        usable &= np.isfinite(cluster.latency_matrix_ms[h])
+    unreachable = [cluster.servers[v].name for v in range(S) if not usable[v]]
+    if unreachable:
+        reasons.append(f"servers unreachable from a coordinator, not used: {unreachable}")
+    ctx = Context(profile, cluster, reqs, opts, costs, coords, usable, cap, reasons)
+    need = bb * len(set(coords.values())) + ctx.min_expert_bytes()
+    have = cap[usable].sum()
+    if need > have:
+        extra = f"; unreachable servers {unreachable} hold {_mb(cap[~usable].sum())}" if unreachable else ""
+        raise InfeasibleError(f"cannot fit even at {min(opts.allowed_bits)} bits: need {_mb(need)} "
+                              f"(backbone {_mb(bb)} x {len(set(coords.values()))} + experts "
+                              f"{_mb(ctx.min_expert_bytes())}), usable memory is {_mb(have)} on "
+                              f"{int(usable.sum())} servers{extra}")
+    return ctx
+
+
+def negotiate_compression(ctx: Context, lay: Layout, quality_budget_nats: float,
+                          answers: dict[str, AgentCapabilities] | None = None) -> list[str]:
+    """Agree a setting for every server pair the layout uses (agents assumed to support every
+    default setting unless their answers are given). Returns reasons."""
+    notes = []
+    lay.compression = {}
+    if not math.isfinite(quality_budget_nats):
+        quality_budget_nats = max(c.quality_nats for c in ctx.costs)
+    cls = ctx.reqs.classes
+    traffic = Traffic(ctx.profile.cfg.d_model, max(c.prompt_tokens for c in cls), max(c.new_tokens for c in cls))
+    slo_ms = min(c.ttft_slo_ms + c.new_tokens * c.token_slo_ms for c in cls)
+    by_name = {c.name: c for c in ctx.costs}
+    chosen: dict[str, int] = {}
+    for (a, b) in sorted(used_pairs(ctx.profile, ctx.cluster, lay)):
+        ps = ctx.cluster.path(ctx.name(a), ctx.name(b))
+        if ps is None:
+            continue
+        link = LinkView(f"{ctx.name(a)}|{ctx.name(b)}", ps.bw_mbit, ps.latency_ms, ps.loss_pct)
+        prop = propose(link, ctx.costs, traffic, quality_budget_nats, slo_ms)
+        caps = [answers[x] for x in (ctx.name(a), ctx.name(b)) if answers and x in answers] or \
+            [AgentCapabilities.everything(ctx.name(a)), AgentCapabilities.everything(ctx.name(b))]
+        c = agree(prop, caps, quality_budget_nats)
+        lay.compression[(a, b)] = by_name.get(c.name, ctx.costs[0])
+        chosen[c.name] = chosen.get(c.name, 0) + 1
+    if chosen:
+        notes.append("token compression per server pair: " + ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items()))
+                     + f" (quality budget {quality_budget_nats:.4g} nats)")
+    return notes
+
+
+def _quality_budget_for_compression(ctx: Context, lay: Layout) -> float:
+    floor = ctx.reqs.max_loss_nats
+    if not math.isfinite(floor):
+        return math.inf
+    return max(0.0, floor - float(ctx.profile.expert_loss(lay.bits).sum()))
+
+
+def _finish(ctx: Context, lay: Layout) -> tuple[list[ClassPrediction], list[str]]:
+    notes = negotiate_compression(ctx, lay, _quality_budget_for_compression(ctx, lay))
+    return evaluate(ctx.profile, ctx.cluster, ctx.reqs, lay, ctx.opts), notes
+
+
+def _free_after_backbone(ctx: Context, lay: Layout, headroom: float) -> np.ndarray:
+    mem = layout_memory(ctx.profile, ctx.cluster, lay).astype(np.float64)
+    free = ctx.capacity * (1.0 - headroom) - mem
+    return np.where(ctx.usable, np.maximum(free, 0.0), 0.0)
+
+
+def _score(preds: list[ClassPrediction], reqs: Requirements) -> float:
+    w = reqs.weights()
+    return sum(w[p.name] * p.token_ms for p in preds)
+
+
+# ---------------------------------------------------------------- CoEL
+
+def _coel_inter(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple[Layout, list[ClassPrediction]]:
+    """Inter-server: bits for the whole usable memory, placement by the greedy; if the SLO is
+    missed, fewer bytes (towards the quality-floor widths) and try again, keep the best."""
+    base = ctx.empty_layout(floor_bits)
+    headroom = ctx.opts.headroom_frac
+    free = _free_after_backbone(ctx, base, headroom)
+    floor_bytes = float(ctx.profile.expert_bytes(floor_bits).sum())
+    if free.sum() < floor_bytes:
+        headroom = 0.0
+        free = _free_after_backbone(ctx, base, 0.0)
+        notes.append("no memory headroom kept for failures: the model needs all of it")
+    full = free.sum() * 0.98  # leave 2% for bin-packing slack
+    tried: list[tuple[tuple[bool, float], Layout, list[ClassPrediction], list[str]]] = []
+    for frac in (1.0, 0.6, 0.3, 0.0):
+        budget = floor_bytes + frac * max(full - floor_bytes, 0.0)
+        bits = allocate_for_budget(ctx.profile, budget, ctx.opts.allowed_bits) if frac > 0 else floor_bits
+        bits = np.maximum(bits, floor_bits)
+        lnotes: list[str] = []
+        hosted, bits, left = place_experts(ctx.profile, ctx.cluster, ctx.reqs, bits, free, ctx.coords,
+                                           ctx.usable, ctx.opts, notes=lnotes)
+        reserve = ctx.capacity * headroom
+        hosted, left = replicate_hot(ctx.profile, ctx.cluster, ctx.reqs, bits, hosted, left + reserve,
+                                     ctx.coords, reserve, ctx.opts, lnotes)
+        lay = Layout(bits, hosted, np.zeros_like(hosted), base.stages)
+        preds, cn = _finish(ctx, lay)
+        n_servers = int(hosted.any((0, 1)).sum())
+        lnotes = [f"inter-server: expert budget {_mb(budget)} ({frac:.0%} of the way from the quality-floor "
+                  f"size {_mb(floor_bytes)} to all usable memory {_mb(full)}), average {bits.mean():.2f} bits, "
+                  f"experts on {n_servers} servers"] \
+            + lnotes[:5] + ([f"... {len(lnotes) - 5} more"] if len(lnotes) > 5 else []) + cn
+        ok = all(p.meets_slo for p in preds) and all(p.meets_quality for p in preds)
+        tried.append(((not ok, _score(preds, ctx.reqs)), lay, preds, lnotes))
+        if ok:
+            break
+        notes.append(f"expert budget {_mb(budget)} misses the SLO ({_score(preds, ctx.reqs):.2f} ms/token "
+                     f"weighted): trying fewer bytes")
+    key, lay, preds, lnotes = min(tried, key=lambda t: t[0])
+    notes += lnotes
+    if key[0]:
+        worst = max(preds, key=lambda p: p.slo_ratio)
+        notes.append(f"no inter-server plan meets every SLO: best keeps {worst.name} at "
+                     f"{worst.token_ms:.2f} ms/token (SLO {worst.token_slo_ms}) and TTFT {worst.ttft_ms:.1f} ms "
+                     f"(SLO {worst.ttft_slo_ms})")
+    return lay, preds
+
+
+def _coel_intra(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple[Layout, list[ClassPrediction]] | None:
+    """Intra-server: every entry served by one server that holds the backbone and all experts
+    (nearest server to the entry that fits the quality-floor model); more bits if room allows."""
+    floor_bytes = float(ctx.profile.expert_bytes(floor_bits).sum())
+    bb = ctx.profile.backbone_bytes
+    lat = ctx.cluster.latency_matrix_ms
+    hosts: dict[str, int] = {}
+    for entry in ctx.reqs.entries:
+        e = ctx.cluster.index[entry]
+        fits = [v for v in range(ctx.S) if ctx.usable[v] and np.isfinite(lat[e, v])
+                and ctx.capacity[v] * (1 - ctx.opts.headroom_frac) >= bb + floor_bytes]
+        if not fits:
+            return None
+        hosts[entry] = min(fits, key=lambda v: (lat[e, v], -ctx.profile.cfg.n_layers * 0 - ctx.cluster.servers[v].bytes_per_s, v))
+    budget = min(ctx.capacity[v] * (1 - ctx.opts.headroom_frac) - bb for v in set(hosts.values()))
+    bits = np.maximum(allocate_for_budget(ctx.profile, budget, ctx.opts.allowed_bits), floor_bits)
+    L = ctx.L
+    hosted = np.zeros((L, ctx.E, ctx.S), bool)
+    for v in set(hosts.values()):
+        hosted[:, :, v] = True
+    lay = Layout(bits, hosted, np.zeros_like(hosted), {c.entry: [(hosts[c.entry], 0, L)] for c in ctx.reqs.classes})
+    preds, cn = _finish(ctx, lay)
+    notes.append(f"intra-server: {', '.join(sorted({ctx.name(v) for v in hosts.values()}))} holds the backbone "
+                 f"{_mb(bb)} + all experts at {bits.mean():.2f} average bits ({_mb(ctx.profile.expert_bytes(bits).sum())}; "
+                 f"quality-floor size {_mb(floor_bytes)})")
+    notes += cn
+    return lay, preds
+
+
+def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
+    floor = ctx.reqs.max_loss_nats
+    floor_bits = allocate_for_quality(ctx.profile, floor, ctx.opts.allowed_bits) if math.isfinite(floor) \
+        else np.full((ctx.L, ctx.E), min(ctx.opts.allowed_bits))
+    floor_bytes = float(ctx.profile.expert_bytes(floor_bits).sum())
+    usable_mem = float(ctx.capacity[ctx.usable].sum()) - ctx.profile.backbone_bytes * len(set(ctx.coords.values()))
+    if floor_bytes > usable_mem:
+        raise InfeasibleError(f"quality floor {floor:.4g} nats needs {_mb(floor_bytes)} of experts "
+                              f"(average {floor_bits.mean():.2f} bits); usable memory after the backbone is "
+                              f"{_mb(usable_mem)}")
+    reasons = [f"quality floor {floor:.4g} nats -> smallest experts {_mb(floor_bytes)} at "
+               f"{floor_bits.mean():.2f} average bits"]
+    intra_notes: list[str] = []
+    intra = _coel_intra(ctx, floor_bits, intra_notes)
+    if intra is not None and all(p.meets_slo for p in intra[1]):
+        best = max(intra[1], key=lambda p: p.token_ms)
+        return intra[0], "intra", reasons + intra_notes + [
+            f"chose intra-server: fits one server and meets the SLO ({best.token_ms:.2f} ms/token worst class)"]
+    inter_notes: list[str] = []
+    inter = _coel_inter(ctx, floor_bits, inter_notes)
+    cands = [("inter", inter, inter_notes)]
+    if intra is not None:
+        cands.append(("intra", intra, intra_notes))
+    else:
+        reasons.append(f"intra-server impossible: no server has {_mb(ctx.profile.backbone_bytes + floor_bytes)} "
+                       f"for backbone + quality-floor experts (largest {_mb(ctx.capacity[ctx.usable].max())})")
+    try:
+        off = strategy_offload(ctx, floor_bits=floor_bits)
+        offp = evaluate(ctx.profile, ctx.cluster, ctx.reqs, off[0], ctx.opts)
+        cands.append(("offload", (off[0], offp), off[2]))
+    except InfeasibleError as exc:
+        reasons.append(f"intra-server with on-demand experts impossible: {exc}")
+
+    def key(item):  # meets SLO and quality first, then the weighted per-token latency
+        _, (lay, preds), _ = item
+        ok = all(p.meets_slo and p.meets_quality for p in preds)
+        return (not ok, _score(preds, ctx.reqs))
+
+    cands.sort(key=key)
+    mode, (lay, preds), notes = cands[0]
+    summary = ", ".join(f"{m} {_score(pp, ctx.reqs):.2f} ms/token" for m, (_, pp), _ in cands)
+    return lay, mode, reasons + notes + [f"chose {mode}: candidates {summary}"]
+
+
+# ---------------------------------------------------------------- baselines
+
+def _uniform_bits_that_fit(ctx: Context, budget_bytes: float) -> int:
+    for b in sorted(ctx.opts.allowed_bits, reverse=True):
+        if b in ctx.profile.bits and ctx.profile.nbytes[:, :, ctx.profile.bit_index(b)].sum() <= budget_bytes:
+            return b
+    raise InfeasibleError(f"experts do not fit {_mb(budget_bytes)} even at {min(ctx.opts.allowed_bits)} bits "
+                          f"({_mb(ctx.min_expert_bytes())})")
+
+
+def strategy_offload(ctx: Context, floor_bits: np.ndarray | None = None) -> tuple[Layout, str, list[str]]:
+    """Each coordinator holds the backbone, the hottest experts that fit, and loads the others
+    from storage on demand (a buffer of top_k experts); uniform width: the one with the lowest
+    predicted latency among those meeting the quality floor."""
+    best = None
+    L, E, S = ctx.L, ctx.E, ctx.S
+    floor = ctx.reqs.max_loss_nats
+    coords = sorted(set(ctx.coords.values()))
+    for b in sorted(x for x in ctx.opts.allowed_bits if x in ctx.profile.bits):
+        bits = np.full((L, E), b, dtype=np.int64)
+        if floor_bits is not None:
+            bits = np.maximum(bits, floor_bits)
+        eb = ctx.profile.expert_bytes(bits).astype(np.float64)
+        hosted = np.zeros((L, E, S), bool)
+        ondem = np.zeros((L, E, S), bool)
+        feasible = True
+        for h in coords:
+            room = ctx.capacity[h] - ctx.profile.backbone_bytes - ctx.profile.cfg.top_k * eb.max()
+            if room < 0:
+                feasible = False
+                break
+            hosted[:, :, h] = True
+            order = np.argsort(-ctx.profile.popularity, axis=None, kind="stable")
+            csum = np.cumsum(eb.reshape(-1)[order])
+            resident = np.zeros(L * E, bool)
+            resident[order[csum <= room]] = True
+            ondem[:, :, h] = ~resident.reshape(L, E)
+        if not feasible:
+            continue
+        lay = Layout(bits, hosted, ondem, {c.entry: [(ctx.coords[c.entry], 0, L)] for c in ctx.reqs.classes})
+        preds = evaluate(ctx.profile, ctx.cluster, ctx.reqs, lay, ctx.opts)
+        ok_q = all(p.meets_quality for p in preds)
+        key = (not ok_q, _score(preds, ctx.reqs))
+        if best is None or key < best[0]:
+            n_res = int((hosted & ~ondem).sum())
+            best = (key, lay, [f"offload: {b}-bit experts, {n_res} resident, {int(ondem.sum())} loaded on demand "
+                               f"at {ctx.cluster.servers[coords[0]].storage_bytes_per_s / 1e9:.1f} GB/s"])
+    if best is None:
+        h = coords[0]
+        raise InfeasibleError(f"offload: {ctx.name(h)} has {_mb(ctx.capacity[h])}, less than backbone "
+                              f"{_mb(ctx.profile.backbone_bytes)} + a buffer of {ctx.profile.cfg.top_k} experts")
+    return best[1], "offload", best[2]
+
+
+def _layer_bytes(ctx: Context, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: memory (backbone layer + all its experts) and decode bytes read per token."""
+    eb = ctx.profile.expert_bytes(bits).astype(np.float64)
+    layer_b, _ = ctx.profile.backbone_layer_bytes()
+    return layer_b + eb.sum(1), layer_b + (ctx.profile.popularity * eb).sum(1)
+
+
+def _pipeline_layout(ctx: Context, bits: np.ndarray, stages_for: dict[str, list[tuple[int, int, int]]]) -> Layout:
+    L, E, S = ctx.L, ctx.E, ctx.S
+    hosted = np.zeros((L, E, S), bool)
+    for stages in stages_for.values():
+        for (v, l0, l1) in stages:
+            hosted[l0:l1, :, v] = True
+    return Layout(bits, hosted, np.zeros_like(hosted), stages_for)
+
+
+def pipeline_dp(ctx: Context, bits: np.ndarray, entry: str) -> tuple[float, list[tuple[int, int, int]]] | None:
+    """EdgeShard-style DP. Devices in order of latency from the coordinator (which holds the
+    embeddings and head and may run the first stage). dp[i][j]: best decode time with layers
+    [0, i) done and the hidden state on device j; a stage runs layers [i', i) on device j after
+    device j' < j (memory per stage checked). The last stage sends the hidden state back."""
+    h = ctx.coords[entry]
+    lat = ctx.cluster.latency_matrix_ms[h]
+    devs = [h] + sorted((v for v in range(ctx.S) if v != h and ctx.usable[v]), key=lambda v: (lat[v], v))
+    D, L = len(devs), ctx.L
+    mem_l, read_l = _layer_bytes(ctx, bits)
+    cmem = np.concatenate([[0.0], np.cumsum(mem_l)])
+    cread = np.concatenate([[0.0], np.cumsum(read_l)])
+    bw = np.array([ctx.cluster.servers[v].effective_bytes_per_s for v in devs])
+    cap = np.array([ctx.capacity[v] for v in devs])
+    cap[0] -= stage_backbone_bytes(ctx.profile, 0, 0, with_head=True)
+    from controller.costmodel import _msg_ms
+    vec = ctx.profile.cfg.d_model * 2.0
+    hop = np.array([_msg_ms(ctx.cluster, ctx.opts, v, vec)[devs] / 2 for v in devs])  # (D, D) one way
+    E = ctx.E
+    call = ctx.opts.call_overhead_ms * ctx.profile.cfg.top_k
+    INF = math.inf
+    dp = np.full((L + 1, D), INF)
+    arg: dict[tuple[int, int], tuple[int, int]] = {}
+    dp[0, 0] = 0.0  # at the coordinator, nothing done
+    for i in range(1, L + 1):
+        for ip in range(i):
+            seg_mem = cmem[i] - cmem[ip]
+            seg_ms = (cread[i] - cread[ip]) / bw * 1e3 + call * (i - ip)  # (D,)
+            ok = seg_mem <= cap
+            if not ok.any():
+                continue
+            prev = dp[ip]  # (D,)
+            if not np.isfinite(prev).any():
+                continue
+            # from device jp to device j > jp (or j == 0 == jp when ip == 0)
+            trans = prev[:, None] + hop  # (jp, j)
+            tri = np.triu(np.ones((D, D), bool), 1)
+            if ip == 0:
+                tri[0, 0] = True
+            trans = np.where(tri, trans, INF)
+            jp = trans.argmin(0)
+            val = trans[jp, np.arange(D)] + seg_ms
+            val = np.where(ok, val, INF)
+            better = val < dp[i]
+            for j in np.nonzero(better)[0]:
+                dp[i, j] = val[j]
+                arg[(i, int(j))] = (ip, int(jp[j]))
+    final = dp[L] + hop[:, 0]
+    j = int(np.argmin(final))
+    if not np.isfinite(final[j]):
+        return None
+    stages = []
+    i = L
+    while i > 0:
+        ip, jp = arg[(i, j)]
+        stages.append((devs[j], ip, i))
+        i, j = ip, jp
+    stages.reverse()
+    if stages[0][0] != h:
+        stages.insert(0, (h, 0, 0))  # the coordinator keeps the embeddings and head
+    return float(final.min()), stages
+
+
+def strategy_pipeline(ctx: Context) -> tuple[Layout, str, list[str]]:
+    """Uniform bits (highest that lets the DP find a partition), layers split by the DP; every
+    entry uses the pipeline of the heaviest class (one copy of the weights)."""
+    main = max(ctx.reqs.classes, key=lambda c: (ctx.reqs.weights()[c.name], c.name))
+    for b in sorted((x for x in ctx.opts.allowed_bits if x in ctx.profile.bits), reverse=True):
+        bits = np.full((ctx.L, ctx.E), b, dtype=np.int64)
+        if ctx.profile.expert_bytes(bits).sum() > ctx.capacity[ctx.usable].sum():
+            continue
+        res = pipeline_dp(ctx, bits, main.entry)
+        if res is None:
+            continue
+        _, stages = res
+        stages_for = {c.entry: list(stages) for c in ctx.reqs.classes}
+        lay = _pipeline_layout(ctx, bits, stages_for)
+        notes = [f"pipeline: {b}-bit experts, {len([s for s in stages if s[2] > s[1]])} stages: "
+                 + ", ".join(f"{ctx.name(v)}[{l0}:{l1}]" for v, l0, l1 in stages if l1 > l0)]
+        if len(ctx.reqs.entries) > 1:
+            notes.append(f"all entries use the pipeline planned for {main.entry} (one copy of the weights)")
+        preds, cn = _finish(ctx, lay)
+        return lay, "pipeline", notes + cn
+    raise InfeasibleError(f"pipeline: no layer partition fits the servers' memory even at "
+                          f"{min(ctx.opts.allowed_bits)} bits (a layer needs "
+                          f"{_mb(_layer_bytes(ctx, np.full((ctx.L, ctx.E), min(ctx.opts.allowed_bits)))[0].max())})")
+
+
+def strategy_uniform(ctx: Context) -> tuple[Layout, str, list[str]]:
+    """exo-like: the highest uniform width that fits, layers split over all usable servers in
+    proportion to their memory, in listing order starting at the coordinator."""
+    main = max(ctx.reqs.classes, key=lambda c: (ctx.reqs.weights()[c.name], c.name))
+    h = ctx.coords[main.entry]
+    ring = [h] + [v for v in range(ctx.S) if v != h and ctx.usable[v]]
+    cap = np.array([ctx.capacity[v] for v in ring])
+    for b in sorted((x for x in ctx.opts.allowed_bits if x in ctx.profile.bits), reverse=True):
+        bits = np.full((ctx.L, ctx.E), b, dtype=np.int64)
+        mem_l, _ = _layer_bytes(ctx, bits)
+        share = cap / cap.sum() * ctx.L
+        counts = np.floor(share).astype(int)
+        for k in np.argsort(-(share - counts), kind="stable")[: ctx.L - counts.sum()]:
+            counts[k] += 1
+        stages, l0, ok = [], 0, True
+        for k, v in enumerate(ring):
+            n = int(counts[k])
+            need = mem_l[l0:l0 + n].sum() + (stage_backbone_bytes(ctx.profile, 0, 0, True) if k == 0 else 0)
+            if need > ctx.capacity[v]:
+                ok = False
+                break
+            if n or k == 0:
+                stages.append((v, l0, l0 + n))
+            l0 += n
+        if not ok:
+            continue
+        stages_for = {c.entry: list(stages) for c in ctx.reqs.classes}
+        lay = _pipeline_layout(ctx, bits, stages_for)
+        preds, cn = _finish(ctx, lay)
+        return lay, "pipeline", [f"uniform: {b}-bit experts, layers split by memory: "
+                                 + ", ".join(f"{ctx.name(v)}[{a}:{z}]" for v, a, z in stages if z > a)] + cn
+    raise InfeasibleError(f"uniform: no uniform width lets a memory-proportional layer split fit "
+                          f"(total usable {_mb(ctx.capacity[ctx.usable].sum())})")
+
+
+def strategy_random(ctx: Context) -> tuple[Layout, str, list[str]]:
+    """Seeded: the highest uniform width that fits, each expert on a random server with room."""
+    rng = np.random.default_rng(ctx.opts.seed)
+    base = ctx.empty_layout(np.zeros((ctx.L, ctx.E), dtype=np.int64))
+    free = _free_after_backbone(ctx, base, 0.0)
+    b = _uniform_bits_that_fit(ctx, free.sum() * 0.9)
+    while True:
+        bits = np.full((ctx.L, ctx.E), b, dtype=np.int64)
+        eb = ctx.profile.expert_bytes(bits).astype(np.float64)
+        hosted = np.zeros((ctx.L, ctx.E, ctx.S), bool)
+        left = free.copy()
+        ok = True
+        for flat in rng.permutation(ctx.L * ctx.E):
+            l, e = divmod(int(flat), ctx.E)
+            cand = np.nonzero(left >= eb[l, e])[0]
+            if not len(cand):
+                ok = False
+                break
+            v = int(rng.choice(cand))
+            hosted[l, e, v] = True
+            left[v] -= eb[l, e]
+        if ok:
+            break
+        smaller = [x for x in ctx.opts.allowed_bits if x < b and x in ctx.profile.bits]
+        if not smaller:
+            raise InfeasibleError("random: experts do not fit the servers even at the smallest width")
+        b = max(smaller)
+    lay = Layout(bits, hosted, np.zeros_like(hosted), base.stages)
+    _, cn = _finish(ctx, lay)
+    return lay, "random", [f"random: {b}-bit experts on random servers with room (seed {ctx.opts.seed})"] + cn
+
+
+STRATEGIES: dict[str, Callable[[Context], tuple[Layout, str, list[str]]]] = {
+    "coel": strategy_coel,
+    "uniform": strategy_uniform,
+    "pipeline": strategy_pipeline,
+    "offload": strategy_offload,
+    "random": strategy_random,
+}
