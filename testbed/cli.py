@@ -1,0 +1,167 @@
+"""`coel` commands of the testbed room: clean, topo show/validate, net up.
+
+Each command has its own `_register_<name>(sub)` function listed in REGISTRARS; add a command
+by writing one more registrar and appending it (run, demo, report, inject live elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+# ---- coel clean ------------------------------------------------------------------------------
+def _register_clean(sub) -> None:
+    p = sub.add_parser("clean", help="remove leftovers of testbed networks (like mn -c, but ours)",
+                       description="Kill processes in leftover testbed hosts, delete their "
+                       "interfaces, bridges, cgroups and state files. Networks whose owner process "
+                       "is alive are left alone unless --all.")
+    p.add_argument("--all", action="store_true", help="also clean networks whose owner is alive")
+    p.add_argument("--prefix", action="append", default=None,
+                   help="clean only this network prefix (repeatable; see /run/coel/nets)")
+    p.add_argument("--mn", action="store_true",
+                   help="also run Mininet's own cleanup (mn -c): affects ALL Mininet networks")
+    p.set_defaults(func=_cmd_clean)
+
+
+def _cmd_clean(args) -> int:
+    import os
+    from coel_model.errors import InfeasibleError
+    from testbed.cleanup import clean
+    if os.geteuid() != 0:
+        raise InfeasibleError("coel clean needs root (it deletes interfaces and cgroups)")
+    report = clean(all_networks=args.all, prefixes=args.prefix, mininet_too=args.mn)
+    print(report.summary())
+    return 0
+
+
+# ---- coel topo show / validate ---------------------------------------------------------------
+def _register_topo(sub) -> None:
+    p = sub.add_parser("topo", help="show or validate topology files (no root needed)")
+    tsub = p.add_subparsers(dest="topo_command", metavar="ACTION")
+    tsub.required = True
+    s = tsub.add_parser("show", help="print a topology: servers, clients, links, paths")
+    s.add_argument("topology", nargs="?", default=None,
+                   help="bundled name or YAML path (default: edge-star-5)")
+    s.add_argument("--paths", action="store_true", help="also print client -> entry paths and "
+                   "server-to-server one-way delays")
+    s.set_defaults(func=_cmd_topo_show)
+    v = tsub.add_parser("validate", help="validate topology files; exit 2 on the first error")
+    v.add_argument("files", nargs="*", help="YAML paths or bundled names (default: all bundled)")
+    v.set_defaults(func=_cmd_topo_validate)
+    ls = tsub.add_parser("list", help="list bundled topologies")
+    ls.set_defaults(func=_cmd_topo_list)
+
+
+def _cmd_topo_list(args) -> int:
+    from topologies import bundled_topologies, load_topology
+    for name in bundled_topologies():
+        t = load_topology(name)
+        print(f"{name:<18} {len(t.servers)} servers, {len(t.clients)} clients, "
+              f"{len(t.links)} links  {t.description}")
+    return 0
+
+
+def _cmd_topo_show(args) -> int:
+    from topologies import DEFAULT_TOPOLOGY, load_topology
+    from topologies.paths import (bottleneck_bw_mbit, path_delay_ms, path_jitter_ms,
+                                  shortest_path)
+    t = load_topology(args.topology or DEFAULT_TOPOLOGY)
+    print(f"topology {t.name} ({t.source}): {t.description}")
+    print(f"agent_overhead_mb={t.agent_overhead_mb:g} convergence_ms={t.convergence_ms:g}")
+    print("servers:")
+    for s in t.servers:
+        print(f"  {s.name:<8} site={s.site or '-':<8} memory_mb={s.memory_mb:<6g} "
+              f"cpu_share={s.cpu_share:<5g} class={s.compute_class} "
+              f"(cgroup {t.cgroup_memory_mb(s.name):g} MiB)")
+    print(f"total shard memory: {sum(s.memory_mb for s in t.servers):g} MiB")
+    print(f"controller: {t.controller.name}")
+    if t.clients:
+        print("clients:")
+        for c in t.clients:
+            w = c.workload
+            print(f"  {c.name:<8} entry={c.entry:<6} rate_rps={w.rate_rps:g} "
+                  f"prompt={w.prompt_tokens} new={w.max_new_tokens} slo_ttft_ms={w.slo_ttft_ms:g} "
+                  f"slo_tpot_ms={w.slo_tpot_ms:g} class={w.slo_class}")
+    if t.routers:
+        print("routers: " + " ".join(r.name for r in t.routers))
+    if t.switches:
+        print("switches: " + " ".join(s.name for s in t.switches))
+    print("links:")
+    for l in t.links:
+        bw = "unlimited" if l.bw_mbit is None else f"{l.bw_mbit:g}Mbit"
+        extra = "".join([f" jitter={l.jitter_ms:g}ms" if l.jitter_ms else "",
+                         f" loss={l.loss_pct:g}%" if l.loss_pct else "",
+                         f" queue={l.queue_pkts}" if l.queue_pkts else "",
+                         "" if l.up else " DOWN"])
+        print(f"  {l.a:>8} -- {l.b:<8} {bw:>10} delay={l.delay_ms:g}ms{extra}")
+    if args.paths:
+        print("paths (one way):")
+        pairs = [(c.name, c.entry) for c in t.clients]
+        names = [s.name for s in t.servers]
+        pairs += [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        for a, b in pairs:
+            p = shortest_path(t, a, b)
+            if p is None:
+                print(f"  {a} -> {b}: unreachable")
+                continue
+            bw = bottleneck_bw_mbit(t, p)
+            print(f"  {a} -> {b}: {path_delay_ms(t, p):g} ms (jitter {path_jitter_ms(t, p):.3g}), "
+                  f"bottleneck {'unlimited' if bw is None else f'{bw:g} Mbit/s'}: {' > '.join(p)}")
+    return 0
+
+
+def _cmd_topo_validate(args) -> int:
+    from topologies import bundled_topologies, load_topology
+    targets = args.files or bundled_topologies()
+    for f in targets:
+        t = load_topology(f)  # ConfigError -> "coel topo: error: FILE:LINE: field: ..." exit 2
+        print(f"ok  {t.source}: {t.name}, {len(t.servers)} servers, {len(t.links)} links")
+    return 0
+
+
+# ---- coel net up -----------------------------------------------------------------------------
+def _register_net(sub) -> None:
+    p = sub.add_parser("net", help="bring a topology's emulated network up for interactive use")
+    nsub = p.add_subparsers(dest="net_command", metavar="ACTION")
+    nsub.required = True
+    up = nsub.add_parser("up", help="build the network in Mininet, then wait (Ctrl-C tears it down)")
+    up.add_argument("topology", nargs="?", default=None,
+                    help="bundled name or YAML path (default: edge-star-5)")
+    up.add_argument("--mode", default="auto", help="link emulation: auto, netem or emulated")
+    up.add_argument("--run-dir", default=None, help="folder for linkemu/*.json (default: a temp dir)")
+    up.add_argument("--cli", action="store_true", help="open the Mininet CLI (node names are "
+                    "the mininet= names printed)")
+    up.add_argument("--duration-s", type=float, default=None,
+                    help="tear down after this many seconds (default: wait for Ctrl-C)")
+    up.set_defaults(func=_cmd_net_up)
+
+
+def _cmd_net_up(args) -> int:
+    from testbed.netbuild import TestbedNet
+    from topologies import DEFAULT_TOPOLOGY, load_topology
+    topo = load_topology(args.topology or DEFAULT_TOPOLOGY)
+    with TestbedNet(topo, args.run_dir, mode=args.mode) as net:
+        print("\n".join(net.describe()), flush=True)
+        if args.cli:
+            from mininet.cli import CLI
+            CLI(net.net)
+        elif args.duration_s is not None:
+            time.sleep(args.duration_s)
+        else:
+            print("network is up; Ctrl-C to tear it down", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    print("network stopped and cleaned up", file=sys.stderr)
+    return 0
+
+
+REGISTRARS = [_register_clean, _register_topo, _register_net]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for reg in REGISTRARS:
+        reg(sub)
