@@ -1,0 +1,82 @@
+"""`coel serve-local` equals `coel generate` (compression off); agreement with compression on."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coel_model.checkpoint import save_model
+from coel_model.config import MoEConfig
+from coel_model.model import MoEModel, init_weights
+from coel_model.tokenizer import train_tokenizer
+from nodes.coordinator import Coordinator
+from nodes.local import LocalCluster, deploy_experts, round_robin_placement
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ["the quick brown fox jumps over the lazy dog", "edge servers hold quantized experts",
+        "mixture of experts routes each token to two experts", "tokens travel between servers"] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-serve")
+    tok = train_tokenizer(TEXT, vocab_size=300, min_frequency=1)
+    cfg = MoEConfig(vocab_size=tok.vocab_size, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=6,
+                    top_k=2, expert_hidden=64, max_seq_len=128)
+    m = MoEModel(cfg)
+    init_weights(m, 11)
+    save_model(m, d, dtype=torch.float16)
+    tok.save(d)
+    return d
+
+
+def _coel(*args: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "coel_model.cli", *args], capture_output=True, text=True,
+                       timeout=120, cwd=str(ROOT), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_serve_local_tokens_equal_coel_generate(model_dir):
+    common = ["--model", str(model_dir), "--prompt", "the quick brown fox", "--max-new-tokens", "10", "--json"]
+    ref = _coel("generate", *common)
+    got = _coel("serve-local", "--agents", "3", *common)
+    assert got["tokens"] == ref["tokens"] and got["text"] == ref["text"]
+    assert got["bytes_on_wire"] > 0 and got["ms_per_token"] > 0 and got["secure"] is True
+    assert got["expert_calls"] > 0 and got["failovers"] == 0
+
+
+@torch.inference_mode()
+def test_agreement_with_compression_on(model_dir):
+    from coel_model.checkpoint import load_model
+    from nodes.compression import CompressionSettings
+    model = load_model(model_dir)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
+    ref = model(tokens)[0].argmax(-1)
+    results = {}
+    with LocalCluster(2, 4.0) as lc:
+        placement = round_robin_placement(cfg.n_layers, cfg.n_experts, lc.endpoints)
+        deploy_experts(model, lc, placement)
+        for spec in ("none", "act=fp16", "act=int8", "act=int8,beta=0.9,fuse=0.3"):
+            s = CompressionSettings.parse(spec)
+            coord = Coordinator(model, placement, compression={ep: s for ep in lc.endpoints})
+            try:
+                top1 = coord.forward(tokens)[0].argmax(-1)
+            finally:
+                coord.close()
+            results[spec] = ((top1 == ref).float().mean().item(), coord.bytes_sent + coord.bytes_received,
+                             coord.pruned_assignments)
+    print(results)
+    assert results["none"][0] == 1.0
+    assert results["act=fp16"][0] >= 0.95 and results["act=fp16"][1] < results["none"][1]
+    assert results["act=int8"][0] >= 0.9 and results["act=int8"][1] < results["act=fp16"][1]
+    agree, nbytes, pruned = results["act=int8,beta=0.9,fuse=0.3"]
+    assert pruned > 0 and nbytes < results["act=int8"][1] and agree >= 0.5
