@@ -25,6 +25,7 @@ MACHINE_BYTES_PER_S = 14e9
 MACHINE_GFLOPS = 40.0
 # Loading an expert that is not resident (page cache / local SSD), bytes per second; an assumption.
 STORAGE_BYTES_PER_S = 1.5e9
+UNLIMITED_MBIT = 100_000.0  # a link without a bandwidth limit (topology bw_mbit: null)
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ class PathStats:
 class Cluster:
     servers: tuple[Server, ...]
     links: tuple[Link, ...]
-    nodes: tuple[str, ...] = ()  # routers/switches/other hosts links may touch (servers implied)
+    nodes: tuple[str, ...] = ()  # routers/switches: forward traffic (servers do not)
     name: str = "cluster"
+    hosts: tuple[str, ...] = ()  # other end hosts (clients, controller): links may touch them, no transit
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.servers]
@@ -97,7 +99,7 @@ class Cluster:
             raise ConfigError(f"cluster {self.name}: duplicate server names")
         if not names:
             raise ConfigError(f"cluster {self.name}: no servers")
-        known = set(names) | set(self.nodes)
+        known = set(names) | set(self.nodes) | set(self.hosts)
         for ln in self.links:
             for end in (ln.a, ln.b):
                 if end not in known:
@@ -118,6 +120,7 @@ class Cluster:
         g = nx.Graph()
         g.add_nodes_from(s.name for s in self.servers)
         g.add_nodes_from(self.nodes)
+        g.add_nodes_from(self.hosts)
         for ln in self.links:
             if not ln.up:
                 continue
@@ -130,8 +133,12 @@ class Cluster:
             g.add_edge(ln.a, ln.b, link=ln, w=ln.latency_ms + 1e-6 + 1e-3 / ln.bw_mbit)
         out: dict[tuple[str, str], PathStats] = {}
         names = [s.name for s in self.servers]
+        fwd = set(self.nodes)
         for src in names:
-            _, paths = nx.single_source_dijkstra(g, src, weight="w")
+            def weight(u: str, _v: str, data: dict, src: str = src) -> float | None:
+                return data["w"] if u == src or u in fwd else None  # only routers/switches forward
+
+            _, paths = nx.single_source_dijkstra(g, src, weight=weight)
             for dst in names:
                 if dst not in paths:
                     continue
@@ -210,7 +217,7 @@ class Cluster:
 def cluster_from_dict(doc: dict[str, Any], source: str = "<dict>") -> Cluster:
     """A small JSON/dict form used by tests and `coel plan --cluster`: {"servers":[{"name",
     "memory_mb","cpu_share"|"bytes_per_s",...}], "links":[{"a","b","bw_mbit","latency_ms"|"delay_ms"}],
-    "nodes":[...]}."""
+    "nodes":[forwarding routers/switches], "hosts":[other end hosts]}."""
     try:
         servers = []
         for s in doc["servers"]:
@@ -231,7 +238,7 @@ def cluster_from_dict(doc: dict[str, Any], source: str = "<dict>") -> Cluster:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return Cluster(servers=tuple(servers), links=tuple(links), nodes=tuple(doc.get("nodes", ())),
-                   name=str(doc.get("name", source)))
+                   hosts=tuple(doc.get("hosts", ())), name=str(doc.get("name", source)))
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -254,8 +261,8 @@ def cluster_from_topology(topo: Any, machine_bytes_per_s: float = MACHINE_BYTES_
 
     memory_mb is the model-shard budget (the agent overhead is outside it, by convention);
     cpu_share scales the machine's measured weight-read bandwidth; links keep their one-way
-    delay_ms, jitter, loss and bandwidth; every other host (router, switch, client, controller)
-    becomes a plain node routes may cross."""
+    delay_ms, jitter, loss and bandwidth (null = unlimited); routers and switches forward, clients
+    and the controller are end hosts that routes never cross (as in topologies.paths)."""
     servers = []
     for s in _names(_get(topo, "servers")):
         share = float(_get(s, "cpu_share", 1.0) or 1.0)
@@ -264,17 +271,19 @@ def cluster_from_topology(topo: Any, machine_bytes_per_s: float = MACHINE_BYTES_
                               load=float(_get(s, "load", 0.0) or 0.0),
                               compute_class=str(_get(s, "compute_class", "") or "")))
     server_names = {s.name for s in servers}
-    links, nodes = [], set()
+    fwd = {str(_get(x, "name")) for key in ("routers", "switches") for x in _names(_get(topo, key))}
+    links, others = [], set()
     for ln in _names(_get(topo, "links")):
         a, b = str(_get(ln, "a", _get(ln, "src"))), str(_get(ln, "b", _get(ln, "dst")))
-        links.append(Link(a=a, b=b, bw_mbit=float(_get(ln, "bw_mbit")),
+        bw = _get(ln, "bw_mbit")
+        links.append(Link(a=a, b=b, bw_mbit=float(bw) if bw is not None else UNLIMITED_MBIT,
                           latency_ms=float(_get(ln, "delay_ms", 0.0) or 0.0),
                           jitter_ms=float(_get(ln, "jitter_ms", 0.0) or 0.0),
                           loss_pct=float(_get(ln, "loss_pct", 0.0) or 0.0),
                           up=bool(_get(ln, "up", True))))
-        nodes.update(x for x in (a, b) if x not in server_names)
-    return Cluster(servers=tuple(servers), links=tuple(links), nodes=tuple(sorted(nodes)),
-                   name=str(_get(topo, "name", "topology")))
+        others.update(x for x in (a, b) if x not in server_names and x not in fwd)
+    return Cluster(servers=tuple(servers), links=tuple(links), nodes=tuple(sorted(fwd)),
+                   hosts=tuple(sorted(others)), name=str(_get(topo, "name", "topology")))
 
 
 def synthetic_cluster(n_servers: int, memory_total_bytes: float, seed: int = 0, n_sites: int = 8,
@@ -304,3 +313,21 @@ def synthetic_cluster(n_servers: int, memory_total_bytes: float, seed: int = 0, 
         links.append(Link(a=s.name, b=sites[i % n_sites], bw_mbit=float(rng.choice([100.0, 300.0, 1000.0])),
                           latency_ms=float(rng.uniform(0.2, 2.0))))
     return Cluster(servers=servers, links=tuple(links), nodes=tuple(sites), name=f"synthetic-{n_servers}")
+
+
+def scale_memory(cluster: Cluster, factor: float) -> Cluster:
+    """The same cluster with every server's memory budget multiplied (to study big models on
+    the shapes of the bundled topologies)."""
+    if factor <= 0:
+        raise ConfigError(f"memory scale must be > 0 (got {factor})")
+    return replace(cluster, servers=tuple(replace(s, memory_bytes=int(s.memory_bytes * factor))
+                                          for s in cluster.servers))
+
+
+def auto_memory_scale(cluster: Cluster, backbone_bytes: int, experts_bytes_4bit: float, copies: int = 1) -> float:
+    """A factor that makes the cluster hold `copies` backbones + the experts at 4 bits with 30 %
+    slack, and its largest server hold a backbone with 20 % slack (never below 1)."""
+    total = sum(s.memory_bytes for s in cluster.servers)
+    largest = max(s.memory_bytes for s in cluster.servers)
+    need = 1.3 * (copies * backbone_bytes + experts_bytes_4bit) / max(total, 1)
+    return max(1.0, need, 1.2 * backbone_bytes / max(largest, 1))
