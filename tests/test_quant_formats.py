@@ -162,10 +162,10 @@ def test_qmatmul_matches_reference(bits, force):
         pytest.skip(f"native kernels unavailable: {kernels.status()}")
     g = torch.Generator().manual_seed(bits)
     for group in (8, 24, 64, 128):
-        for out, inp in ((72, 100), (136, 192), (40, 320)):
+        for out, inp in ((72, 100), (136, 192), (40, 320), (24, 1100)):  # 1100: several K-blocks
             w = torch.randn(out, inp, generator=g)
             ql = quant.QuantizedLinear.from_float(w, QuantSpec(bits, group))
-            for n in (1, 2, 3, 4, 5, 7, 8, 13):
+            for n in (1, 2, 3, 4, 5, 7, 8, 13, 70):  # 70: tile-dequantize + GEMM path
                 x = torch.randn(n, inp, generator=g)
                 y = kernels.qmatmul(x, ql.tensors(), bits, group, inp, out, force=force)
                 ref = _ref(x, ql)

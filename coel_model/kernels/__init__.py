@@ -4,7 +4,8 @@ Native path: qmatmul.cpp (AVX2 + FMA + F16C, OpenMP), compiled with the system g
 use into a cache dir (COEL_KERNEL_CACHE, default ~/.cache/coel/kernels) under a name that hashes
 the source and flags, and loaded with ctypes (a plain C ABI: no torch headers, ~4 s to build).
 It shares torch's OpenMP runtime (libgomp.so.1 is already loaded by torch).
-  batch < GEMM_MIN_BATCH: fused unpack + dequant + dot, the weight read once, packed;
+  batch < GEMM_MIN_BATCH: fused unpack + dequant + dot over the packed weight (read once per
+      8 rows of x), K-blocked so the slice of x stays in L1; AVX-512 variant where the CPU has it;
   batch >= GEMM_MIN_BATCH: dequantize row tiles (cache sized) in C, multiply with torch.mm.
 Fallback (no compiler, no AVX2, or COEL_KERNELS=off): the same tiling in pure torch.
 """
@@ -24,26 +25,43 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-GEMM_MIN_BATCH = 8  # from this many rows of x on, tile-dequantize + GEMM beats the fused GEMV
+GEMM_MIN_BATCH = 64  # from this many rows of x on: tile-dequantize + torch GEMM instead of the fused kernel
 TILE_FLOATS = 1 << 18  # fp32 elements per dequantized tile (1 MiB: stays in L2)
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+AVX512_FLAGS = ("avx512f",)  # when present, the fused GEMV is built in its AVX-512 variant
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status: str = "not loaded"  # "native (<path>)" or "fallback: <reason>"
 
 
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def _cpu_ok() -> str | None:
     try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+        flags = _cpu_flags()
     except OSError as exc:
         return f"cannot read /proc/cpuinfo ({exc})"
     missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
     return f"CPU lacks {missing}" if missing else None
+
+
+def build_flags() -> list[str]:
+    """Compiler flags for this CPU: AVX2/FMA/F16C always, AVX-512F where the CPU has it
+    (COEL_KERNELS_ISA=avx2 forces the AVX2 variant)."""
+    flags = list(CFLAGS)
+    try:
+        has512 = all(f in _cpu_flags() for f in AVX512_FLAGS)
+    except OSError:
+        has512 = False
+    if has512 and os.environ.get("COEL_KERNELS_ISA", "").lower() != "avx2":
+        flags.append("-mavx512f")
+    return flags
 
 
 def cache_dir() -> Path:
@@ -52,8 +70,9 @@ def cache_dir() -> Path:
 
 def _build(cxx: str) -> Path:
     src = SOURCE.read_bytes()
+    flags = build_flags()
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    tag = hashlib.sha256(src + " ".join(CFLAGS + ver).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join(flags + ver).encode()).hexdigest()[:16]
     out = cache_dir() / f"qmatmul-{tag}.so"
     if out.exists():
         return out
@@ -61,7 +80,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cxx, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {SOURCE}: {r.stderr.strip()[:2000]}")
         os.replace(tmp, out)  # atomic: concurrent builders never see a half-written library
@@ -93,10 +112,11 @@ def _load() -> ctypes.CDLL | None:
                 lib.coel_qgemv.argtypes = [vp, i64, i64, vp, vp, vp, vp, i64, i64, i64, ci, vp, ci]
                 lib.coel_dequant_rows.argtypes = [vp, vp, vp, vp, i64, i64, i64, ci, i64, i64, vp, ci]
                 lib.coel_hgemv.argtypes = [vp, i64, i64, vp, i64, ci, vp, ci]
+                lib.coel_isa.restype = ctypes.c_char_p
                 for f in (lib.coel_qgemv, lib.coel_dequant_rows, lib.coel_hgemv):
                     f.restype = ci
                 _lib = lib
-                _status = f"native ({lib._name})"
+                _status = f"native {lib.coel_isa().decode()} ({lib._name})"
                 return _lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 reason = f"native build/load failed: {exc}"

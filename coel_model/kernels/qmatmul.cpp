@@ -15,6 +15,13 @@
 
 namespace {
 
+#ifndef ROW_CHUNK
+#define ROW_CHUNK 32  // rows per dynamically scheduled work item
+#endif
+#ifndef X_BLOCK_BYTES
+#define X_BLOCK_BYTES 16384  // x floats per K-block (all NB columns) kept in L1 while rows stream by
+#endif
+
 inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -66,8 +73,8 @@ struct Block {
 template <int BITS, int NB>
 void rows_fast(const float* x, int64_t xs, int64_t kp, const uint8_t* q, const uint8_t* qh,
                const uint16_t* sc, const uint16_t* zr, int64_t G, int64_t gs, const float* xsum,
-               float* y, int64_t ys, int64_t o0, int64_t o1) {
-    constexpr int A = NB == 1 ? 8 : (NB == 2 ? 4 : 2);
+               float* y, int64_t ys, int64_t o0, int64_t o1, int64_t g0, int64_t g1) {
+    constexpr int A = NB >= 8 ? 1 : 8 / NB;  // independent accumulators per column
     const int64_t rb = row_bytes(BITS, kp), rbh = kp / 8, bpg = gs / 64;
     for (int64_t o = o0; o < o1; ++o) {
         const uint8_t* qr = q + o * rb;
@@ -75,13 +82,14 @@ void rows_fast(const float* x, int64_t xs, int64_t kp, const uint8_t* q, const u
         __m256 tot[NB];
         float mt[NB];
         for (int n = 0; n < NB; ++n) { tot[n] = _mm256_setzero_ps(); mt[n] = 0.f; }
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t g = g0; g < g1; ++g) {
             __m256 acc[NB][A];
             for (int n = 0; n < NB; ++n)
                 for (int a = 0; a < A; ++a) acc[n][a] = _mm256_setzero_ps();
             for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
                 Block<BITS> blk;
                 blk.load(qr, hr, b);
+                _mm_prefetch((const char*)(qr + rb + b * (BITS == 3 ? 16 : 8 * BITS)), _MM_HINT_T0);
                 const float* xb = x + b * 64;
 #define COEL_STEP(J)                                                                  \
                 {                                                                      \
@@ -102,9 +110,89 @@ void rows_fast(const float* x, int64_t xs, int64_t kp, const uint8_t* q, const u
                 mt[n] += m * xsum[n * G + g];
             }
         }
-        for (int n = 0; n < NB; ++n) y[n * ys + o] = hsum(tot[n]) + mt[n];
+        for (int n = 0; n < NB; ++n) y[n * ys + o] += hsum(tot[n]) + mt[n];
     }
 }
+
+#ifdef __AVX512F__
+// AVX-512 variant of rows_fast: one 64-code block is broadcast to both 256-bit halves and shifted
+// by a per-half amount (srlv), so each 512-bit step yields chunks j and j+1 = 16 consecutive codes;
+// codes become floats through a 16-entry permute table (no mask, no int->float convert).
+template <int BITS, int NB>
+void rows_fast512(const float* x, int64_t xs, int64_t kp, const uint8_t* q, const uint8_t* qh,
+                  const uint16_t* sc, const uint16_t* zr, int64_t G, int64_t gs, const float* xsum,
+                  float* y, int64_t ys, int64_t o0, int64_t o1, int64_t g0, int64_t g1) {
+    constexpr int A = NB >= 4 ? 1 : 4 / NB;
+    const int64_t rb = row_bytes(BITS, kp), rbh = kp / 8, bpg = gs / 64;
+    constexpr int CB = BITS == 4 ? 4 : 2;  // bits per code in the shifted plane
+    __m512i sh[4], shh[4];
+    for (int p = 0; p < 4; ++p) {
+        sh[p] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * p * CB), _mm512_set1_epi32((2 * p + 1) * CB));
+        shh[p] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
+    }
+    alignas(64) float tab[16];
+    for (int i = 0; i < 16; ++i) tab[i] = (float)(BITS == 4 ? i : (BITS == 3 ? (i & 7) : (i & 3)));
+    const __m512 lut = _mm512_load_ps(tab);
+    const __m512i low2 = _mm512_set1_epi32(3);
+    for (int64_t o = o0; o < o1; ++o) {
+        const uint8_t* qr = q + o * rb;
+        const uint8_t* hr = BITS == 3 ? qh + o * rbh : nullptr;
+        __m512 tot[NB];
+        float mt[NB];
+        for (int n = 0; n < NB; ++n) { tot[n] = _mm512_setzero_ps(); mt[n] = 0.f; }
+        for (int64_t g = g0; g < g1; ++g) {
+            __m512 acc[NB][A];
+            for (int n = 0; n < NB; ++n)
+                for (int a = 0; a < A; ++a) acc[n][a] = _mm512_setzero_ps();
+            for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+                _mm_prefetch((const char*)(qr + rb + b * (BITS == 3 ? 16 : 8 * BITS)), _MM_HINT_T0);
+                const float* xb = x + b * 64;
+                __m512i v, vh;
+                if constexpr (BITS == 4) {
+                    v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(qr + b * 32)));
+                } else if constexpr (BITS == 2 || BITS == 3) {
+                    v = _mm512_cvtepu16_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(qr + b * 16))));
+                    if constexpr (BITS == 3) {
+                        int64_t hv;
+                        memcpy(&hv, hr + b * 8, 8);
+                        vh = _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(hv)), 2);
+                    }
+                }
+                (void)v; (void)vh;
+#define COEL_STEP512(P)                                                                        \
+                {                                                                               \
+                    __m512 f;                                                                   \
+                    if constexpr (BITS == 8) {                                                  \
+                        f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(                            \
+                            _mm_loadu_si128((const __m128i*)(qr + b * 64 + P * 16))));          \
+                    } else {                                                                    \
+                        __m512i idx = _mm512_srlv_epi32(v, sh[P]);                              \
+                        if constexpr (BITS == 3)                                                \
+                            idx = _mm512_ternarylogic_epi32(idx, _mm512_srlv_epi32(vh, shh[P]), low2, 0xE4); \
+                        f = _mm512_permutexvar_ps(idx, lut);                                    \
+                    }                                                                           \
+                    for (int n = 0; n < NB; ++n)                                                \
+                        acc[n][P % A] = _mm512_fmadd_ps(f, _mm512_loadu_ps(xb + n * xs + P * 16), acc[n][P % A]); \
+                }
+                COEL_STEP512(0) COEL_STEP512(1) COEL_STEP512(2) COEL_STEP512(3)
+#undef COEL_STEP512
+            }
+            const float s = h2f(sc[o * G + g]), m = -s * h2f(zr[o * G + g]);
+            const __m512 sv = _mm512_set1_ps(s);
+            for (int n = 0; n < NB; ++n) {
+                __m512 a = acc[n][0];
+                for (int i = 1; i < A; ++i) a = _mm512_add_ps(a, acc[n][i]);
+                tot[n] = _mm512_fmadd_ps(sv, a, tot[n]);
+                mt[n] += m * xsum[n * G + g];
+            }
+        }
+        for (int n = 0; n < NB; ++n) y[n * ys + o] += _mm512_reduce_add_ps(tot[n]) + mt[n];
+    }
+}
+#define ROWS_FAST rows_fast512
+#else
+#define ROWS_FAST rows_fast
+#endif
 
 // Dequantize the 8 weights of chunk c (elements c*8..c*8+7) of one row.
 template <int BITS>
@@ -158,28 +246,39 @@ void qgemv_bits(const float* x, int64_t N, int64_t kp, const uint8_t* q, const u
                 const uint16_t* sc, const uint16_t* zr, int64_t O, int64_t G, int64_t gs,
                 const float* xsum, float* y, int nthreads) {
     const bool fast = gs % 64 == 0;
-    const int64_t work = O * kp * (N < 4 ? N : 4);
+    const int64_t work = O * kp * (N < 8 ? N : 8);
     if (work < (1 << 17)) nthreads = 1;  // a fork/join costs more than a tiny matmul
 #pragma omp parallel num_threads(nthreads)
     {
         float* sf = fast ? nullptr : new float[2 * G];
         float* mf = fast ? nullptr : sf + G;
-        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        // contiguous row ranges, multiples of 8 rows, one per thread
-        const int64_t per = ((O + nt - 1) / nt + 7) / 8 * 8;
-        const int64_t o0 = t * per < O ? t * per : O, o1 = (t + 1) * per < O ? (t + 1) * per : O;
-        if (o0 < o1) {
+        // dynamic chunks of rows: on a shared machine a descheduled thread must not hold up the rest
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < (O + ROW_CHUNK - 1) / ROW_CHUNK; ++ch) {
+            const int64_t o0 = ch * ROW_CHUNK, o1 = o0 + ROW_CHUNK < O ? o0 + ROW_CHUNK : O;
             if (!fast) {
                 rows_general<BITS>(x, kp, N, kp, q, qh, sc, zr, G, gs, y, O, o0, o1, sf, mf);
             } else {
+                // columns in passes of 8, then 4, 2, 1; within a pass, K in blocks whose slice of
+                // x stays in L1 while the chunk's rows stream through (packed rows read once per pass)
                 int64_t n = 0;
-                for (; n + 4 <= N; n += 4)
-                    rows_fast<BITS, 4>(x + n * kp, kp, kp, q, qh, sc, zr, G, gs, xsum + n * G, y + n * O, O, o0, o1);
-                switch (N - n) {
-                    case 3: rows_fast<BITS, 3>(x + n * kp, kp, kp, q, qh, sc, zr, G, gs, xsum + n * G, y + n * O, O, o0, o1); break;
-                    case 2: rows_fast<BITS, 2>(x + n * kp, kp, kp, q, qh, sc, zr, G, gs, xsum + n * G, y + n * O, O, o0, o1); break;
-                    case 1: rows_fast<BITS, 1>(x + n * kp, kp, kp, q, qh, sc, zr, G, gs, xsum + n * G, y + n * O, O, o0, o1); break;
-                    default: break;
+                while (n < N) {
+                    const int nb = N - n >= 8 ? 8 : N - n >= 4 ? 4 : N - n >= 2 ? 2 : 1;
+                    int64_t gpb = X_BLOCK_BYTES / (4 * nb * gs);
+                    if (gpb < 1) gpb = 1;
+                    for (int64_t g0 = 0; g0 < G; g0 += gpb) {
+                        const int64_t g1 = g0 + gpb < G ? g0 + gpb : G;
+                        const float* xn = x + n * kp;
+                        const float* xsn = xsum + n * G;
+                        float* yn = y + n * O;
+                        switch (nb) {
+                            case 8: ROWS_FAST<BITS, 8>(xn, kp, kp, q, qh, sc, zr, G, gs, xsn, yn, O, o0, o1, g0, g1); break;
+                            case 4: ROWS_FAST<BITS, 4>(xn, kp, kp, q, qh, sc, zr, G, gs, xsn, yn, O, o0, o1, g0, g1); break;
+                            case 2: ROWS_FAST<BITS, 2>(xn, kp, kp, q, qh, sc, zr, G, gs, xsn, yn, O, o0, o1, g0, g1); break;
+                            default: ROWS_FAST<BITS, 1>(xn, kp, kp, q, qh, sc, zr, G, gs, xsn, yn, O, o0, o1, g0, g1); break;
+                        }
+                    }
+                    n += nb;
                 }
             }
         }
@@ -250,11 +349,21 @@ extern "C" {
 
 int coel_abi_version() { return 1; }
 
+// Which instruction set the fused GEMV was compiled for (reported by the benchmark).
+const char* coel_isa() {
+#ifdef __AVX512F__
+    return "avx512";
+#else
+    return "avx2";
+#endif
+}
+
 // x (N, kp) fp32 zero-padded; q/qh packed codes; scales/zeros fp16 (O, G); y (N, O) fp32.
 int coel_qgemv(const float* x, int64_t N, int64_t kp, const void* q, const void* qh,
                const void* scales, const void* zeros, int64_t O, int64_t G, int64_t gs, int bits,
                float* y, int nthreads) {
     if (gs % 8 || kp % 64 || kp != G * gs) return -1;
+    memset(y, 0, sizeof(float) * N * O);
     float* xsum = new float[N * G];
     for (int64_t n = 0; n < N; ++n)
         for (int64_t g = 0; g < G; ++g) {
