@@ -86,6 +86,7 @@ class TestbedNet:
         self._timer: threading.Timer | None = None
         self._route_epoch = 0
         self.route_version = 0
+        self.route_error: str | None = None
         self._stopped = False
         self._old_handlers: dict[int, Any] = {}
         self.events: list[dict] = []  # what was changed when (for traces / reports)
@@ -278,30 +279,42 @@ class TestbedNet:
 
     # ---- routes ----------------------------------------------------------------------------
     def _reroute(self) -> None:
-        """Install the routes of the current topology on every host; rewrite delay files."""
+        """Install the routes of the current topology on every host; rewrite delay files.
+
+        Every route is (re)placed each time: the kernel drops routes through an interface that
+        went down, so a diff against what we installed earlier would miss them on 'up'."""
         with self._lock:
             if self._stopped:
                 return
             routes = static_routes(self.topo, self.plan)
             for h in self.topo.hosts:
                 new = set(routes[h])
-                old = self._routes.get(h, set())
                 cmds = []
-                for r in sorted(new - old, key=lambda r: r.dst_ip):
+                for r in sorted(new, key=lambda r: r.dst_ip):
                     dev = self._intf_name(h, r.dev_index)
                     via = f" via {r.via_ip}" if r.via_ip else ""
                     cmds.append(f"route replace {r.dst_ip}/32{via} dev {dev} proto static")
-                gone = {r.dst_ip for r in old} - {r.dst_ip for r in new}
-                cmds += [f"route del {ip}/32 proto static" for ip in sorted(gone)]
                 if cmds:
-                    r = run_in(self.pid(h), ["ip", "-force", "-batch", "-"],
-                               input="\n".join(cmds) + "\n", check=False)
+                    r = run_in(self.pid(h), ["ip", "-batch", "-"], input="\n".join(cmds) + "\n",
+                               check=False)
                     if r.returncode != 0 and not self._stopped:
                         raise RuntimeError(f"installing routes on {h}: {r.stderr.strip()[:400]}")
+                gone = {r.dst_ip for r in self._routes.get(h, set())} - {r.dst_ip for r in new}
+                if gone:  # may already be gone with their interface: ignore 'No such process'
+                    run_in(self.pid(h), ["ip", "-force", "-batch", "-"], check=False,
+                           input="".join(f"route del {ip}/32 proto static\n" for ip in sorted(gone)))
                 self._routes[h] = new
             self.route_version = self.emu.write_delay_files(self.topo, self.plan)
             self.events.append({"t_ns": time.monotonic_ns(), "event": "routes",
                                 "version": self.route_version})
+
+    def _reroute_in_timer(self) -> None:
+        try:
+            self._reroute()
+        except Exception as exc:  # a timer thread has no caller: record it for wait_converged
+            self.route_error = f"{type(exc).__name__}: {exc}"
+            self.events.append({"t_ns": time.monotonic_ns(), "event": "routes_failed",
+                                "error": self.route_error})
 
     def _schedule_reroute(self) -> None:
         """Routes follow a link change after convergence_ms, like a routing protocol would."""
@@ -312,7 +325,7 @@ class TestbedNet:
             if self.convergence_ms <= 0:
                 self._reroute()
                 return
-            self._timer = threading.Timer(self.convergence_ms / 1000, self._reroute)
+            self._timer = threading.Timer(self.convergence_ms / 1000, self._reroute_in_timer)
             self._timer.daemon = True
             self._timer.start()
 
@@ -322,6 +335,9 @@ class TestbedNet:
         while True:
             t = self._timer
             if t is None or not t.is_alive():
+                if self.route_error:
+                    err, self.route_error = self.route_error, None
+                    raise RuntimeError(f"route recomputation failed: {err}")
                 return self.route_version
             if time.monotonic() > deadline:
                 raise TimeoutError(f"routes did not converge within {timeout_s} s")
