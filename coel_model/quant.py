@@ -298,8 +298,7 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.spec.bits == 16:
-            w = self.weight
-            y = F.linear(x2.to(w.dtype), w).to(x.dtype) if x2.shape[0] >= 8 else kernels.float_matmul(x2, w)
+            y = kernels.float_matmul(x2, self.weight)
         else:
             y = kernels.qmatmul(x2, self.tensors(), self.spec.bits, self.spec.group_size,
                                 self.in_features, self.out_features)

@@ -180,9 +180,11 @@ def test_float_matmul_matches_reference(dtype):
     g = torch.Generator().manual_seed(3)
     for out, inp in ((33, 7), (64, 200), (300, 257)):
         w = torch.randn(out, inp, generator=g).to(dtype)
-        for n in (1, 3):
+        for n in (1, 3, 70):  # 70: fp32 row tiles + GEMM
             x = torch.randn(n, inp, generator=g)
-            assert torch.allclose(kernels.float_matmul(x, w), x @ w.float().T, atol=1e-4, rtol=1e-4)
+            for force in ("native", "torch"):
+                y = kernels.float_matmul(x, w, force=force)
+                assert torch.allclose(y, x @ w.float().T, atol=1e-4, rtol=1e-4), (force, n)
 
 
 def test_fallback_selected_when_disabled():

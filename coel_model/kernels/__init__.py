@@ -193,15 +193,20 @@ def qmatmul(x: torch.Tensor, t: dict[str, torch.Tensor], bits: int, group_size: 
 
 
 def float_matmul(x: torch.Tensor, w: torch.Tensor, force: str | None = None) -> torch.Tensor:
-    """x (N, K) fp32 @ w^T for a 16-bit float weight w (O, K), without converting w to fp32."""
+    """x (N, K) fp32 @ w^T for a 16-bit float weight w (O, K), exact in fp32 (x is not rounded):
+    native fused convert + dot for small batches, else fp32 row tiles + torch.mm."""
     lib = None if force == "torch" else _load()
-    if lib is None or w.dtype not in (torch.float16, torch.bfloat16):
-        return F.linear(x.to(w.dtype), w).float()
     x = x.float().contiguous()
     N, K = x.shape
     O = w.shape[0]
-    w = w.contiguous()
-    y = torch.empty(N, O, dtype=torch.float32)
-    lib.coel_hgemv(x.data_ptr(), N, K, w.data_ptr(), O, int(w.dtype == torch.bfloat16), y.data_ptr(),
-                   torch.get_num_threads())
-    return y
+    if lib is not None and N < GEMM_MIN_BATCH and w.dtype in (torch.float16, torch.bfloat16):
+        w = w.contiguous()
+        y = torch.empty(N, O, dtype=torch.float32)
+        lib.coel_hgemv(x.data_ptr(), N, K, w.data_ptr(), O, int(w.dtype == torch.bfloat16), y.data_ptr(),
+                       torch.get_num_threads())
+        return y
+    rows = max(8, min(O, TILE_FLOATS // max(K, 1)) // 8 * 8)
+    yt = torch.empty(O, N, dtype=torch.float32)
+    for o0 in range(0, O, rows):
+        torch.mm(w[o0:o0 + rows].float(), x.t(), out=yt[o0:o0 + rows])
+    return yt.t()

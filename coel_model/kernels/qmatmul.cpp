@@ -247,7 +247,9 @@ void qgemv_bits(const float* x, int64_t N, int64_t kp, const uint8_t* q, const u
                 const float* xsum, float* y, int nthreads) {
     const bool fast = gs % 64 == 0;
     const int64_t work = O * kp * (N < 8 ? N : 8);
-    if (work < (1 << 17)) nthreads = 1;  // a fork/join costs more than a tiny matmul
+    // below ~1M multiply-adds a fork/join costs more than it saves, and on a shared machine a
+    // descheduled helper thread can stall the call for a whole time slice
+    if (work < (1 << 20)) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
         float* sf = fast ? nullptr : new float[2 * G];
@@ -321,7 +323,7 @@ inline float half1(uint16_t h) {
 
 template <bool BF16>
 void hgemv(const float* x, int64_t N, int64_t K, const uint16_t* w, int64_t O, float* y, int nthreads) {
-    if (O * K < (1 << 17)) nthreads = 1;
+    if (O * K * (N < 8 ? N : 8) < (1 << 20)) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t o = 0; o < O; ++o) {
         const uint16_t* wr = w + o * K;

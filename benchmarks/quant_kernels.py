@@ -1,0 +1,204 @@
+"""Packed-expert matmul speed: time per bit width vs fp32 / bf16, and bytes/s vs memory bandwidth.
+
+One SwiGLU expert forward (gate, up, down) per measurement, for the bundled model's expert shape
+and Mixtral-8x7B's (d 4096, hidden 14336), at batch 1 (decode: bandwidth bound) and batch 32.
+The memory read bandwidth is measured in the same run (sum over a large tensor), so the
+"% of bandwidth" column compares like with like on a machine that others may be sharing.
+Mixtral-sized packed weights are random bit patterns (every pattern is a valid code; speed does
+not depend on the values); each format's output is checked against dequantize-then-matmul.
+
+    .venv/bin/python benchmarks/quant_kernels.py [--json-out FILE | --json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coel_model import kernels, quant  # noqa: E402
+from coel_model.model import SwiGLUExpert  # noqa: E402
+
+MIXTRAL = ("mixtral-8x7b", 4096, 14336)
+
+
+def bundled_shape() -> tuple[str, int, int]:
+    """The bundled model's expert shape: from models/tiny-moe if present, else the training default."""
+    cfg_path = ROOT / "models" / "tiny-moe" / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        return "tiny-moe", int(cfg["d_model"]), int(cfg["expert_hidden"])
+    from coel_model.train import default_model_config
+    cfg = default_model_config()
+    return "tiny-moe(default cfg)", cfg.d_model, cfg.expert_hidden
+
+
+def timeit(fn, reps: int, min_s: float = 0.0) -> dict:
+    """Median (and min) wall time in ms over `reps` calls after one warm-up call."""
+    fn()
+    ts = []
+    t_end = time.perf_counter() + min_s
+    while len(ts) < reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "reps": len(ts)}
+
+
+def memory_bandwidth(mib: int, reps: int) -> dict:
+    """Read (sum) and copy bandwidth in GB/s over a buffer far larger than the caches."""
+    n = mib * (1 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    read = timeit(lambda: src.sum(), reps)
+    copy = timeit(lambda: dst.copy_(src), reps)
+    nbytes = n * 4
+    return {"buffer_mib": mib, "read_gbs": nbytes / read["median_ms"] / 1e6,
+            "copy_gbs": 2 * nbytes / copy["median_ms"] / 1e6,
+            "read_gbs_best": nbytes / read["min_ms"] / 1e6}
+
+
+def random_packed_expert(spec: quant.QuantSpec, d: int, h: int, gen: torch.Generator) -> quant.QuantizedExpert:
+    """A valid QuantizedExpert with random codes and plausible scales/zeros (fast for huge shapes)."""
+    dims = {"w_gate": (h, d), "w_up": (h, d), "w_down": (d, h)}
+    t = {}
+    for p, (o, i) in dims.items():
+        for name, (shape, dtype) in quant.packed_shapes(o, i, spec).items():
+            if name == "scales":
+                v = (torch.rand(shape, generator=gen) * 0.004 + 0.001).half()
+            elif name == "zeros":
+                v = (torch.rand(shape, generator=gen) * ((1 << spec.bits) - 1)).half()
+            elif dtype == torch.float16:
+                v = (torch.randn(shape, generator=gen) * 0.02).half()
+            elif dtype == torch.uint8:
+                v = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+            else:
+                info = torch.iinfo(dtype)
+                v = torch.randint(info.min, info.max, shape, generator=gen, dtype=dtype)
+            t[f"{p}.{name}"] = v
+    return quant.QuantizedExpert.from_tensors(spec, d, h, t)
+
+
+def check_rows(q: quant.QuantizedExpert, x: torch.Tensor, rows: int = 64) -> float:
+    """Max relative error of the kernel's gate projection vs dequantize-then-matmul (first rows)."""
+    lin = q.w_gate
+    y = lin(x)[:, :rows]
+    if q.spec.bits == 16:
+        w = lin.weight[:rows].float()
+    else:
+        w = kernels._dequant_rows_torch(lin.tensors(), q.spec.bits, q.spec.group_size, 0, rows)
+        w = w[:, : lin.in_features]
+    ref = x @ w.T
+    return float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+
+
+def bench_shape(label: str, d: int, h: int, batches: list[int], bits_list: list[int], reps: int,
+                bw_gbs: float, real_weights: bool, with_fallback: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    fp = SwiGLUExpert(d, h).eval()
+    for p in fp.parameters():
+        p.requires_grad_(False)
+    bf = SwiGLUExpert(d, h).eval()
+    bf.load_state_dict(fp.state_dict())
+    bf = bf.to(torch.bfloat16)
+    fp_bytes = fp.nbytes
+    experts = {}
+    for bits in bits_list:
+        spec = quant.QuantSpec(bits, 64)
+        experts[bits] = (quant.quantize_expert(fp, spec) if real_weights
+                         else random_packed_expert(spec, d, h, gen))
+    rows = []
+    for n in batches:
+        x = torch.randn(n, d, generator=gen)
+        base = timeit(lambda: fp(x), reps)
+
+        def row(fmt: str, nbytes: int, t: dict, err: float | None = None) -> None:
+            gbs = nbytes / t["median_ms"] / 1e6
+            rows.append({"shape": label, "d_model": d, "hidden": h, "batch": n, "format": fmt,
+                         "weight_bytes": nbytes, "median_ms": round(t["median_ms"], 4),
+                         "min_ms": round(t["min_ms"], 4), "speedup_vs_fp32": base["median_ms"] / t["median_ms"],
+                         "weight_gbs": gbs, "pct_of_read_bw": 100 * gbs / bw_gbs, "max_rel_err": err})
+
+        row("fp32 torch", fp_bytes, base)
+        xb = x.bfloat16()
+        row("bf16 torch", fp_bytes // 2, timeit(lambda: bf(xb), reps))
+        for bits, q in experts.items():
+            err = check_rows(q, x)
+            name = "fp16 ours" if bits == 16 else f"int{bits} g64 ours"
+            row(name, q.nbytes, timeit(lambda: q(x), reps), err)
+        if with_fallback and 4 in experts:
+            q = experts[4]
+
+            def fallback():
+                t = [getattr(q, p) for p in quant.PROJ_NAMES]
+                mm = lambda lin, v: kernels.qmatmul(v, lin.tensors(), 4, 64, lin.in_features,  # noqa: E731
+                                                    lin.out_features, force="torch")
+                return mm(t[2], F.silu(mm(t[0], x)) * mm(t[1], x))
+            row("int4 g64 torch fallback", q.nbytes, timeit(fallback, max(2, reps // 2)))
+    return rows
+
+
+def fmt_table(rows: list[dict]) -> str:
+    head = (f"| {'shape':<22} | {'batch':>5} | {'format':<24} | {'weights MB':>10} | {'ms (median)':>11} | "
+            f"{'x fp32':>7} | {'GB/s':>6} | {'% read BW':>9} | {'max rel err':>11} |")
+    sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
+    out = [head, sep]
+    for r in rows:
+        err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
+        out.append(f"| {r['shape']:<22} | {r['batch']:>5} | {r['format']:<24} | {r['weight_bytes'] / 1e6:>10.2f} | "
+                   f"{r['median_ms']:>11.3f} | {r['speedup_vs_fp32']:>7.2f} | {r['weight_gbs']:>6.1f} | "
+                   f"{r['pct_of_read_bw']:>9.0f} | {err:>11} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch / kernel threads (default 2)")
+    ap.add_argument("--reps", type=int, default=7, help="timed calls per measurement (median reported)")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--bits", default="2,3,4,8,16")
+    ap.add_argument("--quick", action="store_true", help="bundled shape only, fewer reps (smoke test)")
+    ap.add_argument("--json-out", help="write the results as JSON to this file")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    bits_list = [int(b) for b in args.bits.split(",")]
+    reps = 3 if args.quick else args.reps
+    t_start = time.perf_counter()
+    bw = memory_bandwidth(64 if args.quick else 512, reps)
+    label, d, h = bundled_shape()
+    rows = bench_shape(label, d, h, batches, bits_list, reps * 4, bw["read_gbs"], True, True)
+    if not args.quick:
+        rows += bench_shape(MIXTRAL[0], MIXTRAL[1], MIXTRAL[2], batches, bits_list, reps, bw["read_gbs"],
+                            False, False)
+    bw_end = memory_bandwidth(64 if args.quick else 512, reps)
+    result = {"benchmark": "quant_kernels", "kernels": kernels.status(), "threads": args.threads,
+              "torch": torch.__version__, "memory_bandwidth": bw, "memory_bandwidth_end": bw_end,
+              "load_avg": list(__import__("os").getloadavg()), "seconds": time.perf_counter() - t_start,
+              "rows": rows}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"kernels: {result['kernels']}; threads {args.threads}; torch {torch.__version__}")
+        print(f"memory bandwidth (start / end of run): read {bw['read_gbs']:.1f} / {bw_end['read_gbs']:.1f} GB/s, "
+              f"copy {bw['copy_gbs']:.1f} / {bw_end['copy_gbs']:.1f} GB/s; load avg "
+              f"{result['load_avg'][0]:.1f}; run {result['seconds']:.0f} s")
+        print(fmt_table(rows))
+        print("% read BW = packed weight bytes per second / read bandwidth at the start of the run.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
