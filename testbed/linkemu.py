@@ -211,3 +211,68 @@ class LinkEmulator:
         tmp.write_text(json.dumps(rec, indent=1))
         os.replace(tmp, path)
         return path
+
+
+# ---- probe: round trips through the emulated delay (what our transport sees) ------------------
+def echo_main(argv: list[str] | None = None) -> int:
+    """`python -m testbed.linkemu echo server|client ZMQ_ADDR N DELAY_FILE`.
+
+    The receiver of each message holds it per nodes.delayqueue (keyed by the kernel's
+    Peer-Address), like the real transport; the client prints JSON {"rtt_ms": [...], "peers"}."""
+    import argparse
+    import time
+
+    import zmq
+
+    from nodes.delayqueue import DelayTable, sleep_until_ns
+    ap = argparse.ArgumentParser(prog="python -m testbed.linkemu echo")
+    ap.add_argument("role", choices=("server", "client"))
+    ap.add_argument("addr")
+    ap.add_argument("n", type=int)
+    ap.add_argument("delay_file")
+    ap.add_argument("--payload-bytes", type=int, default=64)
+    ap.add_argument("--gap-ms", type=float, default=10.0)
+    a = ap.parse_args(argv)
+    table = DelayTable(a.delay_file)
+    ctx = zmq.Context()
+    pad = b"x" * a.payload_bytes
+
+    def held(sock):
+        frames = sock.recv_multipart(copy=False)
+        sent_ns = int(frames[-2].bytes)
+        peer = frames[-1].get("Peer-Address")
+        nbytes = sum(len(f.bytes) for f in frames)
+        return frames, peer, sleep_until_ns(table.hold_until_ns(peer, sent_ns, nbytes))
+
+    try:
+        if a.role == "server":
+            s = ctx.socket(zmq.ROUTER)
+            s.bind(a.addr)
+            for _ in range(a.n):
+                frames, _, _ = held(s)
+                s.send_multipart([frames[0], str(time.monotonic_ns()).encode(), pad])
+            time.sleep(0.2)  # let the last reply leave before the socket closes
+        else:
+            s = ctx.socket(zmq.DEALER)
+            s.connect(a.addr)
+            rtts, peers, overs = [], set(), []
+            for _ in range(a.n):
+                t0 = time.monotonic_ns()
+                s.send_multipart([str(t0).encode(), pad])
+                _, peer, over = held(s)
+                rtts.append((time.monotonic_ns() - t0) / 1e6)
+                peers.add(peer)
+                overs.append(over / 1e6)
+                time.sleep(a.gap_ms / 1000)
+            print(json.dumps({"rtt_ms": rtts, "peers": sorted(peers), "overshoot_ms": overs,
+                              "mode": table.mode}))
+    finally:
+        ctx.destroy(linger=0)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] == "echo":
+        sys.exit(echo_main(sys.argv[2:]))
+    print(f"mode auto -> {choose_mode('auto')} ({probe_netem().detail})")

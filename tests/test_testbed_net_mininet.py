@@ -2,8 +2,8 @@
 traffic until routes converge around it, and nothing is left behind afterwards.
 
 Topology: e1 - r1 - r2 - e2 (20 Mbit/s, 10 ms per link) plus a longer backup path r1 - r3 - r2.
-Delay is checked with ping in netem mode, or in emulated mode with a tiny zmq echo whose
-receivers hold messages with nodes.delayqueue (what the real transport does).
+Delay is checked with ping in netem mode, or in emulated mode with the zmq echo probe of
+testbed.linkemu, whose receivers hold messages with nodes.delayqueue (as the real transport does).
 """
 from __future__ import annotations
 
@@ -45,36 +45,6 @@ TOPO = textwrap.dedent(f"""\
       - {{a: ctl, b: r1, delay_ms: 1}}
     """)
 
-ECHO = textwrap.dedent("""\
-    import json, sys, time, zmq
-    from nodes.delayqueue import DelayTable, sleep_until_ns
-    role, addr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    table = DelayTable(sys.argv[4])
-    ctx = zmq.Context()
-    def held(sock):
-        frames = sock.recv_multipart(copy=False)
-        sent_ns = int(frames[-1].bytes)
-        peer = frames[-1].get("Peer-Address")
-        sleep_until_ns(table.hold_until_ns(peer, sent_ns, len(frames[-1].bytes)))
-        return frames, peer
-    if role == "server":
-        s = ctx.socket(zmq.ROUTER); s.bind(addr)
-        for _ in range(n):
-            frames, _ = held(s)
-            s.send_multipart([frames[0], str(time.monotonic_ns()).encode()])
-    else:
-        s = ctx.socket(zmq.DEALER); s.connect(addr)
-        rtts, peers = [], set()
-        for _ in range(n):
-            t0 = time.monotonic_ns()
-            s.send(str(t0).encode())
-            _, peer = held(s)
-            rtts.append((time.monotonic_ns() - t0) / 1e6); peers.add(peer)
-            time.sleep(0.01)
-        print(json.dumps({"rtt_ms": rtts, "peers": sorted(peers)}))
-    """)
-
-
 def leftovers(prefix: str, shell_pids: list[int]) -> dict:
     from testbed import cleanup as cl
     return {
@@ -109,16 +79,15 @@ def shells(net) -> list[int]:
 
 
 def echo_rtts(net, n: int, port: int) -> dict:
-    script = Path(net.run_dir) / "echo.py"
-    script.write_text(ECHO)
+    """Round trips through the emulated delay with the probe in testbed.linkemu."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     addr = f"tcp://{net.ip('e2')}:{port}"
-    srv = net.popen("e2", [sys.executable, str(script), "server", addr, str(n),
-                           str(net.delay_file("e2"))], env=env, cwd=str(REPO))
+    probe = [sys.executable, "-m", "testbed.linkemu", "echo"]
+    srv = net.popen("e2", probe + ["server", addr, str(n), str(net.delay_file("e2"))], env=env,
+                    cwd=str(REPO))
     try:
-        out = net.popen("e1", [sys.executable, str(script), "client", addr, str(n),
-                               str(net.delay_file("e1"))], env=env, cwd=str(REPO),
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out = net.popen("e1", probe + ["client", addr, str(n), str(net.delay_file("e1"))],
+                        env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         stdout, stderr = out.communicate(timeout=60)
         assert out.returncode == 0, stderr.decode()[-2000:]
         return json.loads(stdout.decode().strip().splitlines()[-1])
