@@ -133,20 +133,31 @@ def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requ
     orphans = ~lay.hosted.any(2)
     n_orph = int(orphans.sum())
     if n_orph:
-        mem = layout_memory(profile, cluster, lay).astype(np.float64)
-        free = np.where(usable, np.maximum(ctx.capacity - mem, 0.0), 0.0)
         notes: list[str] = []
-        try:
-            hosted, bits, _ = place_experts(profile, cluster, requirements, lay.bits, free, coords, usable, opts,
-                                            hosted=lay.hosted, todo=orphans, notes=notes)
-        except InfeasibleError as exc:
-            raise InfeasibleError(f"re-plan: {n_orph} experts lost their last copy and cannot be re-homed: {exc}") \
-                from None
+        orphan_bytes = float(profile.expert_bytes(lay.bits)[orphans].sum())
+        hosted = bits = None
+        for attempt in range(6):
+            mem = layout_memory(profile, cluster, lay).astype(np.float64)
+            free = np.where(usable, np.maximum(ctx.capacity - mem, 0.0), 0.0)
+            short = 1.05 * float(profile.expert_bytes(lay.bits)[orphans].sum()) - free.sum()
+            if short > 0 or attempt > 0:
+                notes += _make_room(profile, ctx, lay, orphans, max(short, 0.02 * orphan_bytes * attempt))
+            mem = layout_memory(profile, cluster, lay).astype(np.float64)
+            free = np.where(usable, np.maximum(ctx.capacity - mem, 0.0), 0.0)
+            try:
+                hosted, bits, _ = place_experts(profile, cluster, requirements, lay.bits, free, coords, usable,
+                                                opts, hosted=lay.hosted, todo=orphans, notes=notes)
+                break
+            except InfeasibleError as exc:
+                last = exc
+        if hosted is None:
+            raise InfeasibleError(f"re-plan: {n_orph} experts ({_mb(orphan_bytes)}) lost their last copy and "
+                                  f"cannot be re-homed: {last}") from None
         moved = float(profile.expert_bytes(bits)[orphans].sum())
         lay.hosted, lay.bits = hosted, bits
         targets = sorted({cluster.servers[v].name for v in np.nonzero(hosted[orphans].any(0))[0]})
         reasons.append(f"re-homed {n_orph} experts that lost their last copy ({_mb(moved)}) onto {targets}")
-        reasons += notes[:5]
+        reasons += notes[:6]
     if lost_copies and not n_orph:
         reasons.append(f"{lost_copies} copies lost, every expert still has a replica: nothing to re-home")
     notes = negotiate_compression(ctx, lay, _budget(ctx, lay))
@@ -154,6 +165,64 @@ def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requ
     out = layout_to_plan(profile, cluster, requirements, lay, opts, current.strategy, current.mode,
                          current.model, reasons + notes)
     return out
+
+
+def _make_room(profile: Profile, ctx: Context, lay: Layout, orphans: np.ndarray, short_bytes: float) -> list[str]:
+    """Free `short_bytes` for re-homing, cheapest first: (1) drop replicas (nothing to load),
+    coldest first; (2) narrow the orphans themselves (they are loaded anyway), coldest first;
+    (3) narrow surviving experts in place (each reload costs its new, smaller size), coldest and
+    widest first, while the quality floor holds. Mutates `lay`; returns what it did."""
+    notes = []
+    if short_bytes <= 0:
+        return notes
+    eb = profile.expert_bytes(lay.bits).astype(np.float64)
+    pop = profile.popularity
+    copies = lay.hosted.sum(2)
+    freed = 0.0
+    reps = np.argwhere(lay.hosted & (copies[..., None] > 1))
+    if len(reps):
+        coord = set(ctx.coords.values())
+        order = np.lexsort((reps[:, 2], pop[reps[:, 0], reps[:, 1]]))
+        n = 0
+        for k in order:
+            if freed >= short_bytes:
+                break
+            l, e, v = reps[k]
+            if lay.hosted[l, e].sum() <= 1:
+                continue
+            lay.hosted[l, e, v] = False
+            lay.on_demand[l, e, v] = False
+            freed += eb[l, e]
+            n += 1
+        if n:
+            notes.append(f"dropped {n} replicas ({_mb(freed)}) to make room")
+    floor = ctx.reqs.max_loss_nats
+    allowed = [b for b in profile.bits if b in ctx.opts.allowed_bits]
+    for stage, mask in (("lost", orphans), ("kept", ~orphans)):
+        if freed >= short_bytes:
+            break
+        cand = np.argwhere(mask & (lay.bits > allowed[0]))
+        order = np.lexsort((-lay.bits[cand[:, 0], cand[:, 1]], pop[cand[:, 0], cand[:, 1]]))
+        n = 0
+        loss = float(profile.expert_loss(lay.bits).sum())
+        for k in order:
+            if freed >= short_bytes:
+                break
+            l, e = cand[k]
+            old_b = int(lay.bits[l, e])
+            nb = max(b for b in allowed if b < old_b)
+            new_loss = loss - profile.loss_nats[l, e, profile.bit_index(old_b)] + profile.loss_nats[l, e, profile.bit_index(nb)]
+            if new_loss > floor:
+                continue
+            saved = float(profile.nbytes[l, e, profile.bit_index(old_b)] - profile.nbytes[l, e, profile.bit_index(nb)])
+            lay.bits[l, e] = nb
+            loss = new_loss
+            freed += saved * (1 if stage == "lost" else max(int(lay.hosted[l, e].sum()), 1))
+            n += 1
+        if n:
+            notes.append(f"narrowed {n} {stage} experts by one width step to make room "
+                         f"(predicted loss now {loss:.4g} nats)")
+    return notes
 
 
 def _budget(ctx: Context, lay: Layout) -> float:

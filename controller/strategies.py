@@ -184,13 +184,19 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
         notes.append("no memory headroom kept for failures: the model needs all of it")
     full = free.sum() * 0.98  # leave 2% for bin-packing slack
     tried: list[tuple[tuple[bool, float], Layout, list[ClassPrediction], list[str]]] = []
+    last_error: InfeasibleError | None = None
     for frac in (1.0, 0.6, 0.3, 0.0):
         budget = floor_bytes + frac * max(full - floor_bytes, 0.0)
         bits = allocate_for_budget(ctx.profile, budget, ctx.opts.allowed_bits) if frac > 0 else floor_bits
         bits = np.maximum(bits, floor_bits)
         lnotes: list[str] = []
-        hosted, bits, left = place_experts(ctx.profile, ctx.cluster, ctx.reqs, bits, free, ctx.coords,
-                                           ctx.usable, ctx.opts, notes=lnotes)
+        try:
+            hosted, bits, left = place_experts(ctx.profile, ctx.cluster, ctx.reqs, bits, free, ctx.coords,
+                                               ctx.usable, ctx.opts, notes=lnotes)
+        except InfeasibleError as exc:  # memory fragments: fewer bytes leave bigger gaps
+            last_error = exc
+            notes.append(f"expert budget {_mb(budget)} does not pack into the servers ({exc}): trying fewer bytes")
+            continue
         reserve = ctx.capacity * headroom
         hosted, left = replicate_hot(ctx.profile, ctx.cluster, ctx.reqs, bits, hosted, left + reserve,
                                      ctx.coords, reserve, ctx.opts, lnotes)
@@ -207,6 +213,8 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
             break
         notes.append(f"expert budget {_mb(budget)} misses the SLO ({_score(preds, ctx.reqs):.2f} ms/token "
                      f"weighted): trying fewer bytes")
+    if not tried:
+        raise last_error
     key, lay, preds, lnotes = min(tried, key=lambda t: t[0])
     notes += lnotes
     if key[0]:
@@ -279,14 +287,17 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     except InfeasibleError as exc:
         reasons.append(f"intra-server with on-demand experts impossible: {exc}")
 
-    def key(item):  # meets SLO and quality first, then the weighted per-token latency
+    def key(item):  # meets SLO and quality first; among those the best quality, else the fastest
         _, (lay, preds), _ = item
         ok = all(p.meets_slo and p.meets_quality for p in preds)
-        return (not ok, _score(preds, ctx.reqs))
+        loss = max(p.quality_loss_nats for p in preds)
+        return (not ok, round(loss, 9) if ok else 0.0, _score(preds, ctx.reqs))
 
     cands.sort(key=key)
     mode, (lay, preds), notes = cands[0]
-    summary = ", ".join(f"{m} {_score(pp, ctx.reqs):.2f} ms/token" for m, (_, pp), _ in cands)
+    summary = ", ".join(f"{m} {_score(pp, ctx.reqs):.2f} ms/token, loss {max(p.quality_loss_nats for p in pp):.4f}"
+                        f"{'' if all(p.meets_slo and p.meets_quality for p in pp) else ' (misses SLO/quality)'}"
+                        for m, (_, pp), _ in cands)
     return lay, mode, reasons + notes + [f"chose {mode}: candidates {summary}"]
 
 
