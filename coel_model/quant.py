@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from coel_model.errors import CheckpointError
 
 BITS = (2, 3, 4, 8, 16)
-METHODS = ("rtn", "hqq")
+METHODS = ("rtn", "hqq", "gptq")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 PACK_BLOCK = 64  # codes per packing block along the input dim (8 lanes x 8 shifts)
 QUANT_FORMAT = "coel-quant"
@@ -54,6 +54,7 @@ class QuantSpec:
     bits: int  # 2, 3, 4, 8 (integer codes) or 16 (float passthrough)
     group_size: int = 64  # input-dim elements sharing one scale/zero; a multiple of 8
     method: str = "rtn"  # "rtn" (round to nearest) | "hqq" (half-quadratic zero/range refinement)
+    #                      | "gptq" (Hessian-aware error feedback; needs calibration inputs)
     float_dtype: str = "float16"  # storage dtype when bits == 16: "float16" | "bfloat16"
 
     def __post_init__(self) -> None:
@@ -206,11 +207,8 @@ def _group_err(wg: torch.Tensor, s16: torch.Tensor, z16: torch.Tensor, qmax: int
 HQQ_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 
 
-def _hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, lp: float = 0.7,
-                beta: float = 10.0, kappa: float = 1.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group: best range shrink by squared error, then half-quadratic zero refinement
-    (HQQ: alternate an l_p shrinkage of the residual with a closed-form zero update), keeping,
-    per group, whichever zero gave the lowest squared reconstruction error so far."""
+def _shrink_params(wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group, the range shrink (clipping) with the lowest squared error: (s16, z16, err)."""
     best_s, best_z = _range_params(wg, qmax)
     best_err = _group_err(wg, best_s, best_z, qmax)
     for shrink in HQQ_SHRINKS[1:]:
@@ -220,6 +218,15 @@ def _hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, lp: float = 0.7,
         best_s = torch.where(better, s16, best_s)
         best_z = torch.where(better, z16, best_z)
         best_err = torch.where(better, err, best_err)
+    return best_s, best_z, best_err
+
+
+def _hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, lp: float = 0.7,
+                beta: float = 10.0, kappa: float = 1.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group: best range shrink by squared error, then half-quadratic zero refinement
+    (HQQ: alternate an l_p shrinkage of the residual with a closed-form zero update), keeping,
+    per group, whichever zero gave the lowest squared reconstruction error so far."""
+    best_s, best_z, best_err = _shrink_params(wg, qmax)
     s = best_s.float().unsqueeze(-1)
     z = best_z.float().unsqueeze(-1)
     for _ in range(iters):
@@ -237,8 +244,59 @@ def _hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, lp: float = 0.7,
     return best_s, best_z
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """(out, in) float weight -> the stored tensors of the format (see packed_shapes)."""
+def _gptq_codes(w: torch.Tensor, spec: QuantSpec, calib_x: torch.Tensor, damp: float = 0.01,
+                block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022): quantize input columns in order and spread each column's
+    rounding error over the columns not yet quantized, weighted by the inverse Hessian
+    H = X^T X of the calibration inputs, so the layer OUTPUT error on those inputs is minimised
+    (not the weight error). Group params are chosen (clip search) when a group is reached,
+    from the already error-updated weights. Returns codes (O, Kp) uint8, scales, zeros (O, G)."""
+    O, K = w.shape
+    g, qmax = spec.group_size, (1 << spec.bits) - 1
+    kp = padded_in_features(K, g)
+    X = calib_x.detach().float().reshape(-1, K)
+    H = X.T @ X / max(1, X.shape[0])  # (K, K)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diagonal(H).mean() * torch.eye(K)
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except RuntimeError as exc:  # not positive definite even after damping
+        raise ValueError(f"gptq: calibration Hessian ({K}x{K}) is not positive definite: {exc}") from None
+    W = w.detach().float().clone()
+    codes = torch.zeros(O, kp, dtype=torch.uint8)
+    G = kp // g
+    S = torch.ones(O, G, dtype=torch.float16)
+    Z = torch.zeros(O, G, dtype=torch.float16)
+    block = max(g, block // g * g)  # groups never straddle a block
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        s = z = None
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:  # entering a group: its params from the current (updated) weights
+                wg = F.pad(W1[:, i:i + g], (0, g - W1[:, i:i + g].shape[1])).unsqueeze(1)
+                s16, z16, _ = _shrink_params(wg, qmax)
+                S[:, col // g], Z[:, col // g] = s16[:, 0], z16[:, 0]
+                s, z = s16[:, 0].float(), z16[:, 0].float()
+            q = torch.clamp(torch.round(W1[:, i] / s + z), 0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            err = (W1[:, i] - (q - z) * s) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    if kp > K:  # padding columns: whatever code represents 0 best (never multiplied by real x)
+        last = Z[:, (K - 1) // g:].float().repeat_interleave(g, dim=1)[:, K % g if K % g else g:]
+        codes[:, K:] = torch.clamp(torch.round(last[:, : kp - K]), 0, qmax).to(torch.uint8)
+    return codes, S, Z
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, calib_x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """(out, in) float weight -> the stored tensors of the format (see packed_shapes).
+    calib_x (n, in): calibration inputs of this layer, required by method "gptq" only."""
     if w.dim() != 2:
         raise ValueError(f"quantize_weight: expected a 2-D weight, got shape {tuple(w.shape)}")
     O, K = w.shape
@@ -246,6 +304,12 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]
         return {"weight": w.detach().to(FLOAT_DTYPES[spec.float_dtype]).contiguous()}
     g, qmax = spec.group_size, (1 << spec.bits) - 1
     kp = padded_in_features(K, g)
+    if spec.method == "gptq":
+        if calib_x is None or calib_x.shape[-1] != K:
+            got = None if calib_x is None else tuple(calib_x.shape)
+            raise ValueError(f"quantize_weight: method 'gptq' needs calib_x of shape (n, {K}), got {got}")
+        q, s16, z16 = _gptq_codes(w, spec, calib_x)
+        return {**pack_codes(q, spec.bits), "scales": s16.contiguous(), "zeros": z16.contiguous()}
     wp = F.pad(w.detach().float(), (0, kp - K))
     wg = wp.view(O, kp // g, g)
     s16, z16 = (_hqq_params(wg, qmax) if spec.method == "hqq" and spec.bits <= 4
@@ -361,10 +425,22 @@ class QuantizedExpert(nn.Module):
         return f"d_model={self.d_model}, hidden={self.hidden}, bits={self.spec.bits}, nbytes={self.nbytes}"
 
 
-def quantize_expert(expert: nn.Module, spec: QuantSpec) -> QuantizedExpert:
-    """Quantize a SwiGLUExpert (w_gate, w_up, w_down nn.Linear) into the packed format."""
+def quantize_expert(expert: nn.Module, spec: QuantSpec, calib_x: torch.Tensor | None = None) -> QuantizedExpert:
+    """Quantize a SwiGLUExpert (w_gate, w_up, w_down nn.Linear) into the packed format.
+    calib_x (n, d_model): tokens routed to this expert; needed for method "gptq" (w_down is then
+    calibrated on the already-quantized gate/up outputs, as sequential GPTQ does)."""
     d_model = expert.w_gate.weight.shape[1]
     hidden = expert.w_gate.weight.shape[0]
+    if spec.method == "gptq" and spec.bits < 16:
+        if calib_x is None:
+            raise ValueError("quantize_expert: method 'gptq' needs calib_x (tokens routed to the expert)")
+        x = calib_x.detach().float().reshape(-1, d_model)
+        gate = QuantizedLinear(spec, d_model, hidden, quantize_weight(expert.w_gate.weight, spec, x))
+        up = QuantizedLinear(spec, d_model, hidden, quantize_weight(expert.w_up.weight, spec, x))
+        with torch.no_grad():
+            hx = F.silu(gate(x)) * up(x)
+        down = QuantizedLinear(spec, hidden, d_model, quantize_weight(expert.w_down.weight, spec, hx))
+        return QuantizedExpert(spec, d_model, hidden, gate, up, down)
     lin = {p: QuantizedLinear.from_float(getattr(expert, p).weight, spec) for p in PROJ_NAMES}
     return QuantizedExpert(spec, d_model, hidden, lin["w_gate"], lin["w_up"], lin["w_down"])
 
