@@ -1,0 +1,138 @@
+"""Token-compression negotiation (pure) and the profile/config inputs of the planner."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from coel_model.config import MoEConfig
+from coel_model.errors import ConfigError
+from controller.cluster import Cluster, Link, Server
+from controller.compression import (DEFAULT_COSTS, AgentCapabilities, LinkView, Traffic, agree, answer_message,
+                                    costs_from_measurements, decision_message, parse_answer, propose,
+                                    propose_message)
+from controller.plan import single_class
+from controller.planner import diff, plan, replan
+from controller.profile import (bundled_model_configs, load_model_spec, load_profile, profile_from_dict,
+                                synthetic_profile)
+
+TRAFFIC = Traffic(d_model=4096, prompt_tokens=512, new_tokens=64)
+
+
+def test_fast_link_sends_uncompressed_slow_link_compresses():
+    fast = propose(LinkView("a|b", 10_000, 0.5), DEFAULT_COSTS, TRAFFIC, quality_budget_nats=0.02,
+                   slo_request_ms=5000)
+    slow = propose(LinkView("a|b", 5, 20), DEFAULT_COSTS, TRAFFIC, quality_budget_nats=0.02, slo_request_ms=5000)
+    assert fast[0].name == "none"
+    assert slow[0].name != "none" and slow[0].prefill_ms < [c for c in slow if c.name == "none"][0].prefill_ms
+
+
+def test_quality_budget_excludes_costly_settings_but_keeps_none():
+    cands = propose(LinkView("a|b", 1, 5), DEFAULT_COSTS, TRAFFIC, quality_budget_nats=0.0)
+    assert [c.name for c in cands] == ["none"]
+    cands = propose(LinkView("a|b", 1, 5), DEFAULT_COSTS, TRAFFIC, quality_budget_nats=0.001)
+    assert {c.name for c in cands} == {"none", "int8"}
+
+
+def test_agree_takes_the_first_setting_every_agent_supports_within_budget():
+    prop = propose(LinkView("a|b", 5, 20), DEFAULT_COSTS, TRAFFIC, quality_budget_nats=1.0, slo_request_ms=1e9)
+    best = prop[0].name
+    a = AgentCapabilities("a", frozenset(c.name for c in DEFAULT_COSTS))
+    b_without = AgentCapabilities("b", frozenset({"none", "int8"}))
+    assert agree(prop, [a, a], 1.0).name == best
+    assert agree(prop, [a, b_without], 1.0).name in {"none", "int8"}
+    # an agent that measured int8 as too costly vetoes it
+    b_measured = AgentCapabilities("b", frozenset({"none", "int8"}), (("int8", 0.5),))
+    assert agree(prop, [a, b_measured], 0.1).name == "none"
+
+
+def test_messages_round_trip_and_bad_answers_are_rejected():
+    prop = propose(LinkView("a|b", 5, 20), DEFAULT_COSTS, TRAFFIC, 1.0)
+    msg = propose_message("a|b", prop)
+    assert msg["type"] == "compress.propose" and msg["candidates"][0]["name"] == prop[0].name
+    json.dumps(msg)
+    caps = AgentCapabilities("b", frozenset({"none", "int8"}), (("int8", 0.0004),))
+    assert parse_answer(answer_message("a|b", caps)) == caps
+    with pytest.raises(ConfigError, match="compress.answer"):
+        parse_answer({"type": "hello", "version": 1})
+    assert decision_message("a|b", prop[0])["settings"]["act_dtype"] in ("fp16", "int8")
+
+
+def test_measured_costs_replace_the_defaults():
+    rows = [{"settings": {"act_dtype": "int8"}, "bytes_ratio": 0.26, "top1_agreement": 0.99, "ppl_increase": 0.002},
+            {"settings": {"act_dtype": "int8", "prune_beta": 0.5}, "bytes_ratio": 0.22, "top1_agreement": 0.97,
+             "ppl_increase": 0.02}]
+    costs = costs_from_measurements(rows)
+    assert costs[0].name == "none" and len(costs) == 3
+    assert math.isclose(costs[1].quality_nats, math.log1p(0.002))
+    with pytest.raises(ConfigError, match="row 0"):
+        costs_from_measurements([{"settings": {}}])
+
+
+def test_a_link_change_renegotiates_compression_in_replan():
+    cfg = MoEConfig(vocab_size=256, d_model=512, n_layers=2, n_heads=4, n_kv_heads=4, n_experts=8, top_k=2,
+                    expert_hidden=128)
+    prof = synthetic_profile(cfg, seed=0)
+    bb = prof.backbone_bytes
+    e16 = float(prof.nbytes[:, :, -1].sum())
+    servers = (Server("s0", int(bb + 0.05 * e16), 2e9), Server("s1", int(bb * 0.9), 2e9), Server("s2", int(bb * 0.9), 2e9))
+    links = (Link("s0", "hub", 10_000, 0.2), Link("s1", "hub", 10_000, 0.2), Link("s2", "hub", 10_000, 0.2))
+    cl = Cluster(servers, links, nodes=("hub",))
+    reqs = single_class("s0", token_slo_ms=1e6, max_loss_nats=0.5)
+    p = plan(prof, cl, reqs, "coel")
+    assert all(v["name"] == "none" for v in p.compression_map().values())
+    slow = cl.with_link("s1", "hub", bw_mbit=0.5, latency_ms=30)
+    p2 = replan(p, prof, slow, reqs)
+    changed = {k: v["name"] for k, v in p2.compression_map().items() if "s1" in k}
+    assert changed and all(n != "none" for n in changed.values())
+    acts = diff(p, p2)
+    assert any(a.kind == "set_compression" for a in acts)
+    assert not any(a.kind in ("load_shard", "drop_shard") for a in acts)
+
+
+# ---- planner inputs: profiles and configs
+
+def test_profile_written_by_coel_profile_with_counts_is_read_as_probabilities():
+    cfg = MoEConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, n_experts=4, top_k=2,
+                    expert_hidden=64)
+    prof = synthetic_profile(cfg, seed=3)
+    doc = prof.to_dict()
+    tokens = 1000
+    counts = prof.coact_same * tokens
+    for l in range(2):
+        np.fill_diagonal(counts[l], prof.popularity[l] * tokens)
+    doc["coactivation"]["same_layer"] = counts.tolist()
+    back = profile_from_dict(doc, "x.json")
+    assert np.allclose(back.coact_same, prof.coact_same, atol=1e-6)
+    assert np.allclose(back.popularity, prof.popularity)
+
+
+def test_bad_profiles_name_the_problem(tmp_path):
+    cfg = MoEConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, n_experts=4, top_k=2,
+                    expert_hidden=64)
+    doc = synthetic_profile(cfg, seed=3).to_dict(include_coactivation=False)
+    bad = dict(doc, experts=doc["experts"][:-1])
+    with pytest.raises(ConfigError, match="layer 1 expert 3"):
+        profile_from_dict(bad, "p.json")
+    bad = json.loads(json.dumps(doc))
+    bad["experts"][2]["bytes"]["4"] = 1
+    with pytest.raises(ConfigError, match="bytes must grow"):
+        profile_from_dict(bad, "p.json")
+    (tmp_path / "broken.json").write_text("{\n  nope")
+    with pytest.raises(ConfigError, match=r"broken.json:2"):
+        load_profile(tmp_path / "broken.json")
+
+
+def test_bundled_big_configs_have_their_published_sizes():
+    assert set(bundled_model_configs()) >= {"deepseek-v3", "mixtral-8x7b", "qwen3-30b-a3b"}
+    mix = load_model_spec("mixtral-8x7b").cfg.param_counts()["total"]
+    qwen = load_model_spec("qwen3-30b-a3b").cfg.param_counts()["total"]
+    assert 46.0e9 < mix < 47.5e9 and 30.0e9 < qwen < 31.0e9
+    ds = load_model_spec("deepseek-v3")
+    assert ds.cfg.n_layers == 58 and ds.cfg.n_experts == 256
+    total = ds.cfg.param_counts()["experts"] + ds.backbone_params
+    assert 665e9 < total < 677e9  # 671 B published
+    prof = ds.profile()
+    assert prof.popularity.shape == (58, 256) and np.allclose(prof.popularity.sum(1), 8)
