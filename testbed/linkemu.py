@@ -232,6 +232,8 @@ def echo_main(argv: list[str] | None = None) -> int:
     ap.add_argument("delay_file")
     ap.add_argument("--payload-bytes", type=int, default=64)
     ap.add_argument("--gap-ms", type=float, default=10.0)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="round trips not counted (the first one includes the TCP connect)")
     a = ap.parse_args(argv)
     table = DelayTable(a.delay_file)
     ctx = zmq.Context()
@@ -248,7 +250,7 @@ def echo_main(argv: list[str] | None = None) -> int:
         if a.role == "server":
             s = ctx.socket(zmq.ROUTER)
             s.bind(a.addr)
-            for _ in range(a.n):
+            for _ in range(a.n + a.warmup):
                 frames, _, _ = held(s)
                 s.send_multipart([frames[0], str(time.monotonic_ns()).encode(), pad])
             time.sleep(0.2)  # let the last reply leave before the socket closes
@@ -256,13 +258,14 @@ def echo_main(argv: list[str] | None = None) -> int:
             s = ctx.socket(zmq.DEALER)
             s.connect(a.addr)
             rtts, peers, overs = [], set(), []
-            for _ in range(a.n):
+            for i in range(a.n + a.warmup):
                 t0 = time.monotonic_ns()
                 s.send_multipart([str(t0).encode(), pad])
                 _, peer, over = held(s)
-                rtts.append((time.monotonic_ns() - t0) / 1e6)
-                peers.add(peer)
-                overs.append(over / 1e6)
+                if i >= a.warmup:
+                    rtts.append((time.monotonic_ns() - t0) / 1e6)
+                    peers.add(peer)
+                    overs.append(over / 1e6)
                 time.sleep(a.gap_ms / 1000)
             print(json.dumps({"rtt_ms": rtts, "peers": sorted(peers), "overshoot_ms": overs,
                               "mode": table.mode}))
