@@ -1,4 +1,5 @@
-"""Packed-expert matmul speed: time per bit width vs fp32 / bf16, and bytes/s vs memory bandwidth.
+"""Packed-expert matmul speed: time per bit width vs fp32 / bf16, and bytes/s vs memory bandwidth;
+plus the reconstruction error of the quantization methods (rtn, hqq, gptq) at 2-4 bits.
 
 One SwiGLU expert forward (gate, up, down) per measurement, for the bundled model's expert shape
 and Mixtral-8x7B's (d 4096, hidden 14336), at batch 1 (decode: bandwidth bound) and batch 32.
@@ -146,6 +147,70 @@ def bench_shape(label: str, d: int, h: int, batches: list[int], bits_list: list[
     return rows
 
 
+def method_errors(bits_list: list[int], seed: int = 0) -> dict:
+    """Weight and output reconstruction error of rtn / hqq / gptq on expert weights.
+    Real weights and activations when models/tiny-moe exists (layer-0 experts, MoE inputs of random
+    token ids, calibration and held-out tokens disjoint); otherwise heavy-tailed synthetic weights
+    and correlated activations with outlier channels. Errors are relative Frobenius norms."""
+    g = torch.Generator().manual_seed(seed)
+    model_dir = ROOT / "models" / "tiny-moe"
+    if (model_dir / "config.json").exists():
+        from coel_model.checkpoint import load_model
+        model = load_model(model_dir)
+        cfg = model.cfg
+        captured = []
+        hook = model.layers[0].post_attn_norm.register_forward_hook(lambda m, i, o: captured.append(o))
+        with torch.no_grad():
+            model(torch.randint(0, cfg.vocab_size, (4, 256), generator=g))
+        hook.remove()
+        h = captured[0].reshape(-1, cfg.d_model)
+        experts = [model.expert(0, e) for e in range(min(4, cfg.n_experts))]
+        source = f"{model_dir.name}: layer-0 experts 0-{len(experts) - 1}, inputs from random token ids"
+    else:
+        label, d, hid = bundled_shape()
+        chan = torch.exp(torch.randn(d, generator=g))
+        mix = torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d ** 0.5
+        h = (torch.randn(1024, d, generator=g) @ mix) * chan
+        experts = []
+        for _ in range(4):
+            e = SwiGLUExpert(d, hid)
+            with torch.no_grad():
+                for p in e.parameters():
+                    p.copy_(torch.distributions.StudentT(3.0).sample(p.shape) * 0.02)
+            experts.append(e)
+        source = f"synthetic {label} shape: Student-t(3) weights, correlated activations with outlier channels"
+    perm = torch.randperm(h.shape[0], generator=g)
+    calib, held = h[perm[: h.shape[0] // 2]], h[perm[h.shape[0] // 2:]]
+    rows = []
+    for bits in [b for b in bits_list if b <= 4]:
+        for method in ("rtn", "hqq", "gptq"):
+            werr, oerr, t = [], [], 0.0
+            for exp in experts:
+                t0 = time.perf_counter()
+                q = quant.quantize_expert(exp, quant.QuantSpec(bits, 64, method), calib_x=calib)
+                t += time.perf_counter() - t0
+                w = exp.w_gate.weight.detach()
+                werr.append(float((q.w_gate.dequantize() - w).norm() / w.norm()))
+                with torch.no_grad():
+                    ref = exp(held)
+                    oerr.append(float((q(held) - ref).norm() / ref.norm()))
+            rows.append({"bits": bits, "method": method, "weight_rel_err": statistics.mean(werr),
+                         "expert_out_rel_err": statistics.mean(oerr), "quantize_s_per_expert": t / len(experts)})
+    return {"source": source, "group_size": 64, "rows": rows}
+
+
+def fmt_errors(err: dict) -> str:
+    out = [f"source: {err['source']} (group {err['group_size']})",
+           "| bits | method | gate weight rel err | expert output rel err (held-out) | vs rtn | quantize s/expert |",
+           "|------|--------|---------------------|----------------------------------|--------|-------------------|"]
+    rtn = {r["bits"]: r["expert_out_rel_err"] for r in err["rows"] if r["method"] == "rtn"}
+    for r in err["rows"]:
+        out.append(f"| {r['bits']:>4} | {r['method']:<6} | {r['weight_rel_err']:>19.4f} | "
+                   f"{r['expert_out_rel_err']:>32.4f} | {r['expert_out_rel_err'] / rtn[r['bits']]:>6.2f} | "
+                   f"{r['quantize_s_per_expert']:>17.3f} |")
+    return "\n".join(out)
+
+
 def fmt_table(rows: list[dict]) -> str:
     head = (f"| {'shape':<22} | {'batch':>5} | {'format':<24} | {'weights MB':>10} | {'ms (median)':>11} | "
             f"{'x fp32':>7} | {'GB/s':>6} | {'% read BW':>9} | {'max rel err':>11} |")
@@ -182,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_shape(MIXTRAL[0], MIXTRAL[1], MIXTRAL[2], batches, bits_list, reps, bw["read_gbs"],
                             False, False)
     bw_end = memory_bandwidth(64 if args.quick else 512, reps)
+    errors = method_errors(bits_list)
     result = {"benchmark": "quant_kernels", "kernels": kernels.status(), "threads": args.threads,
               "torch": torch.__version__, "memory_bandwidth": bw, "memory_bandwidth_end": bw_end,
               "load_avg": list(__import__("os").getloadavg()), "seconds": time.perf_counter() - t_start,
-              "rows": rows}
+              "rows": rows, "method_errors": errors}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
@@ -197,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['load_avg'][0]:.1f}; run {result['seconds']:.0f} s")
         print(fmt_table(rows))
         print("% read BW = packed weight bytes per second / read bandwidth at the start of the run.")
+        print()
+        print(fmt_errors(errors))
     return 0
 
 
