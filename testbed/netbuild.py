@@ -84,7 +84,6 @@ class TestbedNet:
         self._memcg: set[str] = set()
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
-        self._route_epoch = 0
         self.route_version = 0
         self.route_error: str | None = None
         self._stopped = False
@@ -182,6 +181,8 @@ class TestbedNet:
                 cl.clean_prefix(self.prefix)
         finally:
             self._remove_cleanup_hooks()
+            if self._own_run_dir:  # a temp dir we made: its delay files died with the hosts
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _install_cleanup_hooks(self) -> None:
         atexit.register(self.stop)
@@ -238,11 +239,10 @@ class TestbedNet:
                 if self.topo.kind(n) == "switch":
                     idx = sw_port.get(n, 1)
                     sw_port[n] = idx + 1
-                    name, p, pid, is_sw = self._intf_name(n, idx), {}, None, True
+                    name, p, is_sw = self._intf_name(n, idx), {}, True
                 else:
                     iface = self.plan.iface_for_link(n, link)
                     name, p, is_sw = self._intf_name(n, iface.index), {"ip": iface.cidr}, False
-                    pid = None
                 ends.append([n, name, is_sw])
                 names.append(name)
                 params.append(p)
@@ -321,7 +321,6 @@ class TestbedNet:
         with self._lock:
             if self._timer:
                 self._timer.cancel()
-            self._route_epoch += 1
             if self.convergence_ms <= 0:
                 self._reroute()
                 return
