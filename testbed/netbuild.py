@@ -63,7 +63,7 @@ class TestbedNet:
 
     def __init__(self, topo: Topology, run_dir: str | Path | None = None, mode: str = "auto",
                  convergence_ms: float | None = None, cpu_limits: bool = True,
-                 memory_limits: bool = True, signal_handlers: bool = True):
+                 memory_limits: bool = True, signal_handlers: bool = True, trace: Any = None):
         self.topo = topo
         self.mode = choose_mode(mode)
         self.convergence_ms = topo.convergence_ms if convergence_ms is None else convergence_ms
@@ -89,6 +89,7 @@ class TestbedNet:
         self._stopped = False
         self._old_handlers: dict[int, Any] = {}
         self.events: list[dict] = []  # what was changed when (for traces / reports)
+        self.trace = trace  # optional testbed.traces.TraceWriter: link and route events
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "TestbedNet":
@@ -305,16 +306,18 @@ class TestbedNet:
                            input="".join(f"route del {ip}/32 proto static\n" for ip in sorted(gone)))
                 self._routes[h] = new
             self.route_version = self.emu.write_delay_files(self.topo, self.plan)
-            self.events.append({"t_ns": time.monotonic_ns(), "event": "routes",
-                                "version": self.route_version})
+            owner = self.plan.host_of_ip()
+            n = len(self.topo.hosts)
+            self._event("routes", version=self.route_version,
+                        unreachable_pairs=sum(n - 1 - len({owner[r.dst_ip] for r in routes[h]})
+                                              for h in self.topo.hosts))
 
     def _reroute_in_timer(self) -> None:
         try:
             self._reroute()
         except Exception as exc:  # a timer thread has no caller: record it for wait_converged
             self.route_error = f"{type(exc).__name__}: {exc}"
-            self.events.append({"t_ns": time.monotonic_ns(), "event": "routes_failed",
-                                "error": self.route_error})
+            self._event("routes_failed", error=self.route_error)
 
     def _schedule_reroute(self) -> None:
         """Routes follow a link change after convergence_ms, like a routing protocol would."""
@@ -405,10 +408,15 @@ class TestbedNet:
 
     def _change(self, a: str, b: str, **changes: Any) -> Link:
         self.topo = self.topo.with_link(a, b, **changes)
-        link = self.topo.link(a, b)
-        self.events.append({"t_ns": time.monotonic_ns(), "event": "link", "a": a, "b": b,
-                            **changes})
-        return link
+        kind = ("link_up" if changes["up"] else "link_down") if "up" in changes else "link_change"
+        self._event(kind, a=a, b=b, **changes)
+        return self.topo.link(a, b)
+
+    def _event(self, kind: str, **attrs: Any) -> None:
+        t = time.monotonic_ns()
+        self.events.append({"t_ns": t, "event": kind, **attrs})
+        if self.trace is not None:
+            self.trace.event(kind, t_ns=t, topology=self.topo.name, mode=self.mode, **attrs)
 
     def links_down(self, a: str, b: str) -> None:
         """Take the link a-b down: its interfaces really go down; routes follow after convergence."""

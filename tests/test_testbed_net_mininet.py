@@ -66,7 +66,10 @@ def net(tmp_path_factory):
     from testbed.netbuild import TestbedNet
     from topologies import parse_topology
     topo = parse_topology(TOPO, "two-server-path.yaml")
-    n = TestbedNet(topo, tmp_path_factory.mktemp("run"), signal_handlers=False)
+    from testbed.traces import TraceWriter
+    run_dir = tmp_path_factory.mktemp("run")
+    n = TestbedNet(topo, run_dir, signal_handlers=False,
+                   trace=TraceWriter(run_dir / "traces" / "testbed-net.jsonl", "testbed"))
     try:
         n.start()
         yield n
@@ -166,7 +169,13 @@ def test_link_down_stalls_then_reroutes(net):
     backup = 2 * DELAY_MS + 2 * BACKUP_DELAY_MS
     table = json.loads(net.delay_file("e1").read_text())
     assert table["version"] == version and table["peers"][net.ip("e2")]["delay_ms"] == backup
-    assert any(e["event"] == "link" and e.get("up") is False for e in net.events)
+    from testbed.traces import merge
+    tr = merge([Path(net.run_dir) / "traces" / "testbed-net.jsonl"])
+    downs = [e for e in tr.events if e["event"] == "link_down"]
+    assert [(e["attrs"]["a"], e["attrs"]["b"]) for e in downs] == [("r1", "r2")]
+    assert downs[0]["t_ns"] >= int(t_down * 1e9) - 1  # monotonic clock, like every span
+    conv = [e for e in tr.events if e["event"] == "routes" and e["attrs"]["version"] == version]
+    assert conv and conv[0]["t_ns"] - downs[0]["t_ns"] >= net.convergence_ms * 1e6
     if net.mode == "emulated":
         rtt = median(echo_rtts(net, 7, 5601)["rtt_ms"])
         assert rtt == pytest.approx(2 * backup, rel=0.15), rtt
