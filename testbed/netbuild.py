@@ -47,7 +47,7 @@ def check_can_build() -> None:
         raise InfeasibleError("building the testbed network needs root (Mininet creates "
                               "namespaces, veths and cgroups); run as root or in the VM")
     missing = [t for t in ("mnexec", "tc", "ip", "iptables-restore", "cgcreate", "cgclassify",
-                           "brctl") if not shutil.which(t)]
+                           "cgexec", "cgset", "brctl", "sysctl") if not shutil.which(t)]
     if missing:
         raise InfeasibleError(f"missing tools for the testbed network: {', '.join(missing)} "
                               "(run `bash install.sh` as root)")
@@ -255,14 +255,22 @@ class TestbedNet:
                 for n, name, is_sw in ends)
 
     def _memory_cgroups(self) -> None:
+        """memory:/<host> limited to memory_mb + agent_overhead_mb; the host shell joins it, so
+        everything started in the host (cmd or popen) is accounted there."""
         for s in self.topo.servers:
             name = self.mn_name[s.name]
             limit = int(self.topo.cgroup_memory_mb(s.name) * MIB)
-            subprocess.run(["cgcreate", "-g", f"memory:/{name}"], check=True, capture_output=True)
-            subprocess.run(["cgset", "-r", f"memory.limit_in_bytes={limit}", f"/{name}"],
-                           check=True, capture_output=True)
-            subprocess.run(["cgclassify", "-g", f"memory:/{name}", str(self.pid(s.name))],
-                           check=True, capture_output=True)
+            for argv in (["cgcreate", "-g", f"memory:/{name}"],
+                         ["cgset", "-r", f"memory.limit_in_bytes={limit}", f"/{name}"],
+                         ["cgclassify", "-g", f"memory:/{name}", str(self.pid(s.name))]):
+                r = subprocess.run(argv, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise InfeasibleError(
+                        f"server {s.name}: cannot set its memory cgroup to {limit} bytes "
+                        f"(memory_mb {s.memory_mb:g} + agent_overhead_mb "
+                        f"{self.topo.agent_overhead_mb:g}): {' '.join(argv[:1])}: "
+                        f"{(r.stderr or r.stdout).strip()[:300]} (is the cgroup v1 memory "
+                        "controller mounted? or pass memory_limits=False)")
             self._memcg.add(s.name)
 
     def _sysctl(self, h: str) -> None:
