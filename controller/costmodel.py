@@ -107,24 +107,30 @@ def expected_max(cost: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (c * qq * none_before).sum(-1)
 
 
-def involvement(profile: Profile, serve: np.ndarray, p_eff: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray]:
+def _per_server(serve: np.ndarray, values: np.ndarray, S: int) -> np.ndarray:
+    """(L, E) values summed per (layer, serving server): (L, S)."""
+    L = serve.shape[0]
+    flat = (np.arange(L)[:, None] * S + serve).ravel()
+    return np.bincount(flat, weights=values.ravel(), minlength=L * S).reshape(L, S)
+
+
+def involvement(coact: np.ndarray, serve: np.ndarray, p_eff: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray]:
     """(L, S) probability that a token needs server v in layer l, and (L, S) sum of p_eff there.
     Inclusion-exclusion to second order with the measured co-activation (fires-together pairs
     count once), bounded by [max single p, min(1, sum p)]; independence when no co-activation."""
     L, E = serve.shape
-    onehot = np.zeros((L, E, S))
-    np.put_along_axis(onehot, serve[..., None], 1.0, axis=2)
-    psum = np.einsum("les,le->ls", onehot, p_eff)
-    pmax = (onehot * p_eff[..., None]).max(1)
-    indep = 1.0 - np.exp(np.einsum("les,le->ls", onehot, np.log1p(-np.minimum(p_eff, 1 - 1e-9))))
-    if profile.coact_same.any():
-        pairs = 0.5 * np.einsum("les,les->ls", onehot, profile.coact_same @ onehot)
-        q = np.clip(psum - pairs, pmax, np.minimum(psum, 1.0))
-        has = profile.coact_same.reshape(L, -1).any(1)
-        q = np.where(has[:, None], q, indep)
-    else:
-        q = indep
-    return q, psum
+    psum = _per_server(serve, p_eff, S)
+    pmax = np.zeros((L, S))
+    np.maximum.at(pmax, (np.repeat(np.arange(L), E), serve.ravel()), p_eff.ravel())
+    indep = 1.0 - np.exp(_per_server(serve, np.log1p(-np.minimum(p_eff, 1 - 1e-9)), S))
+    has = coact.reshape(L, -1).any(1)
+    if not has.any():
+        return indep, psum
+    same = serve[:, :, None] == serve[:, None, :]  # (L, E, E) both served by one server
+    pair_mass = 0.5 * (coact * same).sum(2)  # (L, E): half of e's pairs on its server
+    pairs = _per_server(serve, pair_mass, S)
+    q = np.clip(psum - pairs, pmax, np.minimum(psum, 1.0))
+    return np.where(has[:, None], q, indep), psum
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     hosted = lay.hosted[sl]
     ondem = lay.on_demand[sl]
     p = profile.popularity[sl]
-    eb = profile.expert_bytes(lay.bits[sl]).astype(np.float64)  # (L, E)
+    eb = profile.expert_bytes(lay.bits)[sl].astype(np.float64)  # (L, E)
     vec = cfg.d_model * 2.0
     bf, cf, tf, codec, qual = _pair_factors(lay, h, S)
     net = _msg_ms(cluster, opts, h, vec, bf) + codec * 2 * vec * bf / 1e6
@@ -160,12 +166,9 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
         raise InfeasibleError(f"layer {bad[0] + sl.start} expert {bad[1]}: no reachable copy from server "
                               f"{cluster.servers[h].name}")
     p_eff = p * np.where(serve == h, 1.0, cf[serve])
-    q, psum = involvement(profile, serve, p_eff, S)
-    L = p.shape[0]
-    onehot = np.zeros((L, p.shape[1], S))
-    np.put_along_axis(onehot, serve[..., None], 1.0, axis=2)
+    q, psum = involvement(profile.coact_same[sl], serve, p_eff, S)
     c_serve = np.take_along_axis(comp, serve[..., None], 2)[..., 0]
-    work = np.einsum("les,le->ls", onehot, p_eff * c_serve)  # expected compute ms per token on v
+    work = _per_server(serve, p_eff * c_serve, S)  # expected compute ms per token on v
     safe_q = np.where(q > 0, q, 1.0)
     calls = psum / safe_q
     cost = net[None, :] + work / safe_q + opts.call_overhead_ms * calls
@@ -174,8 +177,8 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     T = prompt_tokens
     qT = 1.0 - (1.0 - np.clip(q, 0, 1)) ** T
     touched = 1.0 - (1.0 - np.clip(p, 0, 1)) ** T
-    read_ms = np.einsum("les,le->ls", onehot, touched * c_serve)
-    flops = np.einsum("les,le->ls", onehot, p_eff * T * 2.0 * 3 * cfg.d_model * cfg.expert_hidden)
+    read_ms = _per_server(serve, touched * c_serve, S)
+    flops = _per_server(serve, p_eff * T * 2.0 * 3 * cfg.d_model * cfg.expert_hidden, S)
     flop_ms = flops / (gf * 1e9) * 1e3
     tok_v = T * q * tf[None, :]
     lat = cluster.latency_matrix_ms[h]
@@ -187,7 +190,7 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     net_T = np.where(np.isfinite(lat)[None, :], net_T, np.inf)
     cost_T = net_T + np.maximum(read_ms, flop_ms) + opts.call_overhead_ms * np.minimum(psum * T, p.shape[1])
     prefill = expected_max(np.where(qT > 0, cost_T, 0.0), qT)
-    used = (onehot.sum((0, 1)) > 0)
+    used = np.bincount(serve.ravel(), minlength=S) > 0
     used_pairs = frozenset((min(h, v), max(h, v)) for v in np.nonzero(used)[0] if v != h)
     qn = max([float(qual[v]) for v in np.nonzero(used)[0] if v != h] + [0.0])
     return HubCost(decode, prefill, qn, used_pairs)
@@ -255,14 +258,17 @@ def evaluate(profile: Profile, cluster: Cluster, reqs: Requirements, lay: Layout
                 oneT = _msg_ms(cluster, opts, prev, profile.cfg.d_model * 2.0 * c.prompt_tokens)[h] / 2
                 tok += one
                 ttft += oneT
-            key = (h, c.prompt_tokens)
-            if key not in cache:
-                cache[key] = hub_cost(profile, cluster, lay, h, c.prompt_tokens, opts)
-            hc = cache[key]
             n = l1 - l0
-            tok += n * layer_b / bw[h] * 1e3 + float(hc.decode_ms[l0:l1].sum())
+            if n == 0:
+                prev = h
+                continue
+            key = (h, l0, l1, c.prompt_tokens)
+            if key not in cache:
+                cache[key] = hub_cost(profile, cluster, lay, h, c.prompt_tokens, opts, layers=slice(l0, l1))
+            hc = cache[key]
+            tok += n * layer_b / bw[h] * 1e3 + float(hc.decode_ms.sum())
             ttft += n * max(layer_b / bw[h], layer_b * c.prompt_tokens / (gf[h] * 1e9)) * 1e3 \
-                + float(hc.prefill_ms[l0:l1].sum())
+                + float(hc.prefill_ms.sum())
             qual = max(qual, hc.quality_nats)
             prev = h
         if prev != coord:

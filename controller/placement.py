@@ -148,19 +148,24 @@ def place_experts(profile: Profile, cluster: Cluster, reqs: Requirements, bits: 
         for c in range(net.shape[0]):
             obj += w[c] * delta_expected_max(net[c][None, :] + c_old, q0, net[c][None, :] + c_new, qn)
         obj = np.where(usable[None, :], obj, np.inf)
+        chosen = np.empty(len(ls), dtype=np.int64)
         for k in np.argsort(-p, kind="stable"):
             l, e = int(ls[k]), int(es[k])
-            pk, bk = float(p[k]), float(b[k])
+            bk = float(b[k])
             ok = np.isfinite(obj[k]) & (free >= bk)
             if not ok.any():
                 v = _lower_bits(profile, l, e, bits, eb, free, usable, allowed_bits, notes)
             else:
                 v = int(np.argmin(np.where(ok, obj[k], np.inf)))
-            bk = float(eb[l, e])
+            chosen[k] = v
             hosted[l, e, v] = True
-            free[v] -= bk
-            wv = pk * bk / bw[v] * 1e3
-            st.add(profile, l, e, v, pk, wv)
+            free[v] -= eb[l, e]
+        # each layer appears once per round, so the layer states update in one go
+        r_ = np.arange(len(ls))
+        st.q[ls, chosen] = qn[r_, chosen]
+        st.psum[ls, chosen] += p
+        st.work[ls, chosen] += p * eb[ls, es] / bw[chosen] * 1e3
+        st.A[ls, :, chosen] += profile.coact_same[ls, :, es]
     return hosted, bits, free
 
 
@@ -186,9 +191,11 @@ def _lower_bits(profile: Profile, l: int, e: int, bits: np.ndarray, eb: np.ndarr
 
 def replicate_hot(profile: Profile, cluster: Cluster, reqs: Requirements, bits: np.ndarray, hosted: np.ndarray,
                   free: np.ndarray, coords: dict[str, int], reserve: np.ndarray, opts: PlanOptions,
-                  notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+                  notes: list[str], fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Copy hot experts to each coordinator while it has room above its reserve: an expert
-    whose nearest copy is remote saves p x round trip per token there. Most valuable first."""
+    whose nearest copy is remote saves p x round trip per token there. Most valuable first;
+    `fraction` keeps only that share of the copies that would fit (callers compare a few, since
+    piling every expert on the coordinator also serialises their compute there)."""
     hosted = hosted.copy()
     free = free.copy()
     eb = profile.expert_bytes(bits).astype(np.float64)
@@ -205,17 +212,22 @@ def replicate_hot(profile: Profile, cluster: Cluster, reqs: Requirements, bits: 
         gain = np.where(~hosted[:, :, h] & (ncopies < opts.max_replicas) & np.isfinite(nearest),
                         profile.popularity * nearest, 0.0)
         order = np.argsort(-gain, axis=None, kind="stable")
-        added = 0
         room = free[h] - reserve[h]
+        picks = []
         for flat in order:
             l, e = divmod(int(flat), gain.shape[1])
             if gain[l, e] <= 0:
                 break
             if eb[l, e] > room:
                 continue
+            picks.append((l, e))
+            room -= eb[l, e]
+        room = free[h] - reserve[h]
+        picks = picks[: int(round(fraction * len(picks)))]
+        for l, e in picks:
             hosted[l, e, h] = True
             room -= eb[l, e]
-            added += 1
+        added = len(picks)
         free[h] = room + reserve[h]
         if added:
             notes.append(f"replicated {added} hot experts onto coordinator {cluster.servers[h].name} "

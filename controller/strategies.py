@@ -198,8 +198,17 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
             notes.append(f"expert budget {_mb(budget)} does not pack into the servers ({exc}): trying fewer bytes")
             continue
         reserve = ctx.capacity * headroom
-        hosted, left = replicate_hot(ctx.profile, ctx.cluster, ctx.reqs, bits, hosted, left + reserve,
-                                     ctx.coords, reserve, ctx.opts, lnotes)
+        rep_best = None
+        for rep_frac in (0.0, 0.25, 0.5, 1.0):  # replicas help the network, but pile compute on the coordinator
+            rnotes: list[str] = []
+            h2, _ = replicate_hot(ctx.profile, ctx.cluster, ctx.reqs, bits, hosted, left + reserve,
+                                  ctx.coords, reserve, ctx.opts, rnotes, fraction=rep_frac)
+            trial = Layout(bits, h2, np.zeros_like(h2), base.stages)
+            sc = _score(evaluate(ctx.profile, ctx.cluster, ctx.reqs, trial, ctx.opts), ctx.reqs)
+            if rep_best is None or sc < rep_best[0] - 1e-9:
+                rep_best = (sc, h2, rnotes, rep_frac)
+        _, hosted, rnotes, rep_frac = rep_best
+        lnotes += rnotes or ["no replicas: copying hot experts to the coordinator did not lower the predicted latency"]
         lay = Layout(bits, hosted, np.zeros_like(hosted), base.stages)
         preds, cn = _finish(ctx, lay)
         n_servers = int(hosted.any((0, 1)).sum())
@@ -254,6 +263,39 @@ def _coel_intra(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
     return lay, preds
 
 
+def _coel_pipeline(ctx: Context, floor_bits: np.ndarray):
+    """Layer-wise partition (the pipeline DP) with CoEL's mixed widths: fewer hops per token
+    than per-layer expert calls when coordinators cannot hold the experts. Tries the
+    quality-floor widths and the widths that fill the usable memory; keeps the faster."""
+    main = max(ctx.reqs.classes, key=lambda c: (ctx.reqs.weights()[c.name], c.name))
+    free_total = float(ctx.capacity[ctx.usable].sum()) - ctx.profile.backbone_bytes
+    options = [floor_bits]
+    try:
+        options.append(np.maximum(allocate_for_budget(ctx.profile, 0.95 * free_total, ctx.opts.allowed_bits),
+                                  floor_bits))
+    except InfeasibleError:
+        pass
+    best = None
+    for bits in options:
+        res = pipeline_dp(ctx, bits, main.entry)
+        if res is None:
+            continue
+        stages_for = {c.entry: list(res[1]) for c in ctx.reqs.classes}
+        lay = _pipeline_layout(ctx, bits, stages_for)
+        mem = layout_memory(ctx.profile, ctx.cluster, lay)
+        if (mem > ctx.capacity + 0.5).any():
+            continue
+        preds, cn = _finish(ctx, lay)
+        key = (not all(p.meets_quality for p in preds), _score(preds, ctx.reqs))
+        if best is None or key < best[0]:
+            stages = res[1]
+            best = (key, lay, preds, [f"layer-wise partition with mixed widths ({bits.mean():.2f} average bits): "
+                                      + ", ".join(f"{ctx.name(v)}[{a}:{z}]" for v, a, z in stages if z > a)] + cn)
+    if best is None:
+        return None
+    return ("pipeline", (best[1], best[2]), best[3])
+
+
 def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     floor = ctx.reqs.max_loss_nats
     floor_bits = allocate_for_quality(ctx.profile, floor, ctx.opts.allowed_bits) if math.isfinite(floor) \
@@ -280,6 +322,9 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     else:
         reasons.append(f"intra-server impossible: no server has {_mb(ctx.profile.backbone_bytes + floor_bytes)} "
                        f"for backbone + quality-floor experts (largest {_mb(ctx.capacity[ctx.usable].max())})")
+    pipe = _coel_pipeline(ctx, floor_bits)
+    if pipe is not None:
+        cands.append(pipe)
     try:
         off = strategy_offload(ctx, floor_bits=floor_bits)
         offp = evaluate(ctx.profile, ctx.cluster, ctx.reqs, off[0], ctx.opts)
@@ -321,8 +366,8 @@ def strategy_offload(ctx: Context, floor_bits: np.ndarray | None = None) -> tupl
     coords = sorted(set(ctx.coords.values()))
     for b in sorted(x for x in ctx.opts.allowed_bits if x in ctx.profile.bits):
         bits = np.full((L, E), b, dtype=np.int64)
-        if floor_bits is not None:
-            bits = np.maximum(bits, floor_bits)
+        if floor_bits is not None and ctx.profile.expert_loss(bits).sum() > floor:
+            bits = np.maximum(bits, floor_bits)  # uniform misses the floor: lift to the floor's widths
         eb = ctx.profile.expert_bytes(bits).astype(np.float64)
         hosted = np.zeros((L, E, S), bool)
         ondem = np.zeros((L, E, S), bool)
@@ -346,7 +391,7 @@ def strategy_offload(ctx: Context, floor_bits: np.ndarray | None = None) -> tupl
         key = (not ok_q, _score(preds, ctx.reqs))
         if best is None or key < best[0]:
             n_res = int((hosted & ~ondem).sum())
-            best = (key, lay, [f"offload: {b}-bit experts, {n_res} resident, {int(ondem.sum())} loaded on demand "
+            best = (key, lay, [f"offload: {bits.mean():.2f}-bit experts, {n_res} resident, {int(ondem.sum())} loaded on demand "
                                f"at {ctx.cluster.servers[coords[0]].storage_bytes_per_s / 1e9:.1f} GB/s"])
     if best is None:
         h = coords[0]

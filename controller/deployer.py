@@ -1,0 +1,246 @@
+"""Executes plan diffs on the running cluster, make-before-break.
+
+Order (controller.planner.diff already sorts actions this way): load every new shard on its
+agent (LOAD_SHARD over the network: real transfer time), then switch every entry's placement
+atomically (PLACEMENT, acknowledged), then drop the shards no placement names any more
+(UNLOAD_SHARD). Each load is retried with exponential back-off per key (server, layer, expert)
+up to a cap; a key that still fails is left out of the placement (its old holders, if any, keep
+serving it), and the outcome lists it. Over-budget answers are not retried (they cannot heal).
+
+Pure helpers (`entry_holders`, `entry_compression`) decide what each entry is told; the
+`Deployer` class only moves bytes. The controller keeps `deployed` (server -> shards it holds)
+as the truth the placement is built from: an expert is routed only to holders that confirmed
+the load.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from controller.compression import link_key
+from controller.plan import Plan
+from controller.planner import Action
+from nodes import protocol as P
+from nodes.transport import NodeError, RemoteError
+
+ShardKey = tuple[int, int, int]  # (layer, expert, bits)
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    max_attempts: int = 4  # per key: first try + retries
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 2.0
+    chunk_bytes: int = 4 << 20  # LOAD_SHARD messages carry at most about this many tensor bytes
+    load_timeout_s: float = 30.0
+    placement_timeout_s: float = 3.0
+    unload_timeout_s: float = 3.0
+
+
+@dataclass
+class DeployOutcome:
+    bytes_moved: int = 0
+    loaded: list[tuple[str, int, int, int]] = field(default_factory=list)
+    failed: list[tuple[str, int, int, int, str]] = field(default_factory=list)  # + reason
+    dropped: list[tuple[str, int, int]] = field(default_factory=list)
+    entries_updated: list[str] = field(default_factory=list)
+    entries_failed: list[tuple[str, str]] = field(default_factory=list)
+    load_s: float = 0.0
+    switch_s: float = 0.0
+    drop_s: float = 0.0
+    unplaced: list[tuple[int, int]] = field(default_factory=list)
+
+
+class ShardSource:
+    """Quantized expert tensors of one model, made once per (layer, expert, bits)."""
+
+    def __init__(self, model: Any, group_size: int = 64, method: str = "rtn"):
+        self.model = model
+        self.group_size = group_size
+        self.method = method
+        self._cache: dict[ShardKey, dict[str, torch.Tensor]] = {}
+
+    def tensors(self, l: int, e: int, bits: int) -> dict[str, torch.Tensor]:
+        key = (l, e, bits)
+        if key not in self._cache:
+            from nodes.agent import expert_tensors
+            module = self.model.expert(l, e)
+            if bits not in (16, 32):
+                from coel_model import quant
+                module = quant.quantize_expert(module, quant.QuantSpec(bits=bits, group_size=self.group_size,
+                                                                       method=self.method))
+            self._cache[key] = {k: v.contiguous() for k, v in expert_tensors(module, bits).items()}
+        return self._cache[key]
+
+    def desc(self, l: int, e: int, bits: int) -> dict[str, Any]:
+        cfg = self.model.cfg
+        d = {"layer": l, "expert": e, "bits": bits, "d_model": cfg.d_model, "hidden": cfg.expert_hidden}
+        if bits not in (16, 32):
+            d.update(group_size=self.group_size, method=self.method)
+        return d
+
+    def nbytes(self, l: int, e: int, bits: int) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(l, e, bits).values())
+
+
+# ---------------------------------------------------------------- pure decisions
+
+def entry_holders(target: Plan, deployed: dict[str, set[ShardKey]], alive: set[str],
+                  fallback: dict[tuple[int, int], tuple[str, ...]] | None = None
+                  ) -> tuple[dict[tuple[int, int], tuple[str, ...]], list[tuple[int, int]]]:
+    """(layer, expert) -> servers to route to: the target's holders that are alive and confirmed
+    the shard (at the target's bits, or any bits while a re-quantized copy is still loading),
+    else the previous holders still alive and holding it. Returns (holders, experts with none)."""
+    out: dict[tuple[int, int], tuple[str, ...]] = {}
+    unplaced = []
+    for l, row in enumerate(target.placement):
+        for e, reps in enumerate(row):
+            want = target.bits[l][e]
+            hs = tuple(s for s in reps if s in alive and (l, e, want) in deployed.get(s, set()))
+            if not hs:
+                hs = tuple(s for s in reps if s in alive and any(k[:2] == (l, e) for k in deployed.get(s, set())))
+            if not hs and fallback:
+                hs = tuple(s for s in fallback.get((l, e), ()) if s in alive
+                           and any(k[:2] == (l, e) for k in deployed.get(s, set())))
+            if not hs:
+                unplaced.append((l, e))
+                hs = tuple(s for s in reps) or tuple((fallback or {}).get((l, e), ()))
+            out[(l, e)] = hs
+    return out, unplaced
+
+
+def entry_compression(plan: Plan, entry: str, servers: set[str], enabled: bool = True) -> dict[str, dict]:
+    """Per holder server, the CompressionSettings header agreed for the pair (entry, holder);
+    {} (fp32 passthrough) for the entry's own server, unknown pairs, or when disabled."""
+    out: dict[str, dict] = {}
+    if not enabled:
+        return out
+    comp = plan.compression_map()
+    for s in sorted(servers):
+        if s == entry:
+            continue
+        st = comp.get(link_key(entry, s))
+        if st:
+            from nodes.compression import CompressionSettings
+            settings = {k: v for k, v in st.items() if k != "name"}
+            out[s] = CompressionSettings.from_header(settings).to_header()
+    return out
+
+
+def keep_set(holders: dict[tuple[int, int], tuple[str, ...]], target: Plan) -> set[tuple[str, int, int]]:
+    """(server, layer, expert) copies that must stay: routed to, or in the target plan."""
+    keep = {(s, l, e) for (l, e), hs in holders.items() for s in hs}
+    for l, row in enumerate(target.placement):
+        for e, reps in enumerate(row):
+            keep |= {(s, l, e) for s in reps}
+    return keep
+
+
+# ---------------------------------------------------------------- execution
+
+class Deployer:
+    """Moves shards and routes; `client_for(server)` gives an AgentClient (or None if unknown)."""
+
+    def __init__(self, source: ShardSource, client_for: Callable[[str], Any], cfg: DeployConfig | None = None,
+                 tracer: Any = None, sleep: Callable[[float], None] = time.sleep):
+        self.source = source
+        self.client_for = client_for
+        self.cfg = cfg or DeployConfig()
+        self.tracer = tracer
+        self.sleep = sleep
+        self.attempts: dict[tuple[str, int, int, int], int] = {}
+
+    def load(self, server: str, keys: list[ShardKey], outcome: DeployOutcome,
+             deployed: dict[str, set[ShardKey]]) -> None:
+        """Load `keys` on `server` in chunks; retry failed chunks with back-off per key."""
+        todo = list(keys)
+        backoff = self.cfg.backoff_initial_s
+        while todo:
+            chunks, cur, nb = [], [], 0
+            for k in todo:
+                b = self.source.nbytes(*k)
+                if cur and nb + b > self.cfg.chunk_bytes:
+                    chunks.append(cur)
+                    cur, nb = [], 0
+                cur.append(k)
+                nb += b
+            if cur:
+                chunks.append(cur)
+            retry: list[ShardKey] = []
+            for chunk in chunks:
+                err = self._send_chunk(server, chunk, outcome, deployed)
+                if err is None:
+                    continue
+                permanent = isinstance(err, RemoteError) and err.code in (P.ErrorCode.OVER_BUDGET.value,
+                                                                          P.ErrorCode.BAD_SHARD.value,
+                                                                          P.ErrorCode.UNSUPPORTED.value)
+                for k in chunk:
+                    ak = (server, *k)
+                    self.attempts[ak] = self.attempts.get(ak, 0) + 1
+                    if permanent or self.attempts[ak] >= self.cfg.max_attempts:
+                        outcome.failed.append((server, *k, str(err)[:300]))
+                    else:
+                        retry.append(k)
+            if retry:
+                self.sleep(backoff)
+                backoff = min(backoff * 2, self.cfg.backoff_max_s)
+            todo = retry
+
+    def _send_chunk(self, server: str, chunk: list[ShardKey], outcome: DeployOutcome,
+                    deployed: dict[str, set[ShardKey]]) -> Exception | None:
+        client = self.client_for(server)
+        if client is None:
+            return NodeError(f"server {server}: no registered agent")
+        descs, tensors = [], {}
+        for i, (l, e, b) in enumerate(chunk):
+            descs.append(self.source.desc(l, e, b))
+            for name, t in self.source.tensors(l, e, b).items():
+                tensors[f"{i}/{name}"] = t
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        t0 = time.monotonic_ns()
+        try:
+            client.call(P.MsgType.LOAD_SHARD, {"shards": descs, "replace": True}, tensors,
+                        timeout_s=self.cfg.load_timeout_s)
+        except NodeError as exc:
+            if self.tracer is not None:
+                self.tracer.event("load_failed", server=server, shards=[list(k) for k in chunk], reason=str(exc)[:300])
+            return exc
+        outcome.bytes_moved += nbytes
+        for (l, e, b) in chunk:
+            held = deployed.setdefault(server, set())
+            held -= {k for k in held if k[:2] == (l, e)}  # replace=True: one copy per (layer, expert)
+            held.add((l, e, b))
+            outcome.loaded.append((server, l, e, b))
+            self.attempts.pop((server, l, e, b), None)
+        if self.tracer is not None:
+            self.tracer.span(f"deploy-{t0}", "load_shard", t0, time.monotonic_ns(), server=server,
+                             shards=len(chunk), bytes=nbytes)
+        return None
+
+    def unload(self, server: str, keys: list[tuple[int, int]], outcome: DeployOutcome,
+               deployed: dict[str, set[ShardKey]]) -> None:
+        client = self.client_for(server)
+        if client is None or not keys:
+            return
+        try:
+            client.call(P.MsgType.UNLOAD_SHARD, {"shards": [list(k) for k in keys]}, timeout_s=self.cfg.unload_timeout_s)
+        except NodeError as exc:
+            if self.tracer is not None:
+                self.tracer.event("unload_failed", server=server, reason=str(exc)[:300])
+            return
+        held = deployed.get(server, set())
+        for l, e in keys:
+            held -= {k for k in held if k[:2] == (l, e)}
+            outcome.dropped.append((server, l, e))
+
+
+def load_actions(actions: list[Action], alive: set[str]) -> dict[str, list[ShardKey]]:
+    """load_shard actions grouped by (alive) server, in diff order."""
+    out: dict[str, list[ShardKey]] = {}
+    for a in actions:
+        if a.kind == "load_shard" and a.server in alive:
+            out.setdefault(a.server, []).append((a.layer, a.expert, a.bits))
+    return out

@@ -1,0 +1,234 @@
+"""Observation -> triggers: what the controller concludes from heartbeats, probes and resource
+reports. Everything here is pure (no sockets, no clocks: times are passed in), so every
+threshold is unit-tested; controller/service.py runs the thin loop around it.
+
+The controller is never told what the testbed injected. It sees:
+  * heartbeats (agent/entry -> controller every heartbeat_s): silence for `liveness` intervals
+    = the peer is lost (a crash, or a link down that isolates it);
+  * probes (controller -> agent, every probe_interval_s): a small PROBE gives the RTT, a PROBE
+    carrying probe_bytes both ways gives the goodput; the median of the last `probe_window`
+    samples is compared with the baseline (the median of the first ones, re-based after each
+    trigger): goodput < bw_drop_ratio x baseline or RTT > rtt_rise_ratio x baseline (and at least
+    rtt_rise_min_ms more) = link degraded; the reverse = link recovered;
+  * resource reports in the heartbeats (agent cpu_percent vs its share) = overloaded server.
+`observed_cluster` turns the observations into the planner's cluster: lost servers removed,
+each server's access link scaled by its measured goodput ratio and delayed by its RTT rise.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from coel_model.errors import ConfigError
+from controller.cluster import Cluster
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    heartbeat_s: float = 0.2  # expected heartbeat period of agents and entries
+    liveness: int = 4  # missed heartbeats before a peer is declared lost (0.8 s at 0.2 s)
+    probe_interval_s: float = 1.0  # one RTT + goodput probe per agent per interval
+    probe_bytes: int = 64 * 1024  # goodput probe payload (echoed back: 2x on the wire)
+    probe_timeout_s: float = 1.0
+    probe_window: int = 3  # samples whose median is compared with the baseline
+    baseline_probes: int = 3  # samples that define "normal" (median)
+    bw_drop_ratio: float = 0.5  # goodput below this x baseline = bandwidth drop
+    rtt_rise_ratio: float = 2.0  # RTT above this x baseline = delay rise ...
+    rtt_rise_min_ms: float = 5.0  # ... and at least this many ms above it (loopback noise)
+    min_transfer_ms: float = 0.5  # goodput probes faster than this are clamped (loopback)
+    overload_cpu_frac: float = 0.95  # agent cpu use >= this x its cpu share ...
+    overload_beats: int = 15  # ... for this many consecutive heartbeats = overloaded
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0 or self.liveness < 1 or self.probe_interval_s <= 0 or self.probe_timeout_s <= 0:
+            raise ConfigError("monitor: heartbeat_s, probe_interval_s, probe_timeout_s > 0 and liveness >= 1 required")
+        if not 0 < self.bw_drop_ratio < 1 or self.rtt_rise_ratio <= 1:
+            raise ConfigError(f"monitor: need 0 < bw_drop_ratio < 1 (got {self.bw_drop_ratio}) and "
+                              f"rtt_rise_ratio > 1 (got {self.rtt_rise_ratio})")
+        if self.probe_window < 1 or self.baseline_probes < 1 or self.probe_bytes < 1024:
+            raise ConfigError("monitor: probe_window >= 1, baseline_probes >= 1, probe_bytes >= 1024 required")
+
+    @property
+    def lost_after_s(self) -> float:
+        return self.heartbeat_s * self.liveness
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A reason to re-plan. kind: agent_lost | agent_rejoined | link_degraded | link_recovered |
+    overload | slo_change | scheduled | forced."""
+    kind: str
+    detected_ns: int
+    reason: str
+    server: str | None = None
+    detect_s: float | None = None  # time since the last good observation, when known
+
+
+@dataclass
+class ProbeState:
+    """Probe history of one agent (mutable record; the decisions on it are pure functions)."""
+    rtt_ms: list[float] = field(default_factory=list)
+    goodput_mbit: list[float] = field(default_factory=list)
+    initial_rtt_ms: float | None = None
+    initial_goodput_mbit: float | None = None
+    base_rtt_ms: float | None = None
+    base_goodput_mbit: float | None = None
+    last_ok_ns: int = 0
+    degraded: bool = False
+
+
+def goodput_mbit(rtt_small_ms: float, rtt_big_ms: float, payload_bytes: int, min_transfer_ms: float) -> float:
+    """Goodput of a probe that carried payload_bytes each way: 2 x payload over the extra time."""
+    extra_ms = max(rtt_big_ms - rtt_small_ms, min_transfer_ms)
+    return 2 * payload_bytes * 8 / (extra_ms / 1e3) / 1e6
+
+
+def lost_peers(last_seen_ns: dict[str, int], alive: dict[str, bool], now_ns: int,
+               cfg: MonitorConfig) -> list[tuple[str, float]]:
+    """Peers currently alive whose last heartbeat is older than liveness x heartbeat_s, with
+    their silence in seconds (sorted by name)."""
+    out = []
+    for name in sorted(last_seen_ns):
+        silent_s = (now_ns - last_seen_ns[name]) / 1e9
+        if alive.get(name, False) and silent_s > cfg.lost_after_s:
+            out.append((name, silent_s))
+    return out
+
+
+def add_probe(st: ProbeState, rtt_ms: float, gp_mbit: float, now_ns: int, cfg: MonitorConfig) -> None:
+    """Record one probe; the first baseline_probes samples define the baseline."""
+    st.rtt_ms = (st.rtt_ms + [rtt_ms])[-max(cfg.probe_window, cfg.baseline_probes) * 4:]
+    st.goodput_mbit = (st.goodput_mbit + [gp_mbit])[-max(cfg.probe_window, cfg.baseline_probes) * 4:]
+    st.last_ok_ns = now_ns
+    if st.base_rtt_ms is None and len(st.rtt_ms) >= cfg.baseline_probes:
+        st.base_rtt_ms = statistics.median(st.rtt_ms[-cfg.baseline_probes:])
+        st.base_goodput_mbit = statistics.median(st.goodput_mbit[-cfg.baseline_probes:])
+        st.initial_rtt_ms, st.initial_goodput_mbit = st.base_rtt_ms, st.base_goodput_mbit
+
+
+def probe_verdict(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str] | None:
+    """('link_degraded' | 'link_recovered', reason) when the recent window departs from the
+    baseline beyond the thresholds, else None. Pure: does not re-base (see rebase)."""
+    if st.base_rtt_ms is None or len(st.rtt_ms) < cfg.probe_window:
+        return None
+    rtt = statistics.median(st.rtt_ms[-cfg.probe_window:])
+    gp = statistics.median(st.goodput_mbit[-cfg.probe_window:])
+    b_rtt, b_gp = st.base_rtt_ms, st.base_goodput_mbit
+    if gp < cfg.bw_drop_ratio * b_gp:
+        return "link_degraded", f"goodput {gp:.1f} Mbit/s < {cfg.bw_drop_ratio} x baseline {b_gp:.1f} Mbit/s"
+    if rtt > cfg.rtt_rise_ratio * b_rtt and rtt - b_rtt >= cfg.rtt_rise_min_ms:
+        return "link_degraded", f"RTT {rtt:.2f} ms > {cfg.rtt_rise_ratio} x baseline {b_rtt:.2f} ms"
+    if gp * cfg.bw_drop_ratio > b_gp:
+        return "link_recovered", f"goodput {gp:.1f} Mbit/s > baseline {b_gp:.1f} Mbit/s / {cfg.bw_drop_ratio}"
+    if b_rtt > cfg.rtt_rise_ratio * rtt and b_rtt - rtt >= cfg.rtt_rise_min_ms:
+        return "link_recovered", f"RTT {rtt:.2f} ms < baseline {b_rtt:.2f} ms / {cfg.rtt_rise_ratio}"
+    return None
+
+
+def rebase(st: ProbeState, cfg: MonitorConfig) -> None:
+    """After a trigger, the new level is the baseline (so one change triggers once)."""
+    st.base_rtt_ms = statistics.median(st.rtt_ms[-cfg.probe_window:])
+    st.base_goodput_mbit = statistics.median(st.goodput_mbit[-cfg.probe_window:])
+    st.degraded = (st.base_goodput_mbit < cfg.bw_drop_ratio * (st.initial_goodput_mbit or math.inf)
+                   or st.base_rtt_ms > cfg.rtt_rise_ratio * (st.initial_rtt_ms or 0.0))
+
+
+def overloaded(cpu_history: list[float], cpu_share_cores: float, cfg: MonitorConfig) -> bool:
+    """The last overload_beats cpu_percent reports all at >= overload_cpu_frac x the share."""
+    if len(cpu_history) < cfg.overload_beats or cpu_share_cores <= 0:
+        return False
+    limit = 100.0 * cpu_share_cores * cfg.overload_cpu_frac
+    return all(c >= limit for c in cpu_history[-cfg.overload_beats:])
+
+
+@dataclass(frozen=True)
+class ServerObservation:
+    alive: bool = True
+    bw_ratio: float = 1.0  # current goodput / initial goodput (<= 1 means slower)
+    extra_delay_ms: float = 0.0  # one-way delay added since the start (RTT rise / 2)
+    load: float = 0.0  # fraction of the server's CPU taken by others / overload
+
+
+def observation_of(st: ProbeState | None, alive: bool, load: float = 0.0) -> ServerObservation:
+    if st is None or st.base_rtt_ms is None or st.initial_goodput_mbit is None:
+        return ServerObservation(alive=alive, load=load)
+    ratio = min(1.0, st.base_goodput_mbit / st.initial_goodput_mbit) if st.degraded else 1.0
+    extra = max(0.0, (st.base_rtt_ms - st.initial_rtt_ms) / 2) if st.degraded else 0.0
+    return ServerObservation(alive, ratio, extra, load)
+
+
+def access_link(cluster: Cluster, server: str, towards: str | None) -> tuple[str, str] | None:
+    """The first link on the route from `server` towards `towards` (the controller), else the
+    server's only link; None when it cannot tell."""
+    links = [ln for ln in cluster.links if server in (ln.a, ln.b)]
+    if len(links) == 1:
+        return links[0].a, links[0].b
+    if towards is not None:
+        import networkx as nx
+        g = nx.Graph()
+        for ln in cluster.links:
+            if ln.up:
+                g.add_edge(ln.a, ln.b, w=ln.latency_ms)
+        try:
+            path = nx.shortest_path(g, server, towards, weight="w")
+        except (nx.NetworkXNoPath, nx.NodeNotFound):
+            return None
+        if len(path) >= 2:
+            return path[0], path[1]
+    return None
+
+
+def observed_cluster(base: Cluster, observations: dict[str, ServerObservation],
+                     controller: str | None = None) -> tuple[Cluster, list[str]]:
+    """The planner's cluster as observed: lost servers removed, degraded access links scaled.
+    Returns (cluster, notes naming each change and its numbers)."""
+    cl, notes = base, []
+    for name in sorted(observations):
+        ob = observations[name]
+        if name not in cl.index:
+            continue
+        if not ob.alive:
+            cl = cl.without_server(name)
+            notes.append(f"server {name} lost (no heartbeat)")
+            continue
+        if ob.bw_ratio < 1.0 or ob.extra_delay_ms > 0.0:
+            link = access_link(base, name, controller)
+            if link is not None:
+                cur = next(ln for ln in cl.links if ln.key == tuple(sorted(link)))
+                bw = max(cur.bw_mbit * ob.bw_ratio, 1e-3)
+                lat = cur.latency_ms + ob.extra_delay_ms
+                cl = cl.with_link(*link, bw_mbit=bw, latency_ms=lat)
+                notes.append(f"link {link[0]}-{link[1]}: {cur.bw_mbit:g} -> {bw:.3g} Mbit/s, "
+                             f"{cur.latency_ms:g} -> {lat:.3g} ms (measured from {name})")
+        if ob.load > 0.0:
+            cl = cl.with_server(name, load=min(max(ob.load, 0.0), 0.95))
+            notes.append(f"server {name} load {ob.load:.2f}")
+    return cl, notes
+
+
+def merge_triggers(triggers: Iterable[Trigger]) -> tuple[str, list[str], int, float | None]:
+    """Several pending triggers handled by one re-plan: (kind of the first, all reasons,
+    earliest detection time, its detect_s)."""
+    ts = sorted(triggers, key=lambda t: t.detected_ns)
+    if not ts:
+        raise ValueError("no triggers")
+    return ts[0].kind, [f"{t.kind}: {t.reason}" for t in ts], ts[0].detected_ns, ts[0].detect_s
+
+
+def plan_summary(plan: Any) -> dict[str, Any]:
+    """Small JSON view of a Plan for STATUS."""
+    if plan is None:
+        return {}
+    pred = plan.predicted_map().get("_overall", {})
+    per_server: dict[str, int] = {}
+    for row in plan.placement:
+        for reps in row:
+            for s in reps:
+                per_server[s] = per_server.get(s, 0) + 1
+    return {"strategy": plan.strategy, "mode": plan.mode, "experts_per_server": per_server,
+            "memory_bytes": plan.memory_map(), "compression": {k: v.get("name") for k, v in
+                                                              plan.compression_map().items()},
+            "avg_bits": pred.get("avg_bits"), "token_ms_max": pred.get("token_ms_max"),
+            "meets_slo": pred.get("meets_slo")}

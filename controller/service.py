@@ -1,0 +1,805 @@
+"""The controller process (`coel controller`): registration, probing, planning, deployment,
+monitoring and re-deployment of one CoEL run (contract: /tmp/tasks/runtime_contract.md).
+
+Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
+  registry    ROUTER on --listen (CURVE): REGISTER/HEARTBEAT of agents and entries, answered at
+              once (their liveness depends on it); records last-seen times and stats.
+  prober      PROBE round trips to every live agent (RTT, then goodput with a payload).
+  control     REP on --control (controller.api): STATUS, PLAN, SET_SLO, REPLAN, SHUTDOWN.
+  main        the state machine: waiting -> probing -> planning -> deploying -> serving; each
+              tick turns observations into triggers (controller.monitor, pure) and, unless
+              --static, re-plans incrementally (controller.planner.plan with current=) and
+              executes the diff make-before-break (controller.deployer).
+Every re-deployment is written to the trace as an event "redeployment" with trigger,
+detected_ns, detect_s, replan_s, migrate_s, bytes_moved, actions and reasons; a re-plan that
+changes nothing is an event "replan" with actions 0.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from coel_model.errors import CoelError, ConfigError, InfeasibleError
+from controller import monitor as M
+from controller.deployer import (DeployConfig, DeployOutcome, Deployer, ShardSource, entry_compression,
+                                 entry_holders, keep_set)
+from nodes import protocol as P
+from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
+from nodes.transport import AgentClient, HeldInbox, NodeError, peer_address
+
+TICK_S = 0.05
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    topology: str
+    model_dir: str
+    listen: str
+    control: str
+    expect_agents: tuple[str, ...]
+    expect_entries: tuple[str, ...] = ()
+    strategy: str = "coel"
+    profile_path: str | None = None
+    keys_dir: str | None = None
+    run_dir: str | None = None
+    static: bool = False
+    replan_interval_s: float | None = None
+    trace_path: str | None = None
+    register_timeout_s: float = 120.0
+    compression: bool = True  # send the negotiated token compression to entries (off = fp32 passthrough)
+    monitor: M.MonitorConfig = field(default_factory=M.MonitorConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    def __post_init__(self) -> None:
+        if not self.expect_agents:
+            raise ConfigError("controller: --expect-agents lists no agent")
+        if self.replan_interval_s is not None and self.replan_interval_s <= 0:
+            raise ConfigError(f"--replan-interval-s must be > 0 (got {self.replan_interval_s})")
+        for ep, flag in ((self.listen, "--listen"), (self.control, "--control")):
+            if "://" not in ep:
+                raise ConfigError(f"{flag} {ep!r} must look like tcp://IP:PORT or ipc://PATH")
+
+
+@dataclass
+class Peer:
+    name: str
+    role: str  # "agent" | "entry"
+    endpoint: str
+    pid: int = 0
+    alive: bool = True
+    registered_ns: int = 0
+    last_seen_ns: int = 0
+    lost_ns: int = 0
+    stats: dict = field(default_factory=dict)
+    shards: list = field(default_factory=list)
+    cpu_hist: list = field(default_factory=list)
+    registers: int = 0
+
+
+class Registry:
+    """ROUTER thread: registrations and heartbeats. Shared state under `lock`; notable changes
+    (registered, rejoined) go to `notices` for the main thread."""
+
+    def __init__(self, listen: str, keys: KeyDir | None, ctx: zmq.Context, delay: Any = None):
+        self.listen, self.keys, self.ctx = listen, keys, ctx
+        self.inbox = HeldInbox(delay)
+        self.lock = threading.Lock()
+        self.peers: dict[tuple[str, str], Peer] = {}
+        self.notices: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Registry":
+        self._thread = threading.Thread(target=self._run, name="registry", daemon=True)
+        self._thread.start()
+        self.ready.wait(10)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        secure_server(sock, self.keys)
+        try:
+            try:
+                sock.bind(self.listen)
+            except zmq.ZMQError as exc:
+                self.error = ConfigError(f"controller: cannot bind --listen {self.listen}: {exc}")
+                return
+            finally:
+                self.ready.set()
+            while not self._stop.is_set():
+                if sock.poll(self.inbox.timeout_ms(50)):
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        ident = frames[0].bytes
+                        try:
+                            msg = P.decode(frames[1:])
+                        except P.ProtocolError as exc:
+                            self._send(sock, ident, P.error_frames(exc.req_id, P.ErrorCode.MALFORMED, exc.reason,
+                                                                   "controller"))
+                            continue
+                        if self.inbox.admit((ident, msg), peer_address(frames[0]) or msg.src, msg.sent_ns,
+                                            msg.nbytes):
+                            self._handle(sock, ident, msg)
+                for ident, msg in self.inbox.pop_ready():
+                    self._handle(sock, ident, msg)
+        finally:
+            sock.close(linger=0)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, ident: bytes, frames: list) -> None:
+        try:
+            sock.send_multipart([ident] + frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _handle(self, sock: zmq.Socket, ident: bytes, msg: P.Message) -> None:
+        now = time.monotonic_ns()
+        T = P.MsgType
+        if msg.type == T.REGISTER:
+            b = msg.body
+            role = "entry" if b.get("role") == "entry" else "agent"
+            key = (role, b["name"])
+            with self.lock:
+                old = self.peers.get(key)
+                p = Peer(b["name"], role, b["endpoint"], int(b.get("pid", 0)), True, now, now,
+                         shards=list(b.get("shards", [])), registers=(old.registers if old else 0) + 1)
+                self.peers[key] = p
+            self.notices.put(("registered" if old is None else "reregistered", role, b["name"], bool(old and not old.alive)))
+            self._send(sock, ident, P.encode(T.OK, msg.req_id, {"registered": b["name"]}, src="controller"))
+        elif msg.type == T.HEARTBEAT:
+            name = msg.body.get("name") or msg.src
+            stats = msg.body.get("stats") or {}
+            role = "entry" if stats.get("role") == "entry" else "agent"
+            rejoined = False
+            with self.lock:
+                p = self.peers.get((role, name))
+                if p is not None:
+                    p.last_seen_ns = now
+                    p.stats = stats
+                    if "cpu_percent" in stats:
+                        p.cpu_hist = (p.cpu_hist + [float(stats["cpu_percent"])])[-64:]
+                    if not p.alive:
+                        p.alive, rejoined = True, True
+            if rejoined:
+                self.notices.put(("rejoined", role, name, True))
+            self._send(sock, ident, P.encode(T.HEARTBEAT, msg.req_id, {}, src="controller"))
+        else:
+            self._send(sock, ident, P.error_frames(msg.req_id, P.ErrorCode.UNSUPPORTED,
+                                                   f"the controller's --listen takes REGISTER/HEARTBEAT, not "
+                                                   f"{msg.type.name}", "controller"))
+
+    def snapshot(self) -> dict[tuple[str, str], Peer]:
+        with self.lock:
+            return {k: replace(v, stats=dict(v.stats), cpu_hist=list(v.cpu_hist)) for k, v in self.peers.items()}
+
+
+class Prober:
+    """Thread: RTT and goodput probes to every live agent; results go to `results`."""
+
+    def __init__(self, registry: Registry, keys: KeyDir | None, cfg: M.MonitorConfig, ctx: zmq.Context,
+                 delay_factory: Any):
+        self.registry, self.keys, self.cfg, self.ctx = registry, keys, cfg, ctx
+        self.delay_factory = delay_factory
+        self.results: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self.paused = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Prober":
+        self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def probe_once(self, client: AgentClient) -> tuple[float, float]:
+        import torch
+        t0 = time.monotonic_ns()
+        client.call(P.MsgType.PROBE, {"echo": 1}, timeout_s=self.cfg.probe_timeout_s)
+        t1 = time.monotonic_ns()
+        payload = torch.zeros(self.cfg.probe_bytes, dtype=torch.uint8)
+        client.call(P.MsgType.PROBE, {"echo": 2}, {"payload": payload}, timeout_s=self.cfg.probe_timeout_s)
+        t2 = time.monotonic_ns()
+        rtt = (t1 - t0) / 1e6
+        return rtt, M.goodput_mbit(rtt, (t2 - t1) / 1e6, self.cfg.probe_bytes, self.cfg.min_transfer_ms)
+
+    def _run(self) -> None:
+        clients: dict[str, AgentClient] = {}
+        try:
+            next_round = time.monotonic()
+            while not self._stop.is_set():
+                if time.monotonic() < next_round or self.paused.is_set():
+                    self._stop.wait(0.02)
+                    continue
+                next_round = time.monotonic() + self.cfg.probe_interval_s
+                peers = [p for p in self.registry.snapshot().values() if p.role == "agent" and p.alive]
+                for p in peers:
+                    c = clients.get(p.name)
+                    if c is None or c.endpoint != p.endpoint:
+                        if c is not None:
+                            c.close()
+                        c = clients[p.name] = AgentClient(p.endpoint, self.keys, self.ctx, name="controller",
+                                                          delay=self.delay_factory())
+                    try:
+                        rtt, gp = self.probe_once(c)
+                        self.results.put((p.name, time.monotonic_ns(), rtt, gp, None))
+                    except NodeError as exc:
+                        self.results.put((p.name, time.monotonic_ns(), None, None, str(exc)))
+        finally:
+            for c in clients.values():
+                c.close()
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig, delay_factory: Any = None):
+        from coel_model.checkpoint import load_model
+        from controller.cluster import cluster_from_topology
+        from controller.plan import requirements_from_topology
+        from topologies import load_topology
+        self.cfg = cfg
+        self.delay_factory = delay_factory or (lambda: None)
+        self.topo = load_topology(cfg.topology)
+        names = {s.name for s in self.topo.servers}
+        bad = [n for n in cfg.expect_agents + cfg.expect_entries if n not in names]
+        if bad:
+            raise ConfigError(f"controller: {bad} are not servers of topology {self.topo.name} "
+                              f"(servers: {sorted(names)})")
+        self.base_cluster = cluster_from_topology(self.topo)
+        self.reqs = requirements_from_topology(self.topo, default_entry=(cfg.expect_entries or (None,))[0])
+        self.model = load_model(cfg.model_dir)
+        self.profile, self.profile_note = self._load_profile()
+        self.keys = load_keys(cfg.keys_dir) if cfg.keys_dir else None
+        self.tracer = None
+        if cfg.trace_path:
+            from testbed.traces import TraceWriter
+            self.tracer = TraceWriter(cfg.trace_path, self.topo.controller.name)
+        self.ctx = zmq.Context()
+        self.state = "starting"
+        self.error: str | None = None
+        self.plan = None
+        self.holders: dict[tuple[int, int], tuple[str, ...]] = {}
+        self.deployed: dict[str, set[tuple[int, int, int]]] = {}
+        self.placement_version = 0
+        self.redeployments: list[dict] = []
+        self.replans = 0
+        self.probe_state: dict[str, M.ProbeState] = {}
+        self.overloaded: set[str] = set()
+        self.requests: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.clients: dict[str, AgentClient] = {}
+        self.source = ShardSource(self.model, group_size=self.profile.group_size)
+        self.deployer = Deployer(self.source, self._agent_client, cfg.deploy, self.tracer)
+        self.registry = Registry(cfg.listen, self.keys, self.ctx, self.delay_factory())
+        self.prober = Prober(self.registry, self.keys, cfg.monitor, self.ctx, self.delay_factory)
+        self.api = None
+        dt = self.delay_factory()
+        self.emulation_mode = getattr(dt, "mode", "none") if dt is not None else "none"
+
+    # ---------------- inputs ----------------
+    def _load_profile(self):
+        from controller.profile import load_profile, synthetic_profile
+        path = self.cfg.profile_path or str(Path(self.cfg.model_dir) / "profile.json")
+        mc = self.model.cfg
+        if Path(path).exists() or self.cfg.profile_path:
+            prof = load_profile(path)
+            note = f"profile {path}"
+        else:
+            bb = mc.param_counts()["backbone"] if "backbone" in mc.param_counts() else None
+            prof = synthetic_profile(mc, backbone_params=bb, source=f"synthetic for {self.cfg.model_dir}")
+            note = f"no profile at {path}: synthetic statistics (measured ones come from `coel profile`)"
+        pc = prof.cfg
+        if (pc.n_layers, pc.n_experts, pc.d_model, pc.expert_hidden) != \
+                (mc.n_layers, mc.n_experts, mc.d_model, mc.expert_hidden):
+            raise ConfigError(f"{path}: profile is for {pc.n_layers} layers x {pc.n_experts} experts d={pc.d_model} "
+                              f"hidden={pc.expert_hidden}, the model {self.cfg.model_dir} has {mc.n_layers} x "
+                              f"{mc.n_experts} d={mc.d_model} hidden={mc.expert_hidden}")
+        return prof, note
+
+    def _agent_client(self, server: str) -> AgentClient | None:
+        p = self.registry.peers.get(("agent", server))
+        if p is None:
+            return None
+        c = self.clients.get(f"agent:{server}")
+        if c is None or c.endpoint != p.endpoint:
+            if c is not None:
+                c.close()
+            c = self.clients[f"agent:{server}"] = AgentClient(p.endpoint, self.keys, self.ctx, name="controller",
+                                                              delay=self.delay_factory())
+        return c
+
+    def _entry_client(self, name: str, endpoint: str) -> AgentClient:
+        c = self.clients.get(f"entry:{name}")
+        if c is None or c.endpoint != endpoint:
+            if c is not None:
+                c.close()
+            c = self.clients[f"entry:{name}"] = AgentClient(endpoint, self.keys, self.ctx, name="controller",
+                                                            delay=self.delay_factory())
+        return c
+
+    def _event(self, kind: str, t_ns: int | None = None, **attrs: Any) -> None:
+        if self.tracer is not None:
+            self.tracer.event(kind, t_ns, **attrs)
+
+    def _alive(self, role: str = "agent") -> set[str]:
+        with self.registry.lock:
+            return {p.name for p in self.registry.peers.values() if p.role == role and p.alive}
+
+    # ---------------- control API ----------------
+    def handle_control(self, op: str, args: dict) -> Any:
+        if op == "STATUS":
+            return self.status()
+        if op == "PLAN":
+            return self.plan.to_dict() if self.plan is not None else None
+        if op == "SET_SLO":
+            return self._set_slo(args)
+        if op == "REPLAN":
+            self.requests.put(M.Trigger("forced", time.monotonic_ns(), "REPLAN via the control API"))
+            return {"ok": True}
+        if op == "SHUTDOWN":
+            self._stop.set()
+            return {"ok": True}
+        raise ConfigError(f"unknown control op {op!r}; valid: {list(P.CONTROL_OPS)}")
+
+    def _set_slo(self, args: dict) -> dict:
+        from controller.plan import Requirements
+        cls = args.get("slo_class")
+        if not isinstance(cls, str) or not cls:
+            raise ConfigError("SET_SLO needs slo_class (a client name, its workload slo_class, or '*')")
+        ttft, tpot = args.get("slo_ttft_ms"), args.get("slo_tpot_ms")
+        for v, n in ((ttft, "slo_ttft_ms"), (tpot, "slo_tpot_ms")):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"SET_SLO: {n} must be a number > 0 (got {v!r})")
+        by_client = {c.name: c.workload.slo_class for c in self.topo.clients}
+        with self._lock:
+            hit, out = [], []
+            for c in self.reqs.classes:
+                if cls in ("*", c.name, by_client.get(c.name)):
+                    ch = {}
+                    if ttft is not None:
+                        ch["ttft_slo_ms"] = float(ttft)
+                    if tpot is not None:
+                        ch["token_slo_ms"] = float(tpot)
+                    c = replace(c, **ch)
+                    hit.append(c.name)
+                out.append(c)
+            if not hit:
+                raise ConfigError(f"SET_SLO: no request class {cls!r}; classes: "
+                                  f"{[(c.name, by_client.get(c.name)) for c in self.reqs.classes]}")
+            self.reqs = Requirements(tuple(out))
+        self.requests.put(M.Trigger("slo_change", time.monotonic_ns(),
+                                    f"SLO of {hit}: ttft {ttft} ms, tpot {tpot} ms"))
+        return {"ok": True, "classes": hit}
+
+    def status(self) -> dict:
+        peers = self.registry.snapshot()
+        now = time.monotonic_ns()
+        agents, entries = {}, {}
+        for (role, name), p in sorted(peers.items()):
+            st = self.probe_state.get(name)
+            d = {"alive": p.alive, "endpoint": p.endpoint, "pid": p.pid, "last_seen_s": round((now - p.last_seen_ns) / 1e9, 3),
+                 "registers": p.registers}
+            if role == "agent":
+                d.update(rtt_ms=round(st.rtt_ms[-1], 3) if st and st.rtt_ms else None,
+                         goodput_mbit=round(st.goodput_mbit[-1], 2) if st and st.goodput_mbit else None,
+                         baseline_rtt_ms=st.base_rtt_ms if st else None,
+                         baseline_goodput_mbit=st.base_goodput_mbit if st else None,
+                         memory_used_bytes=p.stats.get("memory_used_bytes"),
+                         memory_budget_bytes=p.stats.get("memory_budget_bytes"),
+                         cpu_percent=p.stats.get("cpu_percent"), shards=len(self.deployed.get(name, ())),
+                         overloaded=name in self.overloaded)
+                agents[name] = d
+            else:
+                d.update({k: p.stats.get(k) for k in ("served", "failed", "active", "placement_version", "failovers")})
+                entries[name] = d
+        with self._lock:
+            slo = self.reqs.to_dict()
+        return {"state": self.state, "error": self.error, "agents": agents, "entries": entries,
+                "plan_summary": M.plan_summary(self.plan), "redeployments": len(self.redeployments),
+                "redeployment_list": self.redeployments[-20:], "replans": self.replans,
+                "placement_version": self.placement_version, "emulation_mode": self.emulation_mode,
+                "static": self.cfg.static, "requirements": slo, "profile": self.profile_note}
+
+    # ---------------- lifecycle ----------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        from controller.api import ControlServer
+        auth = None
+        try:
+            if self.keys is not None:
+                auth = start_authenticator(self.ctx, self.keys)
+            self.registry.start()
+            self.api = ControlServer(self.cfg.control, self.handle_control, self.ctx).start()
+            self._event("controller_start", strategy=self.cfg.strategy, static=self.cfg.static,
+                        topology=self.topo.name, profile=self.profile_note, emulation_mode=self.emulation_mode)
+            self.state = "waiting"
+            self._wait_registration()
+            self.state = "probing"
+            self._baseline_probes()
+            self.prober.start()
+            self.state = "planning"
+            self._initial_deploy()
+            self.state = "serving"
+            self._event("serving", placement_version=self.placement_version)
+            self._serve_loop()
+            return 0
+        except CoelError as exc:
+            self.state, self.error = "failed", str(exc)
+            self._event("controller_failed", reason=str(exc))
+            raise
+        finally:
+            self.prober.stop()
+            self.registry.stop()
+            if self.api is not None:
+                self.api.stop()
+            for c in self.clients.values():
+                c.close()
+            if auth is not None:
+                auth.stop()
+            if self.tracer is not None:
+                self.tracer.close()
+            self.ctx.term()
+
+    def _wait_registration(self) -> None:
+        deadline = time.monotonic() + self.cfg.register_timeout_s
+        want = {("agent", n) for n in self.cfg.expect_agents} | {("entry", n) for n in self.cfg.expect_entries}
+        while True:
+            with self.registry.lock:
+                missing = sorted(want - set(self.registry.peers))
+            if not missing:
+                return
+            if self._stop.is_set():
+                raise ConfigError("controller: shut down while waiting for registrations")
+            if time.monotonic() > deadline:
+                raise ConfigError(f"controller: after {self.cfg.register_timeout_s:.0f} s these did not register at "
+                                  f"{self.cfg.listen}: {[f'{r} {n}' for r, n in missing]}")
+            time.sleep(0.05)
+
+    def _baseline_probes(self) -> None:
+        mc = self.cfg.monitor
+        for name in sorted(self.cfg.expect_agents):
+            st = self.probe_state.setdefault(name, M.ProbeState())
+            c = self._agent_client(name)
+            for _ in range(mc.baseline_probes):
+                try:
+                    rtt, gp = self.prober.probe_once(c)
+                except NodeError as exc:
+                    self._event("probe_failed", server=name, reason=str(exc)[:200])
+                    continue
+                M.add_probe(st, rtt, gp, time.monotonic_ns(), mc)
+            self._event("baseline", server=name, rtt_ms=st.base_rtt_ms, goodput_mbit=st.base_goodput_mbit)
+
+    def _observed(self):
+        alive = self._alive("agent")
+        obs = {}
+        for s in self.topo.servers:
+            load = 0.5 if s.name in self.overloaded else 0.0
+            obs[s.name] = M.observation_of(self.probe_state.get(s.name), s.name in alive, load)
+        return M.observed_cluster(self.base_cluster, obs, self.topo.controller.name)
+
+    def _requirements_for(self, cluster) -> Any:
+        from controller.plan import Requirements
+        with self._lock:
+            reqs = self.reqs
+        keep = tuple(c for c in reqs.classes if c.entry in cluster.index)
+        if not keep:
+            raise InfeasibleError(f"no request class has its entry server alive (entries "
+                                  f"{sorted({c.entry for c in reqs.classes})})")
+        return Requirements(keep)
+
+    def _initial_deploy(self) -> None:
+        from controller.planner import diff, plan
+        from controller.plan import PlanOptions
+        t0 = time.monotonic_ns()
+        cluster, notes = self._observed()
+        reqs = self._requirements_for(cluster)
+        target = plan(self.profile, cluster, reqs, self.cfg.strategy, None, PlanOptions())
+        t1 = time.monotonic_ns()
+        self.state = "deploying"
+        actions = diff(None, target)
+        outcome = self._execute(None, target, actions)
+        t2 = time.monotonic_ns()
+        self.plan = target
+        if outcome.failed:
+            raise InfeasibleError(f"initial deployment: {len(outcome.failed)} shard loads failed, e.g. "
+                                  f"{outcome.failed[0]}")
+        if outcome.unplaced:
+            raise InfeasibleError(f"initial deployment: experts {outcome.unplaced[:4]} have no holder")
+        self._event("deployment", plan_s=(t1 - t0) / 1e9, deploy_s=(t2 - t1) / 1e9, bytes_moved=outcome.bytes_moved,
+                    actions=len(actions), strategy=target.strategy, mode=target.mode,
+                    reasons=list(target.reasons)[:20] + notes, summary=M.plan_summary(target))
+
+    def _execute(self, current, target, actions) -> DeployOutcome:
+        """Make-before-break: load what the target needs, switch entries, then drop the rest."""
+        out = DeployOutcome()
+        alive = self._alive("agent")
+        t0 = time.monotonic()
+        for s in sorted(alive):
+            want = [(l, e, target.bits[l][e]) for l, row in enumerate(target.placement)
+                    for e, reps in enumerate(row) if s in reps]
+            todo = [k for k in want if k not in self.deployed.get(s, set())]
+            if todo:
+                self.deployer.load(s, todo, out, self.deployed)
+        t1 = time.monotonic()
+        holders, out.unplaced = entry_holders(target, self.deployed, alive, self.holders)
+        self._push_placement(target, holders, out)
+        t2 = time.monotonic()
+        keep = keep_set(holders, target)
+        for s in sorted(alive):
+            stale = sorted({(l, e) for (l, e, b) in self.deployed.get(s, set()) if (s, l, e) not in keep})
+            if stale:
+                self.deployer.unload(s, stale, out, self.deployed)
+        out.load_s, out.switch_s, out.drop_s = t1 - t0, t2 - t1, time.monotonic() - t2
+        self.holders = holders
+        return out
+
+    def _push_placement(self, target, holders, out: DeployOutcome, only: str | None = None) -> None:
+        peers = self.registry.snapshot()
+        ep_of = {n: p.endpoint for (r, n), p in peers.items() if r == "agent"}
+        if only is None:
+            self.placement_version += 1
+        body_holders = [[l, e, [ep_of[s] for s in hs if s in ep_of]] for (l, e), hs in sorted(holders.items())]
+        body_holders = [h for h in body_holders if h[2]]
+        servers = {s for hs in holders.values() for s in hs}
+        for (role, name), p in sorted(peers.items()):
+            if role != "entry" or not p.alive or (only is not None and name != only):
+                continue
+            comp = entry_compression(target, name, servers, self.cfg.compression)
+            body = {"version": self.placement_version, "holders": body_holders,
+                    "compression": {ep_of[s]: c for s, c in comp.items() if s in ep_of and c}}
+            c = self._entry_client(name, p.endpoint)
+            for attempt in range(3):
+                try:
+                    c.call(P.MsgType.PLACEMENT, body, timeout_s=self.cfg.deploy.placement_timeout_s)
+                    out.entries_updated.append(name)
+                    break
+                except NodeError as exc:
+                    if attempt == 2:
+                        out.entries_failed.append((name, str(exc)[:200]))
+                        self._event("placement_failed", entry=name, reason=str(exc)[:300])
+
+    # ---------------- serving ----------------
+    def _serve_loop(self) -> None:
+        mc = self.cfg.monitor
+        next_sched = time.monotonic() + self.cfg.replan_interval_s if self.cfg.replan_interval_s else math.inf
+        pending: list[M.Trigger] = []
+        serving_ns = time.monotonic_ns()
+        while not self._stop.is_set():
+            time.sleep(TICK_S)
+            now = time.monotonic_ns()
+            # 1. liveness
+            with self.registry.lock:  # silence counts from serving on (start-up work is not silence)
+                last = {f"{r}:{n}": max(p.last_seen_ns, serving_ns) for (r, n), p in self.registry.peers.items()}
+                alive = {f"{r}:{n}": p.alive for (r, n), p in self.registry.peers.items()}
+                lost = M.lost_peers(last, alive, now, mc)
+                for key, silent_s in lost:
+                    role, name = key.split(":", 1)
+                    p = self.registry.peers[(role, name)]
+                    p.alive, p.lost_ns = False, now
+            for key, silent_s in lost:
+                role, name = key.split(":", 1)
+                self._event(f"{role}_lost", name=name, silent_s=round(silent_s, 3))
+                if role == "agent":
+                    pending.append(M.Trigger("agent_lost", now, f"agent {name} silent for {silent_s:.2f} s "
+                                                                f"(> {mc.lost_after_s:.2f} s)", name, silent_s))
+            # 2. registrations / rejoins
+            while True:
+                try:
+                    kind, role, name, was_lost = self.registry.notices.get_nowait()
+                except queue.Empty:
+                    break
+                self._event(f"{role}_{kind}", name=name)
+                if role == "entry":
+                    self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
+                elif was_lost or kind == "reregistered":
+                    self._resync_agent(name, kind)
+                    pending.append(M.Trigger("agent_rejoined", now, f"agent {name} {kind}", name))
+            # 3. probes
+            while True:
+                try:
+                    name, t_ns, rtt, gp, err = self.prober.results.get_nowait()
+                except queue.Empty:
+                    break
+                if err is not None:
+                    continue  # a silent agent is judged by its heartbeats
+                st = self.probe_state.setdefault(name, M.ProbeState())
+                M.add_probe(st, rtt, gp, t_ns, mc)
+                v = M.probe_verdict(st, mc)
+                if v is not None:
+                    kind, why = v
+                    M.rebase(st, mc)
+                    self._event(kind, server=name, reason=why)
+                    pending.append(M.Trigger(kind, t_ns, f"{name}: {why}", name))
+            # 4. overload
+            for (role, name), p in self.registry.snapshot().items():
+                if role != "agent" or not p.alive:
+                    continue
+                share = next((s.cpu_share for s in self.topo.servers if s.name == name), 0.0) * (os.cpu_count() or 1)
+                over = M.overloaded(p.cpu_hist, share, mc)
+                if over and name not in self.overloaded:
+                    self.overloaded.add(name)
+                    pending.append(M.Trigger("overload", now, f"agent {name} cpu at >= {mc.overload_cpu_frac} x "
+                                                              f"its share ({share:.2f} cores)", name))
+                elif not over and name in self.overloaded and p.cpu_hist and \
+                        p.cpu_hist[-1] < 50.0 * share:
+                    self.overloaded.discard(name)
+            # 5. API and schedule
+            while True:
+                try:
+                    pending.append(self.requests.get_nowait())
+                except queue.Empty:
+                    break
+            if time.monotonic() >= next_sched:
+                next_sched = time.monotonic() + self.cfg.replan_interval_s
+                pending.append(M.Trigger("scheduled", now, f"every {self.cfg.replan_interval_s:g} s"))
+            if pending:
+                if self.cfg.static:
+                    for t in pending:
+                        self._event("trigger_ignored", trigger=t.kind, reason=t.reason, static=True)
+                else:
+                    self.redeploy(pending)
+                pending = []
+
+    def _resync_agent(self, name: str, kind: str) -> None:
+        """An agent that came back: believe only what it reports holding; drop what no plan names."""
+        c = self._agent_client(name)
+        try:
+            st = c.call(P.MsgType.STATUS, timeout_s=2.0)
+        except NodeError as exc:
+            self._event("resync_failed", server=name, reason=str(exc)[:200])
+            return
+        held = {(s["layer"], s["expert"], s["bits"]) for s in st.body.get("shards", [])}
+        self.deployed[name] = held
+        wanted = set()
+        if self.plan is not None:
+            wanted = {(l, e) for l, row in enumerate(self.plan.placement) for e, reps in enumerate(row) if name in reps}
+        stale = sorted({(l, e) for l, e, _ in held} - wanted)
+        if stale:
+            self.deployer.unload(name, stale, DeployOutcome(), self.deployed)
+
+    def redeploy(self, triggers: list[M.Trigger]) -> dict | None:
+        """Incremental re-plan from the current plan + make-before-break migration; logs the event."""
+        from controller.plan import PlanOptions
+        from controller.planner import diff, plan
+        kind, reasons, detected_ns, detect_s = M.merge_triggers(triggers)
+        t0 = time.monotonic_ns()
+        self.replans += 1
+        try:
+            cluster, notes = self._observed()
+            reqs = self._requirements_for(cluster)
+            target = plan(self.profile, cluster, reqs, self.cfg.strategy, self.plan, PlanOptions())
+            if kind == "slo_change" and not target.predicted_map().get("_overall", {}).get("meets_slo", True):
+                full = plan(self.profile, cluster, reqs, self.cfg.strategy, None, PlanOptions())
+                if full.predicted_map().get("_overall", {}).get("meets_slo", False):
+                    target = replace(full, reasons=("SLO change: the incremental plan misses the new SLO, "
+                                                    "a full re-plan meets it",) + full.reasons)
+        except CoelError as exc:
+            self._event("replan_failed", trigger=kind, reasons=reasons, error=str(exc)[:500])
+            return None
+        t1 = time.monotonic_ns()
+        actions = diff(self.plan, target)
+        alive = self._alive("agent")
+        missing = any((l, e, target.bits[l][e]) not in self.deployed.get(s, set())
+                      for l, row in enumerate(target.placement) for e, reps in enumerate(row) for s in reps if s in alive)
+        routes_stale = any(s not in alive for hs in self.holders.values() for s in hs)
+        if not actions and not missing and not routes_stale:
+            self.plan = target
+            self._event("replan", trigger=kind, detected_ns=detected_ns, replan_s=(t1 - t0) / 1e9, actions=0,
+                        bytes_moved=0, reasons=reasons + notes)
+            return {"trigger": kind, "actions": 0, "bytes_moved": 0}
+        outcome = self._execute(self.plan, target, actions)
+        t2 = time.monotonic_ns()
+        self.plan = target
+        rec = {"trigger": kind, "detected_ns": detected_ns, "detect_s": detect_s, "replan_s": (t1 - t0) / 1e9,
+               "migrate_s": (t2 - t1) / 1e9, "bytes_moved": outcome.bytes_moved, "actions": len(actions),
+               "loads": len(outcome.loaded), "drops": len(outcome.dropped), "failed_loads": len(outcome.failed),
+               "unplaced": [list(k) for k in outcome.unplaced[:8]], "entries_updated": outcome.entries_updated,
+               "placement_version": self.placement_version,
+               "action_kinds": _count(a.kind for a in actions),
+               "reasons": reasons + notes + list(target.reasons)[:12]}
+        self.redeployments.append(rec)
+        self._event("redeployment", **rec)
+        return rec
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------- command line
+
+def add_controller_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default=None, help="run folder (for relative defaults)")
+    p.add_argument("--topology", required=True, help="bundled topology name or YAML path")
+    p.add_argument("--model", required=True, help="checkpoint directory (expert weights are quantized from it)")
+    p.add_argument("--profile", default=None, help="coel-profile JSON (default MODEL/profile.json)")
+    p.add_argument("--strategy", default="coel", help="planner strategy: coel | uniform | pipeline | offload | random")
+    p.add_argument("--listen", required=True, help="ROUTER endpoint for REGISTER/HEARTBEAT, e.g. tcp://10.0.0.9:7000")
+    p.add_argument("--control", required=True, help="control API endpoint, e.g. ipc://RUN/control.sock")
+    p.add_argument("--keys", default=None, help="CURVE key directory (default: plain text)")
+    p.add_argument("--expect-agents", required=True, help="comma-separated server names")
+    p.add_argument("--expect-entries", default="", help="comma-separated entry server names")
+    p.add_argument("--static", action="store_true", help="keep the initial plan: monitor, never migrate")
+    p.add_argument("--replan-interval-s", type=float, default=None, help="re-plan on this schedule too")
+    p.add_argument("--heartbeat-s", type=float, default=0.2, help="expected heartbeat period of agents/entries")
+    p.add_argument("--liveness", type=int, default=4, help="missed heartbeats before a peer is lost")
+    p.add_argument("--probe-interval-s", type=float, default=1.0)
+    p.add_argument("--probe-bytes", type=int, default=64 * 1024)
+    p.add_argument("--bw-drop-ratio", type=float, default=0.5, help="goodput below this x baseline triggers")
+    p.add_argument("--rtt-rise-ratio", type=float, default=2.0, help="RTT above this x baseline triggers")
+    p.add_argument("--no-compression", action="store_true", help="fp32 passthrough on every link")
+    p.add_argument("--register-timeout-s", type=float, default=120.0)
+    p.add_argument("--trace", default=None, help="append events/spans (JSONL)")
+    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_LINKEMU_FILE)")
+
+
+def config_from_args(args: argparse.Namespace) -> ControllerConfig:
+    split = lambda s: tuple(x.strip() for x in (s or "").split(",") if x.strip())  # noqa: E731
+    mon = M.MonitorConfig(heartbeat_s=args.heartbeat_s, liveness=args.liveness, probe_interval_s=args.probe_interval_s,
+                          probe_bytes=args.probe_bytes, bw_drop_ratio=args.bw_drop_ratio,
+                          rtt_rise_ratio=args.rtt_rise_ratio)
+    return ControllerConfig(topology=args.topology, model_dir=args.model, listen=args.listen, control=args.control,
+                            expect_agents=split(args.expect_agents), expect_entries=split(args.expect_entries),
+                            strategy=args.strategy, profile_path=args.profile, keys_dir=args.keys,
+                            run_dir=args.run_dir, static=args.static, replan_interval_s=args.replan_interval_s,
+                            trace_path=args.trace, register_timeout_s=args.register_timeout_s,
+                            compression=not args.no_compression, monitor=mon)
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from controller.planner import strategy_names
+    from nodes.agent import delay_hook_from_env
+    if args.strategy not in strategy_names():
+        raise ConfigError(f"unknown strategy {args.strategy!r}; valid strategies: {strategy_names()}")
+    cfg = config_from_args(args)
+    ctl = Controller(cfg, lambda: delay_hook_from_env(args.delay_file))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: ctl.stop())
+    return ctl.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m controller.service ...` = `coel controller ...`."""
+    ap = argparse.ArgumentParser(prog="controller.service")
+    add_controller_args(ap)
+    try:
+        return cmd_controller(ap.parse_args(argv))
+    except CoelError as exc:
+        print(f"coel controller: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
