@@ -50,6 +50,10 @@ RECONNECT_MAX_S = 16.0
 # messages smaller than this are copied by pyzmq anyway; larger frames go zero-copy
 ZERO_COPY_MIN_BYTES = 64 * 1024
 
+# Received frames are read-only buffers and tensors decoded from them are views that we never
+# write into; torch warns about that on every frombuffer (and catch_warnings costs ~5 us a call).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
 
 class MsgType(enum.IntEnum):
     REGISTER = 1  # agent -> controller: who I am, my budget and shards; reply OK
@@ -64,6 +68,12 @@ class MsgType(enum.IntEnum):
     OK = 10  # generic success reply
     SET_PATH_DELAYS = 11  # -> agent: one-way delays per peer for the in-transport delay queue
     SHUTDOWN = 12  # -> agent: reply OK, then exit cleanly
+    # runtime (controller / entry service / client); see docs/protocol.md "Runtime messages"
+    GENERATE = 13  # client -> entry: a prompt (tensor "prompt" int64 ids, or body prompt_text); streamed reply
+    TOKEN = 14  # entry -> client: one generated token {"index", "token"}
+    DONE = 15  # entry -> client: the request finished {"new_tokens", "prompt_tokens", ...}
+    PLACEMENT = 16  # controller -> entry: expert holders + per-endpoint compression; reply OK
+    CONTROL = 17  # control API request {"op", "args"}; reply OK {"result"} or ERROR
 
 
 class ErrorCode(str, enum.Enum):
@@ -73,6 +83,8 @@ class ErrorCode(str, enum.Enum):
     NOT_LOADED = "not_loaded"  # EXPERT_CALL / UNLOAD for a shard this agent does not hold
     BAD_SHARD = "bad_shard"  # shard tensors do not match the shard description
     INTERNAL = "internal"  # the handler raised; the agent keeps serving
+    UNAVAILABLE = "unavailable"  # a request could not finish in its bounded time (no expert holder answered)
+    BUSY = "busy"  # the receiver is not ready (e.g. an entry without a placement yet)
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -117,9 +129,19 @@ BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.OK: {},
     MsgType.SET_PATH_DELAYS: {"delays_ms": (_MAP, True)},
     MsgType.SHUTDOWN: {},
+    MsgType.GENERATE: {"max_new_tokens": (_INT, True), "prompt_text": (_STR, False),
+                       "max_prompt_tokens": (_INT, False), "temperature": (_NUM, False), "top_k": (_INT, False),
+                       "top_p": (_NUM, False), "seed": ((int, type(None)), False), "class": (_STR, False),
+                       "stop_at_eos": ((bool,), False)},
+    MsgType.TOKEN: {"index": (_INT, True), "token": (_INT, True)},
+    MsgType.DONE: {"new_tokens": (_INT, True), "prompt_tokens": (_INT, True)},
+    MsgType.PLACEMENT: {"version": (_INT, True), "holders": (_LIST, True), "compression": (_MAP, False)},
+    MsgType.CONTROL: {"op": (_STR, True), "args": (_OPT_MAP, False)},
 }
 # types whose bodies may carry extra keys (replies with free-form status data)
-OPEN_BODIES = {MsgType.STATUS, MsgType.OK, MsgType.HEARTBEAT, MsgType.REGISTER}
+OPEN_BODIES = {MsgType.STATUS, MsgType.OK, MsgType.HEARTBEAT, MsgType.REGISTER, MsgType.DONE}
+MAX_NEW_TOKENS = 1 << 14  # GENERATE: largest max_new_tokens accepted
+CONTROL_OPS = ("STATUS", "PLAN", "SET_SLO", "REPLAN", "SHUTDOWN")  # control API operations
 
 SHARD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "layer": (_INT, True), "expert": (_INT, True), "bits": (_INT, True), "d_model": (_INT, True),
@@ -255,6 +277,32 @@ def _validate_body(mtype: MsgType, body: dict, tensors: dict[str, tuple[str, tup
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) \
                     or not (0 <= v < 1e6) or math.isnan(v):
                 raise ProtocolError(f"SET_PATH_DELAYS: bad entry {k!r}: {v!r}", req_id)
+    elif mtype == MsgType.GENERATE:
+        if not 1 <= body["max_new_tokens"] <= MAX_NEW_TOKENS:
+            raise ProtocolError(f"GENERATE: max_new_tokens={body['max_new_tokens']} not in 1..{MAX_NEW_TOKENS}",
+                                req_id)
+        if "prompt" in tensors:
+            dt, shape = tensors["prompt"]
+            if dt not in ("int32", "int64") or len(shape) != 1 or not 1 <= shape[0] <= MAX_TOKENS_PER_CALL:
+                raise ProtocolError(f"GENERATE: tensor 'prompt' must be 1-D int32/int64 with 1..{MAX_TOKENS_PER_CALL} "
+                                    f"ids, got {dt} {list(shape)}", req_id)
+        elif not body.get("prompt_text"):
+            raise ProtocolError("GENERATE carries neither a 'prompt' tensor nor a prompt_text", req_id)
+        if body.get("max_prompt_tokens", 1) < 1 or body.get("top_k", 0) < 0 \
+                or not 0.0 <= body.get("temperature", 0.0) <= 100.0 or not 0.0 < body.get("top_p", 1.0) <= 1.0:
+            raise ProtocolError("GENERATE: need max_prompt_tokens >= 1, top_k >= 0, 0 <= temperature <= 100, "
+                                "0 < top_p <= 1", req_id)
+    elif mtype == MsgType.PLACEMENT:
+        for i, h in enumerate(body["holders"]):
+            if not (isinstance(h, list) and len(h) == 3 and all(type(v) is int and 0 <= v < 1 << 20 for v in h[:2])
+                    and isinstance(h[2], list) and h[2] and all(isinstance(ep, str) for ep in h[2])):
+                raise ProtocolError(f"PLACEMENT holders[{i}] must be [layer, expert, [endpoint, ...]]", req_id)
+        for ep, c in (body.get("compression") or {}).items():
+            if not isinstance(c, dict):
+                raise ProtocolError(f"PLACEMENT compression[{ep!r}] must be a map", req_id)
+    elif mtype == MsgType.CONTROL:
+        if body["op"] not in CONTROL_OPS:
+            raise ProtocolError(f"CONTROL: unknown op {body['op'][:40]!r}; valid: {list(CONTROL_OPS)}", req_id)
     elif mtype == MsgType.ERROR:
         try:
             ErrorCode(body["code"])
@@ -332,9 +380,7 @@ def _as_tensor(buf: memoryview, dt: str, shape: tuple[int, ...]) -> torch.Tensor
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
     view_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
-    with warnings.catch_warnings():  # received frames are read-only; we never write into them
-        warnings.simplefilter("ignore")
-        t = torch.frombuffer(buf, dtype=view_dtype)
+    t = torch.frombuffer(buf, dtype=view_dtype)
     if dtype == torch.bfloat16:
         t = t.view(torch.bfloat16)
     return t.view(shape)

@@ -1,0 +1,556 @@
+"""The entry service (`coel entry`): the server-side front door for client requests.
+
+Division of labour: the `Coordinator` (nodes.coordinator) runs the backbone and scatters expert
+work to the agents of the current placement; this module owns the sockets around it. One ROUTER
+serves clients (GENERATE -> a TOKEN per generated token, then DONE, or one ERROR) and the
+controller (PLACEMENT, STATUS, PROBE, SHUTDOWN); a DEALER registers with the controller and
+heartbeats (Paranoid Pirate, like the agent). A small pool of worker threads, each with its own
+Coordinator (own sockets, own trace id) sharing one read-only model, runs the requests; their
+replies reach the ROUTER through an inproc PUSH/PULL pair, so only the loop thread touches it.
+
+Placement updates swap atomically between decode steps. When an expert call fails (its agent
+crashed or is cut off) the Coordinator first fails over to another replica; if none answers,
+the step is retried once the controller's next placement arrives (or a short back-off passes),
+bounded by `placement_wait_s`: then the client gets ERROR "unavailable" naming the expert.
+The KV cache only advances when a forward pass completes, so retrying a step is exact.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+import zmq
+
+from coel_model.errors import CoelError, ConfigError
+from nodes import protocol as P
+from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
+from nodes.transport import DelayHook, HeldInbox, peer_address
+
+STOP_JOB = None  # sentinel in the work queue
+
+
+@dataclass(frozen=True)
+class EntryConfig:
+    name: str  # server name (as in the topology); the controller keys its placement by it
+    listen: str  # ROUTER endpoint clients and the controller connect to, e.g. tcp://10.0.0.4:7200
+    model_dir: str  # checkpoint; the entry holds the backbone, experts live on the agents
+    controller: str | None = None  # controller ROUTER endpoint for REGISTER/HEARTBEAT
+    keys_dir: str | None = None  # CURVE keys (nodes.security); None = plain text
+    trace_path: str | None = None
+    workers: int = 2  # concurrent requests in service (2 cores on this machine)
+    threads: int = 1  # torch intra-op threads
+    heartbeat_s: float = 0.2
+    liveness: int = 4  # controller silent this many heartbeats -> reconnect and re-register
+    call_timeout_s: float = 1.5  # one expert call attempt before failing over to a replica
+    layer_deadline_s: float = 4.0  # one layer's scatter/gather, all replicas included
+    placement_wait_s: float = 10.0  # a failing step waits at most this long for a new placement
+    first_placement_wait_s: float = 30.0  # a request arriving before any placement waits this long
+
+    def __post_init__(self) -> None:
+        if "://" not in self.listen:
+            raise ConfigError(f"entry {self.name}: --listen {self.listen!r} must look like tcp://IP:PORT")
+        for f in ("heartbeat_s", "call_timeout_s", "layer_deadline_s", "placement_wait_s"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"entry {self.name}: {f} must be > 0 (got {getattr(self, f)})")
+        if self.workers < 1 or self.threads < 1 or self.liveness < 1:
+            raise ConfigError(f"entry {self.name}: workers, threads and liveness must be >= 1")
+
+
+class RequestFailed(CoelError):
+    """A request that cannot finish within its bounded time."""
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    """One placement as received from the controller (immutable; replaced as a whole)."""
+    version: int
+    placement: Any  # nodes.coordinator.Placement
+    compression: dict[str, dict]  # endpoint -> CompressionSettings header
+
+
+class EntryService:
+    def __init__(self, cfg: EntryConfig, delay_factory=None, ctx: zmq.Context | None = None):
+        from coel_model.checkpoint import load_model
+        from nodes.coordinator import RemoteExpertStub
+        self.cfg = cfg
+        self.delay_factory = delay_factory or (lambda: None)
+        self.model = load_model(cfg.model_dir)
+        mc = self.model.cfg
+        for l in range(mc.n_layers):  # the experts live on the agents: hold no expert weights here
+            for e in range(mc.n_experts):
+                self.model.set_expert(l, e, RemoteExpertStub(l, e))
+        self._tokenizer = None
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.keys: KeyDir | None = load_keys(cfg.keys_dir) if cfg.keys_dir else None
+        self.tracer = None
+        if cfg.trace_path:
+            from testbed.traces import TraceWriter
+            self.tracer = TraceWriter(cfg.trace_path, cfg.name)
+        self.inbox = HeldInbox(self.delay_factory())
+        self.jobs: queue.Queue = queue.Queue()
+        self._routing: RoutingState | None = None
+        self._routing_cv = threading.Condition()
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.counters: dict[str, int] = defaultdict(int)
+        self.active = 0
+        self.coords: list[Any] = []
+        self._lock = threading.Lock()
+        self.proc = psutil.Process()
+        self.proc.cpu_percent()
+
+    # ---------------- routing state ----------------
+    def apply_placement(self, body: dict) -> int:
+        """Validate and swap in a PLACEMENT body; older versions are ignored. Returns the version in force."""
+        from nodes.coordinator import Placement, _settings
+        holders = {(int(l), int(e)): tuple(eps) for l, e, eps in body["holders"]}
+        mc = self.model.cfg
+        missing = [(l, e) for l in range(mc.n_layers) for e in range(mc.n_experts) if (l, e) not in holders]
+        if missing:
+            raise ConfigError(f"placement v{body['version']} names no holder for {len(missing)} experts, "
+                              f"e.g. (layer, expert) {missing[:3]}")
+        placement = Placement.of(holders)
+        comp = {ep: dict(c) for ep, c in (body.get("compression") or {}).items()}
+        for ep, c in comp.items():
+            _settings(c)  # raises ConfigError naming the bad settings
+        with self._routing_cv:
+            if self._routing is not None and body["version"] <= self._routing.version:
+                return self._routing.version
+            self._routing = RoutingState(int(body["version"]), placement, comp)
+            for coord in self.coords:
+                self._install(coord, self._routing)
+            self._routing_cv.notify_all()
+        if self.tracer is not None:
+            self.tracer.event("placement", version=int(body["version"]), experts=len(holders),
+                              endpoints=sorted({ep for eps in holders.values() for ep in eps}))
+        return int(body["version"])
+
+    @staticmethod
+    def _install(coord: Any, rs: RoutingState) -> None:
+        from nodes.coordinator import _settings
+        coord.set_placement(rs.placement)
+        coord.compression = {ep: _settings(c) for ep, c in rs.compression.items()}
+
+    def routing_version(self) -> int:
+        rs = self._routing
+        return rs.version if rs is not None else -1
+
+    def wait_routing(self, newer_than: int, timeout_s: float) -> bool:
+        """Block until a placement with version > newer_than is in force (or timeout)."""
+        deadline = time.monotonic() + timeout_s
+        with self._routing_cv:
+            while self.routing_version() <= newer_than and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._routing_cv.wait(left)
+        return self.routing_version() > newer_than
+
+    # ---------------- main loop ----------------
+    def stop(self) -> None:
+        self._stop.set()
+        with self._routing_cv:
+            self._routing_cv.notify_all()
+
+    def run(self) -> None:
+        router = ctrl = pull = None
+        auth = None
+        workers: list[threading.Thread] = []
+        try:
+            if self.keys is not None:
+                auth = start_authenticator(self.ctx, self.keys)
+            router = self.ctx.socket(zmq.ROUTER)
+            router.linger = 0
+            router.maxmsgsize = P.MAX_MESSAGE_BYTES + P.MAX_HEADER_BYTES
+            secure_server(router, self.keys)
+            try:
+                router.bind(self.cfg.listen)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"entry {self.cfg.name}: cannot bind {self.cfg.listen}: {exc}") from None
+            pull = self.ctx.socket(zmq.PULL)
+            pull.linger = 0
+            self._out_addr = f"inproc://entry-out-{id(self)}"
+            pull.bind(self._out_addr)
+            for i in range(self.cfg.workers):
+                th = threading.Thread(target=self._worker, args=(i,), name=f"entry-worker-{i}", daemon=True)
+                th.start()
+                workers.append(th)
+            self.ready.set()
+            self._loop(router, pull)
+        finally:
+            self._stop.set()
+            for _ in workers:
+                self.jobs.put(STOP_JOB)
+            for th in workers:
+                th.join(5)
+            for s in (router, pull, getattr(self, "_ctrl", None)):
+                if s is not None:
+                    s.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            if self.tracer is not None:
+                self.tracer.close()
+            self.ready.set()
+            if self._own_ctx:
+                self.ctx.term()
+
+    def _connect_controller(self) -> zmq.Socket:
+        c = self.ctx.socket(zmq.DEALER)
+        c.linger = 0
+        secure_client(c, self.keys)
+        c.connect(self.cfg.controller)
+        self._send_nb(c, P.encode(P.MsgType.REGISTER, 0, {
+            "name": self.cfg.name, "endpoint": self.cfg.listen, "memory_budget_bytes": 0,
+            "pid": os.getpid(), "role": "entry", "workers": self.cfg.workers,
+            "placement_version": self.routing_version()}, src=self.cfg.name))
+        self.counters["registers"] += 1
+        return c
+
+    @staticmethod
+    def _send_nb(sock: zmq.Socket, frames: list[Any]) -> None:
+        try:
+            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # peer unreachable: the liveness counter notices
+
+    def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
+        interval = self.cfg.heartbeat_s
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        ctrl = None
+        liveness = self.cfg.liveness
+        next_hb = time.monotonic() + interval
+        if self.cfg.controller:
+            ctrl = self._ctrl = self._connect_controller()
+            poller.register(ctrl, zmq.POLLIN)
+        while not self._stop.is_set():
+            now = time.monotonic()
+            timeout_ms = min(100.0, max(0.0, (next_hb - now) * 1e3)) if ctrl is not None else 100.0
+            events = dict(poller.poll(self.inbox.timeout_ms(timeout_ms)))
+            if events.get(pull):
+                while True:
+                    try:
+                        frames = pull.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._send_nb(router, frames)
+            if events.get(router):
+                self._drain_router(router)
+            for ident, envelope, msg in self.inbox.pop_ready():
+                self._handle(router, envelope, msg)
+            if ctrl is not None and events.get(ctrl):
+                while True:
+                    try:
+                        ctrl.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    liveness = self.cfg.liveness
+            now = time.monotonic()
+            if ctrl is not None and now >= next_hb:
+                liveness -= 1
+                if liveness <= 0:  # controller silent: reconnect and register again
+                    poller.unregister(ctrl)
+                    ctrl.close(linger=0)
+                    ctrl = self._ctrl = self._connect_controller()
+                    poller.register(ctrl, zmq.POLLIN)
+                    liveness = self.cfg.liveness
+                    self.counters["reconnects"] += 1
+                else:
+                    self._send_nb(ctrl, P.encode(P.MsgType.HEARTBEAT, 0, {"name": self.cfg.name,
+                                                                          "stats": self.stats()}, src=self.cfg.name))
+                next_hb = now + interval
+
+    def _drain_router(self, router: zmq.Socket, max_msgs: int = 256) -> None:
+        for _ in range(max_msgs):
+            try:
+                frames = router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident = frames[0].bytes
+            rest = frames[1:]
+            envelope = [ident]
+            if rest and len(rest[0]) == 0:
+                envelope.append(b"")
+                rest = rest[1:]
+            try:
+                msg = P.decode(rest)
+            except P.ProtocolError as exc:
+                self.counters["malformed"] += 1
+                self._send_nb(router, envelope + P.error_frames(exc.req_id, P.ErrorCode.MALFORMED, exc.reason,
+                                                                self.cfg.name))
+                continue
+            if self.inbox.admit((ident, envelope, msg), peer_address(frames[0]) or msg.src, msg.sent_ns, msg.nbytes):
+                self._handle(router, envelope, msg)
+
+    def _handle(self, router: zmq.Socket, envelope: list[bytes], msg: P.Message) -> None:
+        T = P.MsgType
+        reply = lambda frames: self._send_nb(router, envelope + frames)  # noqa: E731
+        try:
+            if msg.type == T.GENERATE:
+                self.counters["requests"] += 1
+                self.jobs.put((envelope, msg, time.monotonic_ns()))
+            elif msg.type == T.PLACEMENT:
+                v = self.apply_placement(msg.body)
+                reply(P.encode(T.OK, msg.req_id, {"version": v}, src=self.cfg.name))
+            elif msg.type == T.STATUS:
+                reply(P.encode(T.STATUS, msg.req_id, self.status(), src=self.cfg.name))
+            elif msg.type == T.PROBE:
+                reply(P.encode(T.PROBE, msg.req_id, {"echo": msg.body.get("echo")}, dict(msg.tensors),
+                               src=self.cfg.name))
+            elif msg.type == T.SHUTDOWN:
+                reply(P.encode(T.OK, msg.req_id, {}, src=self.cfg.name))
+                self.stop()
+            else:
+                reply(P.error_frames(msg.req_id, P.ErrorCode.UNSUPPORTED,
+                                     f"{msg.type.name} is not a request an entry serves", self.cfg.name))
+        except ConfigError as exc:
+            reply(P.error_frames(msg.req_id, P.ErrorCode.MALFORMED, str(exc), self.cfg.name))
+        except Exception as exc:  # the entry must outlive any bad request
+            self.counters["internal_errors"] += 1
+            reply(P.error_frames(msg.req_id, P.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", self.cfg.name))
+
+    # ---------------- workers ----------------
+    def _worker(self, idx: int) -> None:
+        from nodes.coordinator import Coordinator, CoordinatorConfig
+        torch.set_num_threads(self.cfg.threads)
+        push = self.ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(self._out_addr)
+        ccfg = CoordinatorConfig(call_timeout_s=self.cfg.call_timeout_s, layer_deadline_s=self.cfg.layer_deadline_s,
+                                 name=self.cfg.name)
+        coord = Coordinator(self.model, {}, self.keys, ccfg, delay=self.delay_factory(), ctx=self.ctx)
+        coord.tracer = self.tracer
+        with self._routing_cv:
+            if self._routing is not None:
+                self._install(coord, self._routing)
+            self.coords.append(coord)
+        try:
+            while True:
+                job = self.jobs.get()
+                if job is STOP_JOB or self._stop.is_set():
+                    return
+                envelope, msg, t_recv = job
+                with self._lock:
+                    self.active += 1
+                try:
+                    self._serve(coord, push, envelope, msg, t_recv)
+                finally:
+                    with self._lock:
+                        self.active -= 1
+        finally:
+            with self._routing_cv:
+                self.coords.remove(coord)
+            for ep in list(coord.socks):
+                coord._reset_sock(ep)
+            push.close(linger=0)
+
+    def _prompt_ids(self, msg: P.Message) -> list[int]:
+        mc = self.model.cfg
+        if "prompt" in msg.tensors:
+            ids = msg.tensors["prompt"].tolist()  # a few hundred ints at most, once per request
+        else:
+            if self._tokenizer is None:
+                from coel_model.evaluate import base_model_dir, find_tokenizer
+                self._tokenizer = find_tokenizer(self.cfg.model_dir, base_model_dir(self.cfg.model_dir))
+            ids = self._tokenizer.encode(msg.body["prompt_text"])
+        if "max_prompt_tokens" in msg.body:
+            ids = ids[:msg.body["max_prompt_tokens"]]
+        if not ids:
+            raise ConfigError("the prompt encodes to no tokens")
+        bad = [t for t in ids if not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt token ids {bad[:4]} outside the vocabulary (0..{mc.vocab_size - 1})")
+        total = len(ids) + msg.body["max_new_tokens"]
+        if total > mc.max_seq_len:
+            raise ConfigError(f"prompt ({len(ids)} tokens) + max_new_tokens ({msg.body['max_new_tokens']}) = "
+                              f"{total} exceeds the model's max_seq_len ({mc.max_seq_len})")
+        return ids
+
+    @torch.inference_mode()
+    def _serve(self, coord: Any, push: zmq.Socket, envelope: list[bytes], msg: P.Message, t_recv: int) -> None:
+        from coel_model.generate import sample_next
+        from coel_model.model import KVCache
+        name = self.cfg.name
+        send = lambda frames: push.send_multipart(envelope + frames, copy=False)  # noqa: E731
+        body = msg.body
+        trace_id = msg.trace or uuid.uuid4().hex[:16]
+        coord.trace_id = trace_id
+        stats = {"retries": 0, "waited_s": 0.0}
+        out: list[int] = []
+        ok, err = False, None
+        t_first = None
+        prompt: list[int] = []
+        try:
+            try:
+                prompt = self._prompt_ids(msg)
+            except (ConfigError, CoelError) as exc:
+                send(P.error_frames(msg.req_id, P.ErrorCode.MALFORMED, str(exc), name))
+                err = str(exc)
+                return
+            if self._routing is None and not self.wait_routing(-1, self.cfg.first_placement_wait_s):
+                err = (f"entry {name} has no expert placement from the controller after "
+                       f"{self.cfg.first_placement_wait_s:.0f} s")
+                send(P.error_frames(msg.req_id, P.ErrorCode.BUSY, err, name))
+                return
+            cfg = self.model.cfg
+            max_new = body["max_new_tokens"]
+            seed = body.get("seed")
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            cache = KVCache(cfg, batch=1, max_len=len(prompt) + max_new)
+            temp, top_k, top_p = float(body.get("temperature", 0.0)), int(body.get("top_k", 0)), \
+                float(body.get("top_p", 1.0))
+            stop_eos = bool(body.get("stop_at_eos", True))
+            logits = self._step(coord, torch.tensor([prompt]), cache, stats)
+            for step in range(max_new):
+                tok = sample_next(logits, temp, top_k, top_p, gen)
+                out.append(tok)
+                if t_first is None:
+                    t_first = time.monotonic_ns()
+                send(P.encode(P.MsgType.TOKEN, msg.req_id, {"index": step, "token": tok}, trace=trace_id, src=name))
+                if stop_eos and cfg.eos_token_id >= 0 and tok == cfg.eos_token_id:
+                    break
+                if step + 1 < max_new:
+                    logits = self._step(coord, torch.tensor([[tok]]), cache, stats)
+            send(P.encode(P.MsgType.DONE, msg.req_id, {"new_tokens": len(out), "prompt_tokens": len(prompt),
+                                                       "retries": stats["retries"],
+                                                       "waited_s": round(stats["waited_s"], 4),
+                                                       "placement_version": self.routing_version()},
+                          trace=trace_id, src=name))
+            ok = True
+            self.counters["served"] += 1
+        except RequestFailed as exc:
+            err = str(exc)
+            self.counters["failed"] += 1
+            send(P.error_frames(msg.req_id, P.ErrorCode.UNAVAILABLE, err, name))
+        except Exception as exc:  # a bug must fail this request only, never the service
+            err = f"{type(exc).__name__}: {exc}"
+            self.counters["failed"] += 1
+            send(P.error_frames(msg.req_id, P.ErrorCode.INTERNAL, err, name))
+        finally:
+            if self.tracer is not None:
+                attrs: dict[str, Any] = {"ok": ok, "prompt_tokens": len(prompt), "new_tokens": len(out),
+                                         "retries": stats["retries"], "waited_s": round(stats["waited_s"], 4)}
+                if t_first is not None:
+                    attrs["ttft_ms"] = round((t_first - t_recv) / 1e6, 3)
+                if err:
+                    attrs["error"] = err[:300]
+                self.tracer.span(trace_id, "serve", t_recv, time.monotonic_ns(), **attrs)
+
+    def _step(self, coord: Any, tokens: torch.Tensor, cache: Any, stats: dict) -> torch.Tensor:
+        """One forward pass; on an expert that no holder serves, wait for a new placement and retry.
+
+        Bounded: after placement_wait_s without success the request fails with the last reason."""
+        from nodes.coordinator import RemoteExpertError
+        from nodes.transport import NodeError
+        first_fail = None
+        while True:
+            version = self.routing_version()
+            try:
+                return coord.forward(tokens, cache)[0, -1]
+            except (RemoteExpertError, NodeError) as exc:
+                now = time.monotonic()
+                first_fail = first_fail or now
+                stats["retries"] += 1
+                left = self.cfg.placement_wait_s - (now - first_fail)
+                if left <= 0 or self._stop.is_set():
+                    raise RequestFailed(f"entry {self.cfg.name}: gave up after {stats['retries']} attempt(s) in "
+                                        f"{now - first_fail:.1f} s (placement v{version}): {exc}") from None
+                if self.tracer is not None:
+                    self.tracer.event("step_retry", trace_id=coord.trace_id, placement_version=version,
+                                      reason=str(exc)[:300])
+                t0 = time.monotonic()
+                # a new placement usually follows within ~1 s of a failure; retry anyway after a
+                # short pause (a banned replica may be back, or the failure was transient)
+                self.wait_routing(version, min(left, 0.5))
+                stats["waited_s"] += time.monotonic() - t0
+
+    # ---------------- reporting ----------------
+    def stats(self) -> dict[str, Any]:
+        rtt: dict[str, float] = {}
+        failovers = 0
+        for coord in list(self.coords):
+            failovers += coord.failovers
+            for ep, v in list(coord.chooser.rtt_ms.items()):
+                rtt[ep] = round(min(v, rtt.get(ep, v)), 3)
+        return {"role": "entry", "cpu_percent": self.proc.cpu_percent(), "rss_bytes": self.proc.memory_info().rss,
+                "active": self.active, "queued": self.jobs.qsize(), "served": self.counters["served"],
+                "failed": self.counters["failed"], "requests": self.counters["requests"],
+                "failovers": failovers, "placement_version": self.routing_version(), "expert_rtt_ms": rtt,
+                "t_ns": time.monotonic_ns()}
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.cfg.name, "endpoint": self.cfg.listen, "role": "entry", "pid": os.getpid(),
+                "protocol": P.PROTOCOL_VERSION, "stats": self.stats(), "counters": dict(self.counters)}
+
+
+def serve_in_thread(cfg: EntryConfig, delay_factory=None) -> tuple[EntryService, threading.Thread]:
+    """Start an entry service in a daemon thread (tests); waits until bound."""
+    svc = EntryService(cfg, delay_factory)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            svc.run()
+        except BaseException as exc:
+            errors.append(exc)
+            svc.ready.set()
+
+    th = threading.Thread(target=target, name=f"entry-{cfg.name}", daemon=True)
+    th.start()
+    svc.ready.wait(30)
+    if errors:
+        raise errors[0]
+    return svc, th
+
+
+def add_entry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", required=True, help="server name (as in the topology)")
+    p.add_argument("--listen", required=True, help="ROUTER endpoint to bind, e.g. tcp://10.0.0.4:7200")
+    p.add_argument("--controller", default=None, help="controller endpoint to register and heartbeat with")
+    p.add_argument("--model", required=True, help="checkpoint directory (the entry runs its backbone)")
+    p.add_argument("--keys", default=None, help="CURVE key directory (default: plain text)")
+    p.add_argument("--trace", default=None, help="append spans/events (JSONL)")
+    p.add_argument("--workers", type=int, default=2, help="requests served concurrently")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--heartbeat-s", type=float, default=0.2)
+    p.add_argument("--call-timeout-s", type=float, default=1.5, help="one expert call before failover")
+    p.add_argument("--placement-wait-s", type=float, default=10.0,
+                   help="how long a failing request waits for the controller's new placement")
+    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_LINKEMU_FILE)")
+
+
+def cmd_entry(args: argparse.Namespace) -> int:
+    from nodes.agent import delay_hook_from_env
+    cfg = EntryConfig(name=args.name, listen=args.listen, model_dir=args.model, controller=args.controller,
+                      keys_dir=args.keys, trace_path=args.trace, workers=args.workers, threads=args.threads,
+                      heartbeat_s=args.heartbeat_s, call_timeout_s=args.call_timeout_s,
+                      placement_wait_s=args.placement_wait_s)
+    torch.set_num_threads(cfg.threads)
+    svc = EntryService(cfg, lambda: delay_hook_from_env(args.delay_file))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: svc.stop())
+    svc.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nodes.entry ...` = `coel entry ...` (tests start it this way)."""
+    ap = argparse.ArgumentParser(prog="nodes.entry")
+    add_entry_args(ap)
+    return cmd_entry(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
