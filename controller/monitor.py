@@ -85,14 +85,24 @@ def goodput_mbit(rtt_small_ms: float, rtt_big_ms: float, payload_bytes: int, min
     return 2 * payload_bytes * 8 / (extra_ms / 1e3) / 1e6
 
 
+def heartbeat_period_s(gaps_s: list[float], cfg: MonitorConfig) -> float:
+    """The period a peer actually heartbeats at: the median of its recent gaps, never below the
+    configured heartbeat_s (a peer started with a slower period is judged by its own pace, so it
+    is not declared lost by mistake; it is then detected more slowly)."""
+    if len(gaps_s) < 3:
+        return cfg.heartbeat_s
+    return max(cfg.heartbeat_s, statistics.median(gaps_s))
+
+
 def lost_peers(last_seen_ns: dict[str, int], alive: dict[str, bool], now_ns: int,
-               cfg: MonitorConfig) -> list[tuple[str, float]]:
-    """Peers currently alive whose last heartbeat is older than liveness x heartbeat_s, with
-    their silence in seconds (sorted by name)."""
+               cfg: MonitorConfig, period_s: dict[str, float] | None = None) -> list[tuple[str, float]]:
+    """Peers currently alive whose last heartbeat is older than liveness x their heartbeat
+    period (default heartbeat_s), with their silence in seconds (sorted by name)."""
     out = []
     for name in sorted(last_seen_ns):
         silent_s = (now_ns - last_seen_ns[name]) / 1e9
-        if alive.get(name, False) and silent_s > cfg.lost_after_s:
+        limit = cfg.liveness * (period_s or {}).get(name, cfg.heartbeat_s)
+        if alive.get(name, False) and silent_s > limit:
             out.append((name, silent_s))
     return out
 

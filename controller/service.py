@@ -84,6 +84,7 @@ class Peer:
     stats: dict = field(default_factory=dict)
     shards: list = field(default_factory=list)
     cpu_hist: list = field(default_factory=list)
+    hb_gaps_s: list = field(default_factory=list)  # recent heartbeat inter-arrival times
     registers: int = 0
 
 
@@ -178,6 +179,8 @@ class Registry:
             with self.lock:
                 p = self.peers.get((role, name))
                 if p is not None:
+                    if p.alive and p.last_seen_ns:
+                        p.hb_gaps_s = (p.hb_gaps_s + [(now - p.last_seen_ns) / 1e9])[-9:]
                     p.last_seen_ns = now
                     p.stats = stats
                     if "cpu_percent" in stats:
@@ -600,7 +603,8 @@ class Controller:
             with self.registry.lock:  # silence counts from serving on (start-up work is not silence)
                 last = {f"{r}:{n}": max(p.last_seen_ns, serving_ns) for (r, n), p in self.registry.peers.items()}
                 alive = {f"{r}:{n}": p.alive for (r, n), p in self.registry.peers.items()}
-                lost = M.lost_peers(last, alive, now, mc)
+                period = {f"{r}:{n}": M.heartbeat_period_s(p.hb_gaps_s, mc) for (r, n), p in self.registry.peers.items()}
+                lost = M.lost_peers(last, alive, now, mc, period)
                 for key, silent_s in lost:
                     role, name = key.split(":", 1)
                     p = self.registry.peers[(role, name)]
@@ -609,8 +613,9 @@ class Controller:
                 role, name = key.split(":", 1)
                 self._event(f"{role}_lost", name=name, silent_s=round(silent_s, 3))
                 if role == "agent":
+                    limit = mc.liveness * period[key]
                     pending.append(M.Trigger("agent_lost", now, f"agent {name} silent for {silent_s:.2f} s "
-                                                                f"(> {mc.lost_after_s:.2f} s)", name, silent_s))
+                                                                f"(> {limit:.2f} s)", name, silent_s))
             # 2. registrations / rejoins
             while True:
                 try:
@@ -762,7 +767,7 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compression", action="store_true", help="fp32 passthrough on every link")
     p.add_argument("--register-timeout-s", type=float, default=120.0)
     p.add_argument("--trace", default=None, help="append events/spans (JSONL)")
-    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_LINKEMU_FILE)")
+    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
 
 
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:

@@ -554,10 +554,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def delay_hook_from_env(path: str | None = None) -> DelayHook | None:
-    """The emulated-delay table (nodes.delayqueue) from `path`, $COEL_LINKEMU_FILE (set by the testbed
-    runner for every process) or $COEL_DELAY_FILE, else None. Agents, entries, the controller and
-    clients all use it on receive."""
-    path = path or os.environ.get("COEL_LINKEMU_FILE") or os.environ.get("COEL_DELAY_FILE")
+    """The emulated-delay table (nodes.delayqueue) from `path` or $COEL_DELAY_FILE (the testbed sets it
+    for every process it starts; $COEL_LINKEMU_FILE is accepted as an alias), else None. Agents,
+    entries, the controller and clients all use it on receive."""
+    path = path or os.environ.get("COEL_DELAY_FILE") or os.environ.get("COEL_LINKEMU_FILE")
     if not path:
         return None
     from nodes.delayqueue import DelayTable

@@ -89,3 +89,13 @@ def register(sub) -> None:
     p.add_argument("--trace-out", default=None, help="coordinator spans (JSONL)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_serve_local)
+
+    # runtime commands (engineer G): the entry service and the workload client
+    from nodes.client import add_client_args, cmd_client
+    from nodes.entry import add_entry_args, cmd_entry
+    p = sub.add_parser("entry", help="run an entry service: backbone here, experts on the agents, streams tokens")
+    add_entry_args(p)
+    p.set_defaults(func=cmd_entry)
+    p = sub.add_parser("client", help="send Poisson arrivals of held-out prompts to an entry; one span per request")
+    add_client_args(p)
+    p.set_defaults(func=cmd_client)

@@ -261,7 +261,7 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--request-timeout-s", type=float, default=60.0)
     p.add_argument("--trace", default=None, help="append one 'request' span per request (JSONL)")
-    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_LINKEMU_FILE)")
+    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
 
 
 def cmd_client(args: argparse.Namespace) -> int:

@@ -528,7 +528,7 @@ def add_entry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--call-timeout-s", type=float, default=1.5, help="one expert call before failover")
     p.add_argument("--placement-wait-s", type=float, default=10.0,
                    help="how long a failing request waits for the controller's new placement")
-    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_LINKEMU_FILE)")
+    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
 
 
 def cmd_entry(args: argparse.Namespace) -> int:
