@@ -86,12 +86,16 @@ def _greedy_fill(loss: np.ndarray, byt: np.ndarray, choice: np.ndarray, budget: 
     return choice
 
 
-def allocate_for_quality(profile: Profile, max_loss_nats: float, allowed_bits: tuple[int, ...] = (2, 3, 4, 8, 16)
-                         ) -> np.ndarray:
-    """(L, E) bits with the fewest bytes whose predicted loss (sum of loss increases) <= max_loss_nats."""
+def allocate_for_quality(profile: Profile, max_loss_nats: float, allowed_bits: tuple[int, ...] = (2, 3, 4, 8, 16),
+                         active: bool = False) -> np.ndarray:
+    """(L, E) bits with the fewest bytes whose predicted loss (sum of loss increases) <= max_loss_nats.
+    active=True counts bytes weighted by popularity instead: the bytes a token reads, which is
+    what decode latency pays for (hot experts then get fewer bits, cold ones more)."""
     allowed = np.array([b in allowed_bits for b in profile.bits])
     bits_arr = np.array(profile.bits)[allowed]
     loss, byt = _objective(profile, allowed, False)
+    if active:
+        byt = byt * (profile.popularity.reshape(-1, 1) + 1e-6)
     n = loss.shape[0]
     if loss[:, 0].sum() <= max_loss_nats:
         return np.full((profile.n_layers, profile.n_experts), bits_arr[0])

@@ -171,7 +171,8 @@ def _score(preds: list[ClassPrediction], reqs: Requirements) -> float:
 
 # ---------------------------------------------------------------- CoEL
 
-def _coel_inter(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple[Layout, list[ClassPrediction]]:
+def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
+                notes: list[str]) -> tuple[Layout, list[ClassPrediction]]:
     """Inter-server: bits for the whole usable memory, placement by the greedy; if the SLO is
     missed, fewer bytes (towards the quality-floor widths) and try again, keep the best."""
     base = ctx.empty_layout(floor_bits)
@@ -185,10 +186,16 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
     full = free.sum() * 0.98  # leave 2% for bin-packing slack
     tried: list[tuple[tuple[bool, float], Layout, list[ClassPrediction], list[str]]] = []
     last_error: InfeasibleError | None = None
-    for frac in (1.0, 0.6, 0.3, 0.0):
-        budget = floor_bytes + frac * max(full - floor_bytes, 0.0)
-        bits = allocate_for_budget(ctx.profile, budget, ctx.opts.allowed_bits) if frac > 0 else floor_bits
-        bits = np.maximum(bits, floor_bits)
+    for frac in (1.0, 0.6, 0.3, 0.0, -1.0):
+        if frac >= 0:
+            budget = floor_bytes + frac * max(full - floor_bytes, 0.0)
+            bits = allocate_for_budget(ctx.profile, budget, ctx.opts.allowed_bits) if frac > 0 else floor_bits
+            bits = np.maximum(bits, floor_bits)
+        else:  # fewest bytes read per token at the floor (may hold more bytes in total)
+            bits = lean
+            budget = float(ctx.profile.expert_bytes(bits).sum())
+            if budget > full or np.array_equal(bits, floor_bits):
+                continue
         lnotes: list[str] = []
         try:
             hosted, bits, left = place_experts(ctx.profile, ctx.cluster, ctx.reqs, bits, free, ctx.coords,
@@ -212,9 +219,10 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
         lay = Layout(bits, hosted, np.zeros_like(hosted), base.stages)
         preds, cn = _finish(ctx, lay)
         n_servers = int(hosted.any((0, 1)).sum())
-        lnotes = [f"inter-server: expert budget {_mb(budget)} ({frac:.0%} of the way from the quality-floor "
-                  f"size {_mb(floor_bytes)} to all usable memory {_mb(full)}), average {bits.mean():.2f} bits, "
-                  f"experts on {n_servers} servers"] \
+        what = (f"expert budget {_mb(budget)} ({frac:.0%} of the way from the quality-floor size "
+                f"{_mb(floor_bytes)} to all usable memory {_mb(full)})" if frac >= 0 else
+                f"widths that read the fewest bytes per token at the quality floor ({_mb(budget)})")
+        lnotes = [f"inter-server: {what}, average {bits.mean():.2f} bits, experts on {n_servers} servers"] \
             + lnotes[:5] + ([f"... {len(lnotes) - 5} more"] if len(lnotes) > 5 else []) + cn
         ok = all(p.meets_slo for p in preds) and all(p.meets_quality for p in preds)
         tried.append(((not ok, _score(preds, ctx.reqs)), lay, preds, lnotes))
@@ -263,13 +271,13 @@ def _coel_intra(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
     return lay, preds
 
 
-def _coel_pipeline(ctx: Context, floor_bits: np.ndarray):
+def _coel_pipeline(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray):
     """Layer-wise partition (the pipeline DP) with CoEL's mixed widths: fewer hops per token
     than per-layer expert calls when coordinators cannot hold the experts. Tries the
     quality-floor widths and the widths that fill the usable memory; keeps the faster."""
     main = max(ctx.reqs.classes, key=lambda c: (ctx.reqs.weights()[c.name], c.name))
     free_total = float(ctx.capacity[ctx.usable].sum()) - ctx.profile.backbone_bytes
-    options = [floor_bits]
+    options = [floor_bits] + ([lean] if not np.array_equal(lean, floor_bits) else [])
     try:
         options.append(np.maximum(allocate_for_budget(ctx.profile, 0.95 * free_total, ctx.opts.allowed_bits),
                                   floor_bits))
@@ -315,18 +323,20 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
         return intra[0], "intra", reasons + intra_notes + [
             f"chose intra-server: fits one server and meets the SLO ({best.token_ms:.2f} ms/token worst class)"]
     inter_notes: list[str] = []
-    inter = _coel_inter(ctx, floor_bits, inter_notes)
+    lean = allocate_for_quality(ctx.profile, floor, ctx.opts.allowed_bits, active=True) \
+        if math.isfinite(floor) else floor_bits
+    inter = _coel_inter(ctx, floor_bits, lean, inter_notes)
     cands = [("inter", inter, inter_notes)]
     if intra is not None:
         cands.append(("intra", intra, intra_notes))
     else:
         reasons.append(f"intra-server impossible: no server has {_mb(ctx.profile.backbone_bytes + floor_bytes)} "
                        f"for backbone + quality-floor experts (largest {_mb(ctx.capacity[ctx.usable].max())})")
-    pipe = _coel_pipeline(ctx, floor_bits)
+    pipe = _coel_pipeline(ctx, floor_bits, lean)
     if pipe is not None:
         cands.append(pipe)
     try:
-        off = strategy_offload(ctx, floor_bits=floor_bits)
+        off = strategy_offload(ctx, floor_bits=lean)
         offp = evaluate(ctx.profile, ctx.cluster, ctx.reqs, off[0], ctx.opts)
         cands.append(("offload", (off[0], offp), off[2]))
     except InfeasibleError as exc:
@@ -340,9 +350,13 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
 
     cands.sort(key=key)
     mode, (lay, preds), notes = cands[0]
+    def misses(pp) -> str:
+        m = [w for w, ok in (("SLO", all(p.meets_slo for p in pp)), ("quality", all(p.meets_quality for p in pp)))
+             if not ok]
+        return f" (misses {' and '.join(m)})" if m else ""
+
     summary = ", ".join(f"{m} {_score(pp, ctx.reqs):.2f} ms/token, loss {max(p.quality_loss_nats for p in pp):.4f}"
-                        f"{'' if all(p.meets_slo and p.meets_quality for p in pp) else ' (misses SLO/quality)'}"
-                        for m, (_, pp), _ in cands)
+                        f"{misses(pp)}" for m, (_, pp), _ in cands)
     return lay, mode, reasons + notes + [f"chose {mode}: candidates {summary}"]
 
 
