@@ -8,6 +8,7 @@ under a budget and write a quantized checkpoint).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -63,6 +64,20 @@ def _parse_bits(text: str, flag: str) -> list[int]:
         return sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
         raise ConfigError(f"{flag} must be comma-separated integers like 2,3,4,8 (got {text!r})") from None
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Point file descriptor 1 at stderr for the duration (C libraries write there directly)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _require_float_model(model_dir: str) -> None:
@@ -174,7 +189,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.strategy == "uniform":
         alloc = solve_uniform(table, budget)
     else:
-        alloc = allocate(table, budget, solver=args.solver, time_limit_s=args.time_limit_s)
+        with _stdout_to_stderr():  # HiGHS occasionally prints to fd 1, which would break --json
+            alloc = allocate(table, budget, solver=args.solver, time_limit_s=args.time_limit_s)
     solve_s = time.monotonic() - t0
 
     model = load_model(args.model)
