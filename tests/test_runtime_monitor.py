@@ -1,0 +1,150 @@
+"""Runtime tier 1 (pure): the monitor's decisions and the deployer's routing decisions."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from controller import monitor as M
+from controller.cluster import Cluster, Link, Server
+from coel_model.errors import ConfigError
+
+CFG = M.MonitorConfig(heartbeat_s=0.2, liveness=4, probe_window=3, baseline_probes=3)
+S = 1_000_000_000
+
+
+def test_lost_peers_by_silence_and_own_period():
+    last = {"a": 10 * S, "b": 10 * S - int(0.9 * S), "c": 10 * S - 5 * S}
+    alive = {"a": True, "b": True, "c": False}
+    lost = M.lost_peers(last, alive, 10 * S, CFG)
+    assert [n for n, _ in lost] == ["b"]  # c is already known lost; a just spoke
+    assert lost[0][1] == pytest.approx(0.9)
+    # a peer heartbeating every 1 s is judged by its own pace: 0.9 s of silence is normal for it
+    period = {"b": M.heartbeat_period_s([1.0, 1.01, 0.99, 1.0], CFG)}
+    assert period["b"] == pytest.approx(1.0)
+    assert M.lost_peers(last, alive, 10 * S, CFG, period) == []
+    assert M.heartbeat_period_s([0.05, 0.05, 0.05], CFG) == 0.2  # never faster than configured
+
+
+def _probed(rtts, gps):
+    st = M.ProbeState()
+    for i, (r, g) in enumerate(zip(rtts, gps)):
+        M.add_probe(st, r, g, i, CFG)
+    return st
+
+
+def test_probe_verdicts_bandwidth_drop_delay_rise_recovery_and_noise():
+    st = _probed([1.0, 1.1, 0.9], [100, 95, 105])
+    assert st.base_rtt_ms == 1.0 and st.base_goodput_mbit == 100
+    assert M.probe_verdict(st, CFG) is None
+    # noise within thresholds: nothing
+    for r, g in [(1.4, 80), (1.2, 70), (1.6, 90)]:
+        M.add_probe(st, r, g, 0, CFG)
+    assert M.probe_verdict(st, CFG) is None
+    # 10x bandwidth drop over the window -> degraded, once: after rebase the new level is normal
+    for r, g in [(1.0, 10), (1.0, 11), (1.0, 9)]:
+        M.add_probe(st, r, g, 0, CFG)
+    kind, why = M.probe_verdict(st, CFG)
+    assert kind == "link_degraded" and "goodput 10.0" in why
+    M.rebase(st, CFG)
+    assert st.degraded and M.probe_verdict(st, CFG) is None
+    ob = M.observation_of(st, True)
+    assert ob.bw_ratio == pytest.approx(0.1)
+    # back to 100 -> recovered, and the observation is back to nominal
+    for r, g in [(1.0, 100), (1.0, 100), (1.0, 100)]:
+        M.add_probe(st, r, g, 0, CFG)
+    assert M.probe_verdict(st, CFG)[0] == "link_recovered"
+    M.rebase(st, CFG)
+    assert not st.degraded and M.observation_of(st, True).bw_ratio == 1.0
+
+
+def test_delay_rise_needs_ratio_and_absolute_margin():
+    st = _probed([0.3, 0.3, 0.3], [1000, 1000, 1000])
+    for r in (1.5, 1.5, 1.5):  # 5x but only +1.2 ms: loopback noise, not a link change
+        M.add_probe(st, r, 1000, 0, CFG)
+    assert M.probe_verdict(st, CFG) is None
+    for r in (20.0, 21.0, 19.0):
+        M.add_probe(st, r, 1000, 0, CFG)
+    kind, why = M.probe_verdict(st, CFG)
+    assert kind == "link_degraded" and "RTT 20.00" in why
+    M.rebase(st, CFG)
+    assert M.observation_of(st, True).extra_delay_ms == pytest.approx((20.0 - 0.3) / 2)
+
+
+def test_goodput_clamps_tiny_transfer_times():
+    assert M.goodput_mbit(1.0, 11.0, 64 * 1024, 0.5) == pytest.approx(2 * 64 * 1024 * 8 / 0.010 / 1e6)
+    assert M.goodput_mbit(1.0, 0.9, 64 * 1024, 0.5) == pytest.approx(2 * 64 * 1024 * 8 / 0.0005 / 1e6)
+
+
+def test_overload_needs_consecutive_reports():
+    cfg = M.MonitorConfig(overload_beats=3, overload_cpu_frac=0.9)
+    assert M.overloaded([60, 59, 58], 0.6, cfg) is True  # 0.6 cores: limit 54 %
+    assert M.overloaded([60, 20, 58], 0.6, cfg) is False
+    assert M.overloaded([60, 60], 0.6, cfg) is False
+
+
+def _star():
+    servers = tuple(Server(n, 10 << 20, 1e9) for n in ("e1", "e2", "e3"))
+    links = tuple(Link(n, "hub", 100.0, 2.0) for n in ("e1", "e2", "e3", "ctl"))
+    return Cluster(servers, links, nodes=("hub", "ctl"))
+
+
+def test_observed_cluster_removes_lost_and_scales_access_links():
+    base = _star()
+    obs = {"e1": M.ServerObservation(alive=False), "e2": M.ServerObservation(bw_ratio=0.1, extra_delay_ms=3.0),
+           "e3": M.ServerObservation()}
+    cl, notes = M.observed_cluster(base, obs, "ctl")
+    assert [s.name for s in cl.servers] == ["e2", "e3"]
+    ln = next(x for x in cl.links if x.key == ("e2", "hub"))
+    assert ln.bw_mbit == pytest.approx(10.0) and ln.latency_ms == pytest.approx(5.0)
+    assert any("e1 lost" in n for n in notes) and any("e2-hub" in n for n in notes)
+    same, notes2 = M.observed_cluster(base, {n: M.ServerObservation() for n in ("e1", "e2", "e3")}, "ctl")
+    assert same == base and notes2 == []
+
+
+def test_merge_triggers_keeps_the_earliest():
+    ts = [M.Trigger("scheduled", 5, "x"), M.Trigger("agent_lost", 3, "e1 silent", "e1", 0.85)]
+    kind, reasons, t_ns, detect_s = M.merge_triggers(ts)
+    assert (kind, t_ns, detect_s) == ("agent_lost", 3, 0.85) and len(reasons) == 2
+
+
+def test_monitor_config_rejects_nonsense():
+    with pytest.raises(ConfigError, match="bw_drop_ratio"):
+        M.MonitorConfig(bw_drop_ratio=1.5)
+    with pytest.raises(ConfigError):
+        M.MonitorConfig(liveness=0)
+
+
+# ---- deployer decisions ----
+
+def _plan(placement, bits=None):
+    from controller.plan import Plan, Stage
+    L, E = len(placement), len(placement[0])
+    return Plan(strategy="coel", mode="inter", model="t", bits=tuple(tuple(bits or [4] * E) for _ in range(L)),
+                placement=tuple(tuple(tuple(r) for r in row) for row in placement),
+                backbone=(("e1", (Stage("e1", 0, L),)),),
+                compression=(("e1|e2", (("act_dtype", "int8"), ("name", "int8"), ("prune_beta", 0.0))),))
+
+
+def test_entry_holders_route_only_to_confirmed_live_copies():
+    from controller.deployer import entry_holders, keep_set
+    target = _plan([[["e2"], ["e3", "e2"]]])
+    deployed = {"e2": {(0, 0, 4), (0, 1, 4)}, "e3": set()}  # e3's load did not happen (yet)
+    holders, unplaced = entry_holders(target, deployed, {"e2", "e3"})
+    assert holders == {(0, 0): ("e2",), (0, 1): ("e2",)} and unplaced == []
+    # e2 dies: expert 0 falls back to its previous live holder
+    holders, unplaced = entry_holders(target, {"e1": {(0, 0, 2)}, "e2": set(), "e3": set()}, {"e1", "e3"},
+                                      fallback={(0, 0): ("e1",), (0, 1): ("e2",)})
+    assert holders[(0, 0)] == ("e1",) and unplaced == [(0, 1)]
+    keep = keep_set({(0, 0): ("e1",)}, target)
+    assert ("e1", 0, 0) in keep and ("e2", 0, 0) in keep and ("e3", 0, 1) in keep
+
+
+def test_entry_compression_maps_the_agreed_pair_settings():
+    from controller.deployer import entry_compression
+    target = _plan([[["e2"], ["e3"]]])
+    comp = entry_compression(target, "e1", {"e1", "e2", "e3"})
+    # the planner's knobs, minus its label, as a nodes.compression header (defaults left out)
+    assert comp == {"e2": {"act_dtype": "int8"}}
+    assert "e1" not in comp and "e3" not in comp
+    assert entry_compression(target, "e1", {"e2"}, enabled=False) == {}
