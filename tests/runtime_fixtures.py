@@ -81,9 +81,11 @@ class Procs:
     def __init__(self):
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, args: list[str], log_dir: Path) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], log_dir: Path, env_extra: dict | None = None) -> subprocess.Popen:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env.pop("COEL_LINKEMU_FILE", None)
+        for k in ("COEL_LINKEMU_FILE", "COEL_DELAY_FILE"):
+            env.pop(k, None)
+        env.update(env_extra or {})
         log = open(log_dir / f"{name}.log", "w")
         p = subprocess.Popen([sys.executable, *args], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = p
@@ -108,7 +110,9 @@ class Procs:
 
 
 def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_interval_s: float | None = None,
-                  extra_ctl: list[str] | None = None) -> dict:
+                  extra_ctl: list[str] | None = None, delay_files: dict[str, str] | None = None) -> dict:
+    """Controller, agents a1-a3 and an entry on a1. delay_files: server -> nodes.delayqueue file
+    its agent reads (COEL_DELAY_FILE), to emulate a slower link into that agent."""
     tmp = setup["tmp"]
     ctl_ep = f"tcp://127.0.0.1:{free_port()}"
     control = f"ipc://{tmp}/control.sock"
@@ -131,7 +135,8 @@ def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_int
         agents[s] = ep
         procs.start(f"agent-{s}", ["-m", "nodes.agent", "--endpoint", ep, "--memory-mb", str(mem), "--threads", "1",
                                    "--controller", ctl_ep, "--keys", setup["keys"], "--name", s,
-                                   "--heartbeat-s", "0.2", "--trace-out", str(raw / f"{s}-agent.jsonl")], tmp)
+                                   "--heartbeat-s", "0.2", "--trace-out", str(raw / f"{s}-agent.jsonl")], tmp,
+                    {"COEL_DELAY_FILE": (delay_files or {})[s]} if s in (delay_files or {}) else None)
     entry_ep = f"tcp://127.0.0.1:{free_port()}"
     procs.start("entry-a1", ["-m", "nodes.entry", "--name", "a1", "--listen", entry_ep, "--controller", ctl_ep,
                              "--model", setup["model"], "--keys", setup["keys"], "--call-timeout-s", "1.0",

@@ -30,7 +30,12 @@ def cluster(tmp_path_factory):
     setup = make_setup(tmp)
     procs = Procs()
     try:
-        info = start_cluster(procs, setup, replan_interval_s=1.0)
+        from nodes.delayqueue import write_delay_file
+        delay_file = tmp / "a3-delay.json"
+        write_delay_file(delay_file, {"mode": "emulated", "host": "a3", "version": 1, "peers": {}})
+        info = start_cluster(procs, setup, replan_interval_s=1.0, delay_files={"a3": str(delay_file)},
+                             extra_ctl=["--probe-interval-s", "0.4"])
+        info["a3_delay_file"] = delay_file
         info["status0"] = wait_serving(info["control"], procs, timeout_s=90)
         info.update(setup=setup, procs=procs)
         yield info
@@ -97,6 +102,30 @@ def test_scheduled_replan_with_nothing_changed_moves_nothing(cluster):
     assert not [e for e in read_events(ctl_trace) if e["event"] == "redeployment"]
     with _ctl(cluster) as cc:
         assert cc.call("STATUS")["redeployments"] == 0
+
+
+def test_bandwidth_drop_into_an_agent_is_observed_and_replanned(cluster):
+    """The controller is not told: it sees the goodput of its probes to a3 fall ~100x."""
+    from nodes.delayqueue import write_delay_file
+    ctl_trace = cluster["raw"] / "ctl-controller.jsonl"
+    t0 = time.monotonic_ns()
+    write_delay_file(cluster["a3_delay_file"], {"mode": "emulated", "host": "a3", "version": 2, "serialize_bw": True,
+                                                "peers": {"127.0.0.1": {"delay_ms": 0.0, "bw_mbit": 5.0}}})
+    try:
+        deadline = time.monotonic() + 20
+        got = []
+        while time.monotonic() < deadline and not got:
+            got = [e for e in read_events(ctl_trace) if e["event"] in ("replan", "redeployment")
+                   and e["attrs"]["trigger"] == "link_degraded" and e["t_ns"] > t0]
+            time.sleep(0.2)
+        assert got, [e["event"] for e in read_events(ctl_trace) if e["t_ns"] > t0]
+        deg = [e for e in read_events(ctl_trace) if e["event"] == "link_degraded" and e["t_ns"] > t0]
+        assert deg[0]["attrs"]["server"] == "a3" and "goodput" in deg[0]["attrs"]["reason"]
+        assert any("a3-hub" in r for r in got[0]["attrs"]["reasons"]), got[0]["attrs"]["reasons"]
+        toks, _ = generate_remote(cluster["entry"], cluster["setup"]["keys"], PROMPT, 4)  # still serving
+        assert len(toks) == 4
+    finally:
+        write_delay_file(cluster["a3_delay_file"], {"mode": "emulated", "host": "a3", "version": 3, "peers": {}})
 
 
 def test_killed_agent_is_detected_rehomed_and_no_request_is_lost(cluster):
