@@ -113,6 +113,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.coel_dequant_rows.argtypes = [vp, vp, vp, vp, i64, i64, i64, ci, i64, i64, vp, ci]
                 lib.coel_hgemv.argtypes = [vp, i64, i64, vp, i64, ci, vp, ci]
                 lib.coel_isa.restype = ctypes.c_char_p
+                lib.coel_qexpert.argtypes = [vp, vp, i64, vp, vp, ci]
+                lib.coel_qexpert.restype = ci
                 for f in (lib.coel_qgemv, lib.coel_dequant_rows, lib.coel_hgemv):
                     f.restype = ci
                 _lib = lib
@@ -210,3 +212,48 @@ def float_matmul(x: torch.Tensor, w: torch.Tensor, force: str | None = None) -> 
     for o0 in range(0, O, rows):
         torch.mm(w[o0:o0 + rows].float(), x.t(), out=yt[o0:o0 + rows])
     return yt.t()
+
+
+def _expert_params(expert) -> tuple:
+    """(params tensor, its pointer, kp_d, kp_h) for coel_qexpert, cached on the QuantizedExpert and
+    rebuilt when any buffer moved (e.g. after .to() or load_state_dict(assign=True)). Reads the
+    buffers through _buffers (nn.Module.__getattr__ costs ~1 us per access)."""
+    bits = expert.spec.bits
+    names = ("weight",) if bits == 16 else ("qweight", "qweight_hi", "scales", "zeros") if bits == 3 \
+        else ("qweight", "scales", "zeros")
+    ptrs = [lin._buffers[n].data_ptr() for lin in (expert.w_gate, expert.w_up, expert.w_down) for n in names]
+    cached = expert.__dict__.get("_native_params")
+    if cached is not None and cached[0] == ptrs:
+        return cached[1]
+    full = []
+    for i in range(3):
+        got = dict(zip(names, ptrs[i * len(names):(i + 1) * len(names)]))
+        full += [got.get("weight", got.get("qweight")), got.get("qweight_hi", 0), got.get("scales", 0),
+                 got.get("zeros", 0)]
+    spec = expert.spec
+    d, h = expert.d_model, expert.hidden
+    from coel_model.quant import padded_in_features
+    kpd = padded_in_features(d, spec.group_size) if bits < 16 else d
+    kph = padded_in_features(h, spec.group_size) if bits < 16 else h
+    bf16 = int(bits == 16 and expert.w_gate._buffers["weight"].dtype == torch.bfloat16)
+    params = torch.tensor([bits, spec.group_size, d, h, kpd, kph, bf16, *full], dtype=torch.int64)
+    info = (params, params.data_ptr(), kpd, kph)
+    expert.__dict__["_native_params"] = (ptrs, info)
+    return info
+
+
+def qexpert(expert, x: torch.Tensor) -> torch.Tensor | None:
+    """Whole QuantizedExpert forward in one native call (x (N, d) fp32, N < GEMM_MIN_BATCH);
+    None when the native library is unavailable (the caller then runs the generic path)."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        return None
+    _params, pptr, kpd, kph = _expert_params(expert)
+    x = x.contiguous()
+    N = x.shape[0]
+    y = torch.empty(N, expert.d_model, dtype=torch.float32)
+    work = torch.empty(N * (kpd + 3 * kph), dtype=torch.float32)
+    rc = lib.coel_qexpert(pptr, x.data_ptr(), N, y.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"coel_qexpert failed (rc={rc}, bits={expert.spec.bits}, group={expert.spec.group_size})")
+    return y

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
 namespace {
@@ -349,7 +350,9 @@ void hgemv(const float* x, int64_t N, int64_t K, const uint16_t* w, int64_t O, f
 
 extern "C" {
 
-int coel_abi_version() { return 1; }
+int coel_hgemv(const float* x, int64_t N, int64_t K, const void* w, int64_t O, int bf16, float* y, int nthreads);
+
+int coel_abi_version() { return 2; }
 
 // Which instruction set the fused GEMV was compiled for (reported by the benchmark).
 const char* coel_isa() {
@@ -406,6 +409,49 @@ int coel_dequant_rows(const void* q, const void* qh, const void* scales, const v
         default: return -2;
     }
     return 0;
+}
+
+// One whole SwiGLU expert, y (N, d) = down(silu(gate(x)) * up(x)), in one call (small batches:
+// saves the per-matmul Python/ctypes overhead, which dominates for small experts).
+// p: int64 params {bits, group, d, hidden, kp_d, kp_h, bf16,
+//                  then per projection (gate, up, down): qweight|weight, qweight_hi, scales, zeros}.
+// work: at least N * (kp_d + 3 * kp_h) floats.
+int coel_qexpert(const int64_t* p, const float* x, int64_t N, float* y, float* work, int nthreads) {
+    const int bits = (int)p[0];
+    const int64_t gs = p[1], d = p[2], h = p[3], kpd = p[4], kph = p[5];
+    const int bf16 = (int)p[6];
+    const void* const* t = (const void* const*)(p + 7);  // 12 pointers
+    float* xp = work;                  // (N, kpd) x padded
+    float* g = xp + N * kpd;           // (N, h)
+    float* u = g + N * h;              // (N, h)
+    float* a = u + N * h;              // (N, kph) silu(g) * u, padded
+    const float* xin = x;
+    if (bits != 16 && kpd != d) {
+        for (int64_t n = 0; n < N; ++n) {
+            memcpy(xp + n * kpd, x + n * d, sizeof(float) * d);
+            memset(xp + n * kpd + d, 0, sizeof(float) * (kpd - d));
+        }
+        xin = xp;
+    }
+    int rc;
+    if (bits == 16) {
+        rc = coel_hgemv(x, N, d, t[0], h, bf16, g, nthreads);
+        if (!rc) rc = coel_hgemv(x, N, d, t[4], h, bf16, u, nthreads);
+    } else {
+        rc = coel_qgemv(xin, N, kpd, t[0], t[1], t[2], t[3], h, kpd / gs, gs, bits, g, nthreads);
+        if (!rc) rc = coel_qgemv(xin, N, kpd, t[4], t[5], t[6], t[7], h, kpd / gs, gs, bits, u, nthreads);
+    }
+    if (rc) return rc;
+    const int64_t kin = bits == 16 ? h : kph;
+    for (int64_t n = 0; n < N; ++n) {
+        for (int64_t i = 0; i < h; ++i) {
+            const float gv = g[n * h + i];
+            a[n * kin + i] = gv / (1.0f + expf(-gv)) * u[n * h + i];
+        }
+        for (int64_t i = h; i < kin; ++i) a[n * kin + i] = 0.f;
+    }
+    if (bits == 16) return coel_hgemv(a, N, h, t[8], d, bf16, y, nthreads);
+    return coel_qgemv(a, N, kph, t[8], t[9], t[10], t[11], d, kph / gs, gs, bits, y, nthreads);
 }
 
 // y (N, O) = x (N, K) @ w^T for a 16-bit float weight w (O, K): fp16 (bf16 = 0) or bf16 (1).
