@@ -112,9 +112,11 @@ def entry_holders(target: Plan, deployed: dict[str, set[ShardKey]], alive: set[s
     return out, unplaced
 
 
-def entry_compression(plan: Plan, entry: str, servers: set[str], enabled: bool = True) -> dict[str, dict]:
+def entry_compression(plan: Plan, entry: str, servers: set[str], enabled: bool = True,
+                      problems: list[str] | None = None) -> dict[str, dict]:
     """Per holder server, the CompressionSettings header agreed for the pair (entry, holder);
-    {} (fp32 passthrough) for the entry's own server, unknown pairs, or when disabled."""
+    {} (fp32 passthrough) for the entry's own server, unknown pairs, or when disabled. Settings
+    the nodes reject raise ValueError, or with `problems` given are listed there and skipped."""
     out: dict[str, dict] = {}
     if not enabled:
         return out
@@ -126,7 +128,12 @@ def entry_compression(plan: Plan, entry: str, servers: set[str], enabled: bool =
         if st:
             from nodes.compression import CompressionSettings
             settings = {k: v for k, v in st.items() if k != "name"}
-            out[s] = CompressionSettings.from_header(settings).to_header()
+            try:
+                out[s] = CompressionSettings.from_header(settings).to_header()
+            except ValueError as exc:  # a setting the nodes do not know: fp32 on that pair, reported
+                if problems is None:
+                    raise ValueError(f"plan compression for {entry}|{s} ({st.get('name')!r}): {exc}") from None
+                problems.append(f"plan compression for {entry}|{s} ({st.get('name')!r}) rejected: {exc}")
     return out
 
 

@@ -29,10 +29,10 @@ from controller.cluster import Cluster
 class MonitorConfig:
     heartbeat_s: float = 0.2  # expected heartbeat period of agents and entries
     liveness: int = 4  # missed heartbeats before a peer is declared lost (0.8 s at 0.2 s)
-    probe_interval_s: float = 1.0  # one RTT + goodput probe per agent per interval
+    probe_interval_s: float = 0.5  # one RTT + goodput probe per agent per interval
     probe_bytes: int = 64 * 1024  # goodput probe payload (echoed back: 2x on the wire)
     probe_timeout_s: float = 1.0
-    probe_window: int = 3  # samples whose median is compared with the baseline
+    probe_window: int = 2  # samples whose median (mean of 2) is compared with the baseline: ~1 s to detect
     baseline_probes: int = 3  # samples that define "normal" (median)
     bw_drop_ratio: float = 0.5  # goodput below this x baseline = bandwidth drop
     rtt_rise_ratio: float = 2.0  # RTT above this x baseline = delay rise ...

@@ -420,7 +420,8 @@ class Controller:
                          overloaded=name in self.overloaded)
                 agents[name] = d
             else:
-                d.update({k: p.stats.get(k) for k in ("served", "failed", "active", "placement_version", "failovers")})
+                d.update({k: p.stats.get(k) for k in ("served", "failed", "active", "queued", "placement_version",
+                                                      "failovers", "expert_rtt_ms")})
                 entries[name] = d
         with self._lock:
             slo = self.reqs.to_dict()
@@ -576,7 +577,10 @@ class Controller:
         for (role, name), p in sorted(peers.items()):
             if role != "entry" or not p.alive or (only is not None and name != only):
                 continue
-            comp = entry_compression(target, name, servers, self.cfg.compression)
+            problems: list[str] = []
+            comp = entry_compression(target, name, servers, self.cfg.compression, problems)
+            for why in problems:
+                self._event("compression_rejected", entry=name, reason=why)
             body = {"version": self.placement_version, "holders": body_holders,
                     "compression": {ep_of[s]: c for s, c in comp.items() if s in ep_of and c}}
             c = self._entry_client(name, p.endpoint)
@@ -671,7 +675,12 @@ class Controller:
                     for t in pending:
                         self._event("trigger_ignored", trigger=t.kind, reason=t.reason, static=True)
                 else:
-                    self.redeploy(pending)
+                    try:
+                        self.redeploy(pending)
+                    except Exception as exc:  # a bug in one re-deployment must not stop the monitoring
+                        import traceback
+                        self._event("redeploy_error", triggers=[t.kind for t in pending],
+                                    error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc(limit=4)[-1500:])
                 pending = []
 
     def _resync_agent(self, name: str, kind: str) -> None:
@@ -760,7 +769,8 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replan-interval-s", type=float, default=None, help="re-plan on this schedule too")
     p.add_argument("--heartbeat-s", type=float, default=0.2, help="expected heartbeat period of agents/entries")
     p.add_argument("--liveness", type=int, default=4, help="missed heartbeats before a peer is lost")
-    p.add_argument("--probe-interval-s", type=float, default=1.0)
+    p.add_argument("--probe-interval-s", type=float, default=0.5, help="RTT + goodput probe period per agent")
+    p.add_argument("--probe-window", type=int, default=2, help="recent probes compared with the baseline")
     p.add_argument("--probe-bytes", type=int, default=64 * 1024)
     p.add_argument("--bw-drop-ratio", type=float, default=0.5, help="goodput below this x baseline triggers")
     p.add_argument("--rtt-rise-ratio", type=float, default=2.0, help="RTT above this x baseline triggers")
@@ -773,7 +783,8 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     split = lambda s: tuple(x.strip() for x in (s or "").split(",") if x.strip())  # noqa: E731
     mon = M.MonitorConfig(heartbeat_s=args.heartbeat_s, liveness=args.liveness, probe_interval_s=args.probe_interval_s,
-                          probe_bytes=args.probe_bytes, bw_drop_ratio=args.bw_drop_ratio,
+                          probe_bytes=args.probe_bytes, probe_window=args.probe_window,
+                          bw_drop_ratio=args.bw_drop_ratio,
                           rtt_rise_ratio=args.rtt_rise_ratio)
     return ControllerConfig(topology=args.topology, model_dir=args.model, listen=args.listen, control=args.control,
                             expect_agents=split(args.expect_agents), expect_entries=split(args.expect_entries),

@@ -148,3 +148,16 @@ def test_entry_compression_maps_the_agreed_pair_settings():
     assert comp == {"e2": {"act_dtype": "int8"}}
     assert "e1" not in comp and "e3" not in comp
     assert entry_compression(target, "e1", {"e2"}, enabled=False) == {}
+
+
+def test_entry_compression_reports_settings_the_nodes_reject():
+    from controller.deployer import entry_compression
+    from controller.plan import Plan
+    doc = _plan([[["e2"]]]).to_dict()
+    doc["compression"] = {"e1|e2": {"name": "weird", "act_dtype": "int3"}}
+    target = Plan.from_dict(doc)
+    with pytest.raises(ValueError, match="e1\\|e2 .*'weird'"):
+        entry_compression(target, "e1", {"e2"})
+    problems: list[str] = []
+    assert entry_compression(target, "e1", {"e2"}, problems=problems) == {}
+    assert "act_dtype" in problems[0]
