@@ -500,8 +500,11 @@ def save_quantized(model, specs: dict[tuple[int, int], QuantSpec], out_dir: str 
             "backbone_dtype": str(backbone_dtype).removeprefix("torch."),
             "expert_bytes": total, "experts": entries}
     (out / "quant.json").write_text(json.dumps(meta, indent=1) + "\n")
-    if base_model is not None and (Path(base_model) / "tokenizer.json").is_file():
-        shutil.copyfile(Path(base_model) / "tokenizer.json", out / "tokenizer.json")
+    if base_model is not None:  # a relative base_model may be relative to out_dir or to the cwd
+        for cand in (out / base_model, Path(base_model)):
+            if (cand / "tokenizer.json").is_file():
+                shutil.copyfile(cand / "tokenizer.json", out / "tokenizer.json")
+                break
     return out
 
 

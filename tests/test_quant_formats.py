@@ -276,6 +276,13 @@ def test_save_load_quantized_checkpoint(tmp_path):
     tok = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(loaded(tok), ref(tok), atol=1e-4)
+    # base_model relative to the output folder: its tokenizer is copied along
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tokenizer.json").write_text("{}")
+    out3 = quant.save_quantized(model, {(0, 0): QuantSpec(4)}, tmp_path / "q3", base_model="../base")
+    assert (out3 / "tokenizer.json").read_text() == "{}"
+    assert json.loads((out3 / "quant.json").read_text())["base_model"] == "../base"
     # re-saving an already quantized model keeps the packed tensors as they are
     out2 = quant.save_quantized(loaded, specs, tmp_path / "q2")
     assert checkpoint.read_safetensors(out2 / "model.safetensors").keys() == \
