@@ -186,6 +186,7 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
     full = free.sum() * 0.98  # leave 2% for bin-packing slack
     tried: list[tuple[tuple[bool, float], Layout, list[ClassPrediction], list[str]]] = []
     last_error: InfeasibleError | None = None
+    seen: list[np.ndarray] = []
     for frac in (1.0, 0.6, 0.3, 0.0, -1.0):
         if frac >= 0:
             budget = floor_bytes + frac * max(full - floor_bytes, 0.0)
@@ -196,6 +197,9 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
             budget = float(ctx.profile.expert_bytes(bits).sum())
             if budget > full or np.array_equal(bits, floor_bits):
                 continue
+        if any(np.array_equal(bits, x) for x in seen):
+            continue  # same widths as a budget already tried (memory is the binding limit)
+        seen.append(bits)
         lnotes: list[str] = []
         try:
             hosted, bits, left = place_experts(ctx.profile, ctx.cluster, ctx.reqs, bits, free, ctx.coords,
@@ -224,8 +228,9 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
                 f"widths that read the fewest bytes per token at the quality floor ({_mb(budget)})")
         lnotes = [f"inter-server: {what}, average {bits.mean():.2f} bits, experts on {n_servers} servers"] \
             + lnotes[:5] + ([f"... {len(lnotes) - 5} more"] if len(lnotes) > 5 else []) + cn
-        ok = all(p.meets_slo for p in preds) and all(p.meets_quality for p in preds)
-        tried.append(((not ok, _score(preds, ctx.reqs)), lay, preds, lnotes))
+        q_ok = all(p.meets_quality for p in preds)
+        ok = all(p.meets_slo for p in preds) and q_ok
+        tried.append(((not q_ok, not ok, _score(preds, ctx.reqs)), lay, preds, lnotes))
         if ok:
             break
         notes.append(f"expert budget {_mb(budget)} misses the SLO ({_score(preds, ctx.reqs):.2f} ms/token "
@@ -234,7 +239,7 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
         raise last_error
     key, lay, preds, lnotes = min(tried, key=lambda t: t[0])
     notes += lnotes
-    if key[0]:
+    if key[1]:
         worst = max(preds, key=lambda p: p.slo_ratio)
         notes.append(f"no inter-server plan meets every SLO: best keeps {worst.name} at "
                      f"{worst.token_ms:.2f} ms/token (SLO {worst.token_slo_ms}) and TTFT {worst.ttft_ms:.1f} ms "
@@ -342,14 +347,20 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     except InfeasibleError as exc:
         reasons.append(f"intra-server with on-demand experts impossible: {exc}")
 
-    def key(item):  # meets SLO and quality first; among those the best quality, else the fastest
+    def key(item):  # the quality floor is hard; then SLO met (best quality among those), else the fastest
         _, (lay, preds), _ = item
-        ok = all(p.meets_slo and p.meets_quality for p in preds)
+        q_ok = all(p.meets_quality for p in preds)
+        ok = q_ok and all(p.meets_slo for p in preds)
         loss = max(p.quality_loss_nats for p in preds)
-        return (not ok, round(loss, 9) if ok else 0.0, _score(preds, ctx.reqs))
+        return (not q_ok, not ok, round(loss, 9) if ok else 0.0, _score(preds, ctx.reqs))
 
     cands.sort(key=key)
     mode, (lay, preds), notes = cands[0]
+    if not all(p.meets_quality for p in preds):
+        best_loss = max(p.quality_loss_nats for p in preds)
+        raise InfeasibleError(f"quality floor {floor:.4g} nats cannot be met once the experts are packed into the "
+                              f"servers: the best plan ({mode}) predicts {best_loss:.4g} nats (the floor-width experts "
+                              f"need {_mb(floor_bytes)}; usable memory after the backbone is {_mb(usable_mem)})")
     def misses(pp) -> str:
         m = [w for w, ok in (("SLO", all(p.meets_slo for p in pp)), ("quality", all(p.meets_quality for p in pp)))
              if not ok]

@@ -311,3 +311,20 @@ def test_cluster_routes_only_through_forwarders_and_skip_down_links():
     assert ps.hops == ("a", "r", "c") and ps.latency_ms == 8 and ps.bw_mbit == 5  # b is a server: no transit
     down = cl.with_link("a", "r", up=False)
     assert down.path("a", "c") is None and down.path("a", "b") is not None
+
+
+@HYP
+@given(st.integers(2, 5), st.integers(0, 10_000), st.floats(0.01, 0.5), st.floats(1.0, 3.0))
+def test_coel_meets_the_quality_floor_or_raises(n, seed, floor, factor):
+    rng = np.random.default_rng(seed)
+    prof = synthetic_profile(tiny_cfg(), seed=seed)
+    mems = np.full(n, need_bytes(prof, 4) * factor / n)
+    mems[0] = max(mems[0], prof.backbone_bytes * 1.1)
+    cl = star(mems, rng.uniform(10, 1000, n), rng.uniform(0.1, 20, n))
+    try:
+        p = plan(prof, cl, single_class("s0", token_slo_ms=float(rng.uniform(0.5, 50)), max_loss_nats=floor), "coel")
+    except InfeasibleError as exc:
+        assert "MB" in str(exc)
+        return
+    check_plan(p, prof, cl)
+    assert p.predicted_map()["_overall"]["meets_quality"], p.reasons
