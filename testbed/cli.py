@@ -159,7 +159,132 @@ def _cmd_net_up(args) -> int:
     return 0
 
 
-REGISTRARS = [_register_clean, _register_topo, _register_net]
+# ---- coel run / demo / inject / report (testbed/runner.py) ------------------------------------
+def _add_run_options(p) -> None:
+    p.add_argument("--static", action="store_true", default=None,
+                   help="keep the initial plan (no re-deployment), to compare with adaptive")
+    p.add_argument("--duration-s", type=float, default=None, help="traffic duration (overrides the scenario)")
+    p.add_argument("--drain-s", type=float, default=None, help="wait at most this long for requests in flight")
+    p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs/)")
+    p.add_argument("--emulation", choices=("auto", "netem", "emulated"), default=None,
+                   help="link emulation mode (default: the scenario's, normally auto)")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the scenario's)")
+    p.add_argument("--profile", default=None, help="coel-profile JSON (default: MODEL/profile.json)")
+    p.add_argument("--strategy", default=None, help="planner strategy (default: the scenario's)")
+    p.add_argument("--serving-timeout-s", type=float, default=300.0,
+                   help="give up if the controller is not serving after this long")
+    p.add_argument("--no-compression", action="store_true", help="fp32 passthrough on every link")
+
+
+def _register_run(sub) -> None:
+    p = sub.add_parser("run", help="run a scenario in Mininet: deploy, traffic, faults, report",
+                       description="Build the scenario's topology in Mininet, start the controller, agents, "
+                       "entries and clients in their hosts, inject the scenario's events at their times, "
+                       "then tear everything down and write the report. The last line printed is the run "
+                       "folder.")
+    p.add_argument("scenario", help="bundled scenario name (testbed/scenarios) or a YAML path")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _register_demo(sub) -> None:
+    p = sub.add_parser("demo", help="coel run demo: edge-star-5, the bundled model, traffic, a link "
+                       "failure mid-run (a few minutes)")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_run, scenario="demo")
+
+
+def _run_options(args):
+    from pathlib import Path
+    from testbed.runner import RunOptions
+    return RunOptions(out_dir=Path(args.out), static=args.static, duration_s=args.duration_s,
+                      drain_s=args.drain_s, emulation=args.emulation, model=args.model, profile=args.profile,
+                      strategy=args.strategy, serving_timeout_s=args.serving_timeout_s,
+                      no_compression=args.no_compression)
+
+
+def _cmd_run(args) -> int:
+    from testbed.report import summary_table
+    from testbed.runner import run_scenario
+    from testbed.scenario import load_scenario
+    sc = load_scenario(args.scenario)
+    res = run_scenario(sc, _run_options(args))
+    if res.summary is not None:
+        print(summary_table(res.summary))
+    if res.outcome != "completed" or res.error:
+        print(f"run {res.outcome}{': ' + res.error if res.error else ''}", file=sys.stderr)
+    print(res.run_dir, flush=True)
+    return 0 if res.outcome == "completed" and not res.error else 1
+
+
+def _register_inject(sub) -> None:
+    p = sub.add_parser("inject", help="inject a fault into a running `coel run`",
+                       description="Examples: coel inject RUN link_down e2 hub | coel inject RUN bw e5 hub "
+                       "--bw-mbit 20 | coel inject RUN server_crash e2 | coel inject RUN slo interactive "
+                       "--slo-tpot-ms 200")
+    p.add_argument("run_dir", help="folder of a run in progress")
+    p.add_argument("kind", help="link_down, link_up, bw, delay, loss, restore, server_crash, server_restart, "
+                   "cpu_squeeze, mem_squeeze, slo")
+    p.add_argument("target", nargs="+", help="A B (a link), SERVER, or SLO_CLASS")
+    for name in ("bw-mbit", "delay-ms", "jitter-ms", "loss-pct", "cpu-share", "memory-mb", "slo-ttft-ms",
+                 "slo-tpot-ms"):
+        p.add_argument(f"--{name}", type=float, default=None)
+    p.add_argument("--wait-s", type=float, default=10.0, help="how long to wait for the runner's answer")
+    p.set_defaults(func=_cmd_inject)
+
+
+def _cmd_inject(args) -> int:
+    from coel_model.errors import ConfigError
+    from testbed.runner import send_inject
+    from testbed.scenario import EVENT_FIELDS
+    if args.kind not in EVENT_FIELDS:
+        raise ConfigError(f"unknown fault kind {args.kind!r} (known: {', '.join(EVENT_FIELDS)})")
+    req, _ = EVENT_FIELDS[args.kind]
+    ev: dict = {"kind": args.kind}
+    if "link" in req:
+        if len(args.target) != 2:
+            raise ConfigError(f"{args.kind} needs a link: two node names, got {args.target}")
+        ev["link"] = list(args.target)
+    else:
+        if len(args.target) != 1:
+            raise ConfigError(f"{args.kind} needs one name, got {args.target}")
+        ev["server" if "server" in req else "slo_class"] = args.target[0]
+    for k in ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "cpu_share", "memory_mb", "slo_ttft_ms",
+              "slo_tpot_ms"):
+        v = getattr(args, k)
+        if v is not None:
+            ev[k] = v
+    r = send_inject(args.run_dir, ev, wait_s=args.wait_s)
+    if r.get("ok"):
+        print(f"injected {args.kind} {' '.join(args.target)} ({r['attrs'].get('apply_ms')} ms)")
+        return 0
+    print(f"coel inject: error: {r.get('error')}", file=sys.stderr)
+    return 2
+
+
+def _register_report(sub) -> None:
+    p = sub.add_parser("report", help="rebuild a run folder's summary, CSV, Chrome trace and plots")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    import json
+    from pathlib import Path
+    from coel_model.errors import ConfigError
+    from testbed.report import build_report, summary_table
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"{run}: no such run folder")
+    summary = build_report(run)
+    print(json.dumps(summary, indent=2) if args.json else summary_table(summary))
+    print(run)
+    return 0
+
+
+REGISTRARS = [_register_clean, _register_topo, _register_net, _register_run, _register_demo, _register_inject,
+              _register_report]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
