@@ -120,13 +120,17 @@ def requirements_from_topology(topo: Any, default_entry: str | None = None) -> R
     for c in clients:
         w = _get(c, "workload") or {}
         name = str(_get(c, "name"))
+        def val(key: str, default: float) -> float:
+            v = _get(w, key, None)
+            return default if v is None else v
+
         classes.append(RequestClass(
             name=name, entry=str(_get(c, "entry")),
-            rate_rps=float(_get(w, "rate_rps", 1.0) or 1.0),
-            prompt_tokens=int(_get(w, "prompt_tokens", 128) or 128),
-            new_tokens=int(_get(w, "max_new_tokens", 64) or 64),
-            ttft_slo_ms=float(_get(w, "slo_ttft_ms", math.inf) or math.inf),
-            token_slo_ms=float(_get(w, "slo_tpot_ms", math.inf) or math.inf)))
+            rate_rps=float(val("rate_rps", 1.0)),
+            prompt_tokens=int(val("prompt_tokens", 128)),
+            new_tokens=int(val("max_new_tokens", 64)),
+            ttft_slo_ms=float(val("slo_ttft_ms", math.inf)),
+            token_slo_ms=float(val("slo_tpot_ms", math.inf))))
     if not classes:
         servers = list(_get(topo, "servers") or ())
         if isinstance(_get(topo, "servers"), dict):

@@ -109,6 +109,7 @@ def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requ
     if gone:
         reasons.append(f"servers gone: {gone}")
     lost_copies = int(lay.hosted[:, :, ~usable].sum())
+    lost_bytes = float((profile.expert_bytes(lay.bits)[..., None] * lay.hosted[:, :, ~usable]).sum())
     lay.hosted[:, :, ~usable] = False
     lay.on_demand &= lay.hosted
     # memory that shrank (or a coordinator that now also holds a backbone): drop copies, replicas first
@@ -157,6 +158,9 @@ def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requ
         lay.hosted, lay.bits = hosted, bits
         targets = sorted({cluster.servers[v].name for v in np.nonzero(hosted[orphans].any(0))[0]})
         reasons.append(f"re-homed {n_orph} experts that lost their last copy ({_mb(moved)}) onto {targets}")
+        if lost_bytes and moved > opts.max_migration_factor * lost_bytes:
+            reasons.append(f"re-homing moves {_mb(moved)}, more than {opts.max_migration_factor:g}x the "
+                           f"{_mb(lost_bytes)} the lost servers held")
         reasons += notes[:6]
     if lost_copies and not n_orph:
         reasons.append(f"{lost_copies} copies lost, every expert still has a replica: nothing to re-home")

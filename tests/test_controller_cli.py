@@ -103,3 +103,33 @@ def test_infeasible_and_bad_input_are_one_line_errors(files, tmp_path, capsys):
     rc = main(["plan", "--topology", str(files / "cluster.json"), "--model-config", "no-such-model"])
     err = capsys.readouterr().err
     assert rc == 2 and "deepseek-v3" in err  # lists the bundled configs
+
+
+BUNDLED = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "tiny-moe"
+
+
+@pytest.mark.skipif(not (BUNDLED / "profile.json").exists(), reason="models/tiny-moe/profile.json not committed yet")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_plan_bundled_model_on_the_default_topology(strategy, tmp_path):
+    out = tmp_path / "p.json"
+    rc = main(["plan", "--model", str(BUNDLED), "--topology", "edge-star-5", "--strategy", strategy,
+               "--json-out", str(out), "--json"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert all(len(reps) >= 1 for row in doc["placement"] for reps in row)
+
+
+def test_plan_from_a_checkpoint_without_profile_uses_its_config(tmp_path, capsys):
+    import torch
+    from coel_model.checkpoint import save_model
+    from coel_model.model import MoEModel, init_weights
+    torch.manual_seed(0)
+    model = MoEModel(CFG)
+    init_weights(model, 0)
+    save_model(model, tmp_path / "ckpt", dtype=torch.float16)
+    out = tmp_path / "p.json"
+    rc = main(["plan", "--model", str(tmp_path / "ckpt"), "--topology", "edge-star-5", "--json-out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["bits"]) == CFG.n_layers
+    assert any("synthetic" in r for r in doc["reasons"])
