@@ -301,6 +301,9 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, calib_x: torch.Tensor | No
     if w.dim() != 2:
         raise ValueError(f"quantize_weight: expected a 2-D weight, got shape {tuple(w.shape)}")
     O, K = w.shape
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"quantize_weight: the ({O}, {K}) weight has {bad} NaN/inf value(s)")
     if spec.bits == 16:
         return {"weight": w.detach().to(FLOAT_DTYPES[spec.float_dtype]).contiguous()}
     g, qmax = spec.group_size, (1 << spec.bits) - 1
@@ -446,7 +449,12 @@ def quantize_expert(expert: nn.Module, spec: QuantSpec, calib_x: torch.Tensor | 
             hx = F.silu(gate(x)) * up(x)
         down = QuantizedLinear(spec, hidden, d_model, quantize_weight(expert.w_down.weight, spec, hx))
         return QuantizedExpert(spec, d_model, hidden, gate, up, down)
-    lin = {p: QuantizedLinear.from_float(getattr(expert, p).weight, spec) for p in PROJ_NAMES}
+    lin = {}
+    for p in PROJ_NAMES:
+        try:
+            lin[p] = QuantizedLinear.from_float(getattr(expert, p).weight, spec)
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from None
     return QuantizedExpert(spec, d_model, hidden, lin["w_gate"], lin["w_up"], lin["w_down"])
 
 

@@ -45,6 +45,16 @@ def test_spec_rejects_bad_values(kw):
         QuantSpec(**kw)
 
 
+def test_bad_weights_are_named():
+    exp = SwiGLUExpert(64, 64)
+    with torch.no_grad():
+        exp.w_up.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"w_up: .*\(64, 64\) weight has 1 NaN"):
+        quant.quantize_expert(exp, QuantSpec(4))
+    with pytest.raises(ValueError, match="too large for fp16"):
+        quant.quantize_weight(torch.full((2, 64), 1e9) * torch.arange(64.0), QuantSpec(2))
+
+
 def test_spec_dict_round_trip_and_unknown_key():
     s = QuantSpec(3, 32, "hqq")
     assert QuantSpec.from_dict(s.to_dict()) == s
