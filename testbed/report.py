@@ -71,20 +71,105 @@ def latency_stats(reqs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def recovery_s(reqs: list[dict[str, Any]], event_ns: int, baseline_p50_ms: float | None,
-               window: int = 3) -> float | None:
-    """Seconds from the event until the rolling median per-token latency of requests that finish
-    after it is back within RECOVERY_TOLERANCE x the pre-event p50; None if it never is."""
+               window: int = 3, horizon_ns: int | None = None) -> float | None:
+    """Seconds from the event until per-token latency is back for good: the end of the last
+    rolling window (median of `window` requests, in finishing order) above RECOVERY_TOLERANCE x
+    the pre-event p50. A lost request counts as infinitely slow. Requests finishing after
+    `horizon_ns` (the next fault) are not looked at. 0.0 = no visible disruption; None = no
+    baseline, or still degraded at the horizon (never recovered)."""
     if baseline_p50_ms is None:
         return None
-    after = sorted((r for r in reqs if r["attrs"].get("ok") and r["t1_ns"] >= event_ns
-                    and r["attrs"].get("tpot_ms") is not None), key=lambda r: r["t1_ns"])
+    limit = RECOVERY_TOLERANCE * baseline_p50_ms
+    after = sorted((r for r in reqs if r["t1_ns"] >= event_ns and (horizon_ns is None or r["t1_ns"] < horizon_ns)
+                    and (not r["attrs"].get("ok") or r["attrs"].get("tpot_ms") is not None)),
+                   key=lambda r: r["t1_ns"])
+    vals = [r["attrs"]["tpot_ms"] if r["attrs"].get("ok") else math.inf for r in after]
+    last_bad = None
     for i in range(len(after)):
-        win = [r["attrs"]["tpot_ms"] for r in after[max(0, i - window + 1):i + 1]]
-        if len(win) == min(window, len(after)) and percentile(win, 50) <= RECOVERY_TOLERANCE * baseline_p50_ms:
-            first = after[max(0, i - window + 1)]
-            return max(0.0, (first["t0_ns"] - event_ns) / 1e9) if first["t0_ns"] > event_ns else \
-                max(0.0, (first["t1_ns"] - event_ns) / 1e9)
-    return None
+        win = vals[max(0, i - window + 1):i + 1]
+        if percentile(win, 50) > limit:
+            last_bad = i
+    if last_bad is None:
+        return 0.0
+    if last_bad == len(after) - 1:
+        return None  # degraded until the end of what we can see
+    return max(0.0, (after[last_bad]["t1_ns"] - event_ns) / 1e9)
+
+
+CONTROLLER_REACTIONS = ("agent_lost", "entry_lost", "link_degraded", "link_recovered", "agent_reregistered",
+                        "agent_registered", "overload")
+
+
+def fault_targets(attrs: dict[str, Any]) -> set[str]:
+    """Names a controller event may mention when it reacts to this fault."""
+    out = set()
+    if attrs.get("server"):
+        out.add(str(attrs["server"]))
+    link = attrs.get("link")
+    if isinstance(link, (list, tuple)):
+        out.update(str(x) for x in link)
+    elif isinstance(link, str):
+        out.update(link.split("-"))
+    return out
+
+
+def _mentions(e: dict[str, Any], targets: set[str]) -> bool:
+    a = e.get("attrs", {})
+    if a.get("server") in targets or a.get("name") in targets:
+        return True
+    text = " ".join(str(x) for x in (a.get("reasons") or [])) + " " + str(a.get("reason", ""))
+    return any(f"{t}:" in text or f"agent {t} " in text or f"server {t} " in text or f"link {t}-" in text
+               or f"-{t}:" in text for t in targets)
+
+
+def fault_responses(trace: Trace, reqs: list[dict[str, Any]], window_s: float = 20.0) -> list[dict[str, Any]]:
+    """For each injected fault, how the system answered it, measured from the outside:
+    detect_s (fault -> first controller reaction naming the fault's server or link), the
+    re-deployment that followed (trigger, replan_s, migrate_s, bytes_moved, actions), requests
+    lost while it lasted, and recovery_s (fault -> per-token latency back within 20% of the p50
+    of the requests submitted before the fault). The controller is never told of the fault; the
+    matching happens here, after the run."""
+    faults = [e for e in fault_events(trace) if e["attrs"].get("ok", True)]
+    ctl_events = [e for e in trace.events if e["event"] in CONTROLLER_REACTIONS + ("redeployment", "replan")]
+    traffic0 = next((e["t_ns"] for e in trace.events if e["event"] == "traffic_start"), None)
+    out = []
+    for i, f in enumerate(faults):
+        a = f["attrs"]
+        t = f["t_ns"]
+        nxt = faults[i + 1]["t_ns"] if i + 1 < len(faults) else None
+        end = t + int(window_s * 1e9)
+        if nxt is not None:
+            end = min(end, nxt)
+        targets = fault_targets(a)
+        react = [e for e in ctl_events if t <= e["t_ns"] < end and e["event"] in CONTROLLER_REACTIONS]
+        named = [e for e in react if _mentions(e, targets)]
+        # a reaction naming the fault's server or link end; else (a router-router link, an SLO
+        # change) the first reaction at all, flagged as unnamed
+        first = named[0] if named else (react[0] if react else None)
+        if first is None and a.get("kind") == "slo":
+            first = next((e for e in ctl_events if t <= e["t_ns"] < end), None)
+        rd = [e for e in ctl_events if e["event"] == "redeployment" and t <= e["t_ns"] < end]
+        rd_named = [e for e in rd if _mentions(e, targets) or (a.get("kind") == "slo" and
+                                                                e["attrs"].get("trigger") == "slo_change")]
+        red = (rd_named or rd or [None])[0]
+        before = [r for r in reqs if r["t0_ns"] < t and (traffic0 is None or r["t0_ns"] >= traffic0)
+                  and (i == 0 or r["t0_ns"] >= faults[i - 1]["t_ns"])]
+        base = latency_stats(before)["tpot_ms"]["p50"]
+        lost = [r for r in reqs if not r["attrs"].get("ok") and r["t1_ns"] >= t and (nxt is None or r["t0_ns"] < nxt)]
+        rec = {"kind": a.get("kind"), "target": "-".join(a["link"]) if isinstance(a.get("link"), list)
+               else a.get("server") or a.get("slo_class"), "t_s": (t - trace.t0_ns) / 1e9,
+               "detect_s": None if first is None else round((first["t_ns"] - t) / 1e9, 3),
+               "detected_by": None if first is None else first["event"] + ("" if named else " (unnamed)"),
+               "redeployed": red is not None, "baseline_tpot_p50_ms": base,
+               "recovery_s": recovery_s(reqs, t, base, horizon_ns=nxt), "lost_requests": len(lost)}
+        if red is not None:
+            ra = red["attrs"]
+            rec.update(trigger=ra.get("trigger"), redeploy_at_s=round((red["t_ns"] - t) / 1e9, 3),
+                       replan_s=ra.get("replan_s"), migrate_s=ra.get("migrate_s"),
+                       bytes_moved=ra.get("bytes_moved"), actions=ra.get("actions"),
+                       action_kinds=ra.get("action_kinds"))
+        out.append(rec)
+    return out
 
 
 def link_bytes(trace: Trace) -> dict[str, float]:
@@ -109,16 +194,31 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
         by_phase.setdefault(ph.of(r["t0_ns"]), []).append(r)
     overall = latency_stats(reqs)
     before_p50 = latency_stats(by_phase.get("before", []))["tpot_ms"]["p50"]
+    responses = fault_responses(trace, reqs)
+    faults = [e for e in fault_events(trace) if e["attrs"].get("ok", True)]
     redeploys = []
     for e in trace.events:
         if e["event"] != "redeployment":
             continue
         a = dict(e["attrs"])
         ev_ns = a.get("event_ns")
+        # the fault this re-deployment answers: the latest injected one before its detection
+        det = a.get("detected_ns") or e["t_ns"]
+        cause = max((i for i, f in enumerate(faults) if f["t_ns"] <= det), default=None)
+        if cause is not None:
+            resp = responses[cause]
+            a["fault"] = f"{resp['kind']} {resp['target']}"
+            a["fault_t_s"] = resp["t_s"]
+            a["detect_s_controller"] = a.get("detect_s")
+            a["detect_s"] = round((det - faults[cause]["t_ns"]) / 1e9, 3)
+            if ev_ns is None and a.get("recovery_s") is None:
+                a["recovery_s"] = resp["recovery_s"]
         if ev_ns is not None and a.get("recovery_s") is None:
             a["recovery_s"] = recovery_s(reqs, int(ev_ns), before_p50)
-        redeploys.append({k: a.get(k) for k in ("trigger", "detect_s", "replan_s", "bytes_moved",
-                                                "recovery_s", "actions", "reasons", "migrate_s")})
+        a["t_s"] = (e["t_ns"] - trace.t0_ns) / 1e9
+        redeploys.append({k: a.get(k) for k in ("t_s", "trigger", "fault", "fault_t_s", "detect_s",
+                                                "detect_s_controller", "replan_s", "migrate_s", "bytes_moved",
+                                                "recovery_s", "actions", "action_kinds", "reasons")})
     per_link = link_bytes(trace)
     t0 = trace.t0_ns
     return {
@@ -137,6 +237,7 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
         "bytes_per_link": per_link,
         "faults": [{"t_s": (e["t_ns"] - t0) / 1e9, **e["attrs"]} for e in fault_events(trace)],
         "redeployments": redeploys,
+        "fault_responses": responses,
     }
 
 
@@ -275,7 +376,21 @@ def summary_table(summary: dict[str, Any]) -> str:
                      f"{_fmt(st['ttft_ms']['p95']):>9} {_fmt(st['tpot_ms']['p50']):>8} {_fmt(st['tpot_ms']['p95']):>8}")
     lines.append(f"bytes on the wire: {summary['bytes_on_wire'] / 1e6:.2f} MB over "
                  f"{len(summary['bytes_per_link'])} links")
-    for r in summary.get("redeployments", []):
-        lines.append(f"re-deployment: trigger={r['trigger']} detect={_fmt(r['detect_s'])}s "
-                     f"replan={_fmt(r['replan_s'])}s moved={r['bytes_moved']}B recovery={_fmt(r['recovery_s'])}s")
+    rds = summary.get("redeployments", [])
+    moved = sum(r.get("bytes_moved") or 0 for r in rds)
+    lines.append(f"re-deployments: {len(rds)} ({moved / 1e6:.2f} MB of shards moved)")
+    for r in rds:
+        if r.get("fault") is None and summary.get("fault_responses"):
+            continue  # start-up and noise re-plans are in summary.json; the table shows the faults'
+        lines.append(f"  re-deployment: trigger={r['trigger']} fault={r.get('fault')} detect={_fmt2(r['detect_s'])}s "
+                     f"replan={_fmt2(r['replan_s'])}s moved={r['bytes_moved']}B recovery={_fmt2(r['recovery_s'])}s")
+    for f in summary.get("fault_responses", []):
+        how = f" ({f.get('trigger')}, {f.get('bytes_moved')} B moved)" if f["redeployed"] else ""
+        lines.append(f"fault {f['kind']} {f['target']} at {f['t_s']:.1f}s: detected {_fmt2(f['detect_s'])}s "
+                     f"({f['detected_by'] or 'never'}), re-deployed {'yes' if f['redeployed'] else 'no'}{how}, "
+                     f"recovery {_fmt2(f['recovery_s'])}s, lost {f['lost_requests']}")
     return "\n".join(lines)
+
+
+def _fmt2(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
