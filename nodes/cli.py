@@ -19,6 +19,8 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-out", default=None, help="append remote_queue/remote_compute spans (JSONL)")
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--heartbeat-s", type=float, default=None, help="heartbeat interval (s)")
+    p.add_argument("--fp16-kernel", choices=("exact", "fast"), default="exact",
+                   help="fp16 shards: exact = bit-identical fp32 upcast; fast = fused fp16 GEMV kernel")
     p.add_argument("--delay-file", default=None,
                    help="emulated path delays (nodes.delayqueue JSON; default $COEL_DELAY_FILE)")
 
@@ -31,7 +33,8 @@ def agent_config_from_args(args: argparse.Namespace):
     return AgentConfig(endpoint=args.endpoint, memory_budget_bytes=int(args.memory_mb * MB),
                        threads=args.threads, controller=args.controller, keys_dir=args.keys,
                        name=args.name, trace_path=args.trace_out, max_batch_tokens=args.max_batch_tokens,
-                       heartbeat_interval_s=args.heartbeat_s or P.HEARTBEAT_INTERVAL_S)
+                       heartbeat_interval_s=args.heartbeat_s or P.HEARTBEAT_INTERVAL_S,
+                       fp16_kernel=args.fp16_kernel)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

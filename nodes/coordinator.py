@@ -30,7 +30,7 @@ from coel_model.generate import sample_next
 from coel_model.model import KVCache, MoEModel, Routing, combine, expert_inputs, route
 from nodes import protocol as P
 from nodes.security import KeyDir, secure_client
-from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations,
+from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations, send_frames,
                              endpoint_host, peer_address)
 
 LOCAL = "local"  # placement entry meaning "run on this server"
@@ -351,8 +351,7 @@ class Coordinator:
         rid = next(self._ids)
         frames = P.encode(P.MsgType.EXPERT_CALL, rid, body, tensors, trace=self.trace_id, src=self.cfg.name)
         t1 = time.monotonic_ns()
-        self._sock(ep).send_multipart(frames, copy=False)
-        self.bytes_sent += P.frames_nbytes(frames)
+        self.bytes_sent += send_frames(self._sock(ep), frames)
         self.raw_bytes += 2 * call.x.shape[0] * call.x.shape[1] * 4
         self.calls += 1
         self._span("encode", t0, t1, layer=layer, expert=call.expert, endpoint=ep, tokens=int(call.x.shape[0]))
@@ -395,7 +394,7 @@ class Coordinator:
                     continue
                 msg.body["_t_recv_ns"] = t_recv
                 self.bytes_received += msg.nbytes
-                if self.inbox.admit((ep, msg), peer_address(frames[0], endpoint_host(ep)), msg.sent_ns,
+                if self.inbox.admit((ep, msg), lambda: peer_address(frames[0], endpoint_host(ep)), msg.sent_ns,
                                     msg.nbytes):
                     out.append((ep, msg))
         return out + [(ep, m) for ep, m in self.inbox.pop_ready()]

@@ -143,6 +143,10 @@ OPEN_BODIES = {MsgType.STATUS, MsgType.OK, MsgType.HEARTBEAT, MsgType.REGISTER, 
 MAX_NEW_TOKENS = 1 << 14  # GENERATE: largest max_new_tokens accepted
 CONTROL_OPS = ("STATUS", "PLAN", "SET_SLO", "REPLAN", "SHUTDOWN")  # control API operations
 
+HEADER_SCHEMA = {"v": (_INT, True), "t": (_INT, True), "id": (_INT, True), "sent_ns": (_INT, True),
+                 "src": (_STR, False), "trace": ((str, type(None)), False), "body": (_MAP, True),
+                 "tensors": (_LIST, True)}
+
 SHARD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "layer": (_INT, True), "expert": (_INT, True), "bits": (_INT, True), "d_model": (_INT, True),
     "hidden": (_INT, True), "group_size": (_INT, False), "method": (_STR, False),
@@ -206,25 +210,31 @@ def _frame_buffer(frame: Any) -> memoryview:
     return buf
 
 
+_MISSING = object()
+
+
 def _check_fields(where: str, d: dict, schema: dict, open_keys: bool, req_id: int) -> None:
-    for k in d:
-        if not isinstance(k, str):
-            raise ProtocolError(f"{where}: non-string key {k!r}", req_id)
-        if k not in schema and not open_keys:
-            raise ProtocolError(f"{where}: unknown field {k!r} (allowed: {sorted(schema)})", req_id)
+    if not open_keys:
+        extra = d.keys() - schema.keys()
+        if extra:
+            raise ProtocolError(f"{where}: unknown field(s) {sorted(map(str, extra))[:5]} "
+                                f"(allowed: {sorted(schema)})", req_id)
+    elif not all(type(k) is str for k in d):
+        raise ProtocolError(f"{where}: non-string key", req_id)
     for k, (types, required) in schema.items():
-        if k not in d:
+        v = d.get(k, _MISSING)
+        if v is _MISSING:
             if required:
                 raise ProtocolError(f"{where}: missing field {k!r}", req_id)
             continue
-        v = d[k]
-        if isinstance(v, bool) and bool not in types:
+        tv = type(v)
+        if tv is bool and bool not in types:
             raise ProtocolError(f"{where}: field {k!r} must be {'/'.join(t.__name__ for t in types)}, "
                                 f"got bool", req_id)
         if not isinstance(v, types):
             raise ProtocolError(f"{where}: field {k!r} must be {'/'.join(t.__name__ for t in types)}, "
-                                f"got {type(v).__name__}", req_id)
-        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > (1 << 62):
+                                f"got {tv.__name__}", req_id)
+        if tv is int and not -(1 << 62) <= v <= (1 << 62):
             raise ProtocolError(f"{where}: field {k!r} out of range", req_id)
 
 
@@ -329,10 +339,7 @@ def decode(frames: list[Any]) -> Message:
     req_id = rid if type(rid) is int and 0 <= rid < 1 << 63 else 0
     if header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r} != {PROTOCOL_VERSION}", req_id)
-    _check_fields("header", header, {
-        "v": (_INT, True), "t": (_INT, True), "id": (_INT, True), "sent_ns": (_INT, True),
-        "src": (_STR, False), "trace": ((str, type(None)), False), "body": (_MAP, True),
-        "tensors": (_LIST, True)}, False, req_id)
+    _check_fields("header", header, HEADER_SCHEMA, False, req_id)
     try:
         mtype = MsgType(header["t"])
     except ValueError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import zmq
@@ -54,6 +54,13 @@ def endpoint_host(endpoint: str) -> str:
     return rest.rsplit(":", 1)[0]
 
 
+def send_frames(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> int:
+    """Send a message; large ones zero-copy (pyzmq's zero-copy path costs more than copying a few KB)."""
+    n = P.frames_nbytes(frames)
+    sock.send_multipart(frames, copy=n < P.ZERO_COPY_MIN_BYTES, flags=flags)
+    return n
+
+
 class HeldInbox:
     """Messages received but not yet 'arrived' under the emulated path delay (a min-heap)."""
 
@@ -62,11 +69,14 @@ class HeldInbox:
         self._heap: list[tuple[int, int, Any]] = []
         self._seq = itertools.count()
 
-    def admit(self, item: Any, peer: str, sent_ns: int, nbytes: int) -> bool:
-        """True when `item` may be handled now; otherwise it is held until its release time."""
+    def admit(self, item: Any, peer: str | Callable[[], str], sent_ns: int, nbytes: int) -> bool:
+        """True when `item` may be handled now; otherwise it is held until its release time.
+
+        `peer` may be a callable: the peer address is only looked up when a delay hook exists.
+        """
         if self.hook is None:
             return True
-        release = self.hook.hold_until_ns(peer, sent_ns, nbytes)
+        release = self.hook.hold_until_ns(peer() if callable(peer) else peer, sent_ns, nbytes)
         if release <= time.monotonic_ns():
             return True
         heapq.heappush(self._heap, (release, next(self._seq), item))
@@ -127,8 +137,7 @@ class AgentClient:
         self._open()
 
     def send(self, frames: list[Any]) -> int:
-        self.sock.send_multipart(frames, copy=False)
-        return P.frames_nbytes(frames)
+        return send_frames(self.sock, frames)
 
     def recv(self, timeout_ms: float) -> P.Message | None:
         """Next decoded message within timeout_ms (after any emulated delay), else None."""
@@ -147,7 +156,7 @@ class AgentClient:
                     msg = P.decode(frames)
                 except P.ProtocolError:
                     continue  # garbage from a peer never becomes a reply
-                if self.inbox.admit(msg, peer_address(frames[0], host), msg.sent_ns, msg.nbytes):
+                if self.inbox.admit(msg, lambda: peer_address(frames[0], host), msg.sent_ns, msg.nbytes):
                     return msg
 
     def call(self, mtype: P.MsgType, body: dict | None = None, tensors: dict | None = None,
