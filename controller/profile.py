@@ -176,8 +176,11 @@ def profile_from_dict(doc: dict[str, Any], source: str = "<dict>") -> Profile:
         coact = _normalise_coactivation(arr, pop)
     bb = doc["backbone_bytes"]
     backbone = int(bb["16"]) if "16" in bb else int(bb["32"]) // 2
+    # measurement noise can make a wider width look worse (or quantization look helpful); like
+    # coel_model.allocate, read each loss as the largest measured at this or any wider width, >= 0
+    loss = np.maximum(np.maximum.accumulate(loss[:, :, ::-1], axis=2)[:, :, ::-1], 0.0)
     return Profile(cfg=cfg, group_size=int(doc.get("group_size", 64)), bits=bits, popularity=pop,
-                   mean_weight=mw, loss_nats=np.maximum(loss, 0.0), nbytes=nbytes, coact_same=coact,
+                   mean_weight=mw, loss_nats=loss, nbytes=nbytes, coact_same=coact,
                    backbone_bytes=backbone, source=source, calibration=dict(doc.get("calibration", {})))
 
 

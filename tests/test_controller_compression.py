@@ -136,3 +136,32 @@ def test_bundled_big_configs_have_their_published_sizes():
     assert 665e9 < total < 677e9  # 671 B published
     prof = ds.profile()
     assert prof.popularity.shape == (58, 256) and np.allclose(prof.popularity.sum(1), 8)
+
+
+def test_noisy_measured_losses_are_made_monotone_in_bits():
+    cfg = MoEConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, n_experts=2, top_k=1,
+                    expert_hidden=64)
+    doc = synthetic_profile(cfg, seed=0).to_dict(include_coactivation=False)
+    doc["experts"][0]["loss_increase"].update({"4": 0.001, "8": 0.003})  # noise: 8 bits "worse" than 4
+    doc["experts"][1]["loss_increase"]["3"] = -0.01  # noise: quantization "helps"
+    prof = profile_from_dict(doc)
+    i4, i8 = prof.bit_index(4), prof.bit_index(8)
+    assert prof.loss_nats[0, 0, i4] == pytest.approx(0.003) and prof.loss_nats[0, 0, i8] == pytest.approx(0.003)
+    assert (np.diff(prof.loss_nats, axis=2) <= 0).all() and (prof.loss_nats >= 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bit_allocation_is_close_to_the_exact_ilp(seed):
+    allocate = pytest.importorskip("coel_model.allocate")
+    from controller.bits import allocate_for_budget
+    cfg = MoEConfig(vocab_size=64, d_model=64, n_layers=3, n_heads=2, n_kv_heads=2, n_experts=6, top_k=2,
+                    expert_hidden=128)
+    prof = synthetic_profile(cfg, seed=seed, skew=1.2)
+    table = allocate.costs_from_profile(prof.to_dict(include_coactivation=False), weighting="measured")
+    for avg_bits in (2.5, 3.0, 4.5):
+        budget = allocate.budget_bytes_for_avg_bits(table, avg_bits)
+        exact = allocate.solve_ilp(table, budget)
+        ours = allocate_for_budget(prof, budget)
+        assert prof.expert_bytes(ours).sum() <= budget
+        our_loss = float(prof.expert_loss(ours).sum())
+        assert our_loss <= exact.predicted_loss * 1.10 + 1e-12, (avg_bits, our_loss, exact.predicted_loss)
