@@ -267,6 +267,7 @@ class Runner:
         self.meta["net_build_s"] = round(time.monotonic() - t0, 2)
         self.meta["emulation_mode"] = self.net.mode
         self.meta["mininet_prefix"] = self.net.prefix
+        self.meta["shell_pids"] = {h: self.net.pid(h) for h in self.topo.hosts}
         make_keys(self.run_dir / "keys")
         self._write_meta()
 
@@ -584,6 +585,7 @@ class Runner:
             self._write_meta(outcome=outcome, error=error, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              traffic_start_ns=self.t_traffic_ns,
                              processes={k: {"host": p.host, "role": p.role, "starts": p.starts,
+                                            "pid": p.popen.pid if p.popen else None,
                                             "returncode": p.popen.returncode if p.popen else None}
                                         for k, p in self.procs.items()})
         summary = None
