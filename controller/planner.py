@@ -97,8 +97,9 @@ def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requ
             and ctx.capacity[cur[0][0]] >= profile.backbone_bytes
         coords[entry] = cur[0][0] if keep else ctx.coords[entry]
         if not keep:
-            reasons.append(f"entry {entry}: coordinator {cur[0][0] if cur else None} gone or unreachable; backbone "
-                           f"moves to {ctx.name(coords[entry])}" if cur else
+            old = current.backbone_map().get(entry)
+            reasons.append(f"entry {entry}: coordinator {old[0].server} gone or unreachable; backbone moves to "
+                           f"{ctx.name(coords[entry])}" if old else
                            f"entry {entry} is new: backbone on {ctx.name(coords[entry])}")
     ctx.coords = coords
     usable = np.ones(S, bool)
@@ -166,7 +167,11 @@ def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requ
         reasons.append(f"{lost_copies} copies lost, every expert still has a replica: nothing to re-home")
     notes = negotiate_compression(ctx, lay, _budget(ctx, lay))
     _check_memory(ctx, lay, "replan")
-    out = layout_to_plan(profile, cluster, requirements, lay, opts, current.strategy, current.mode,
+    mode = current.mode
+    if mode == "intra" and int(lay.hosted.any((0, 1)).sum()) > len(set(coords.values())):
+        mode = "inter"  # the single-server copies had to spread
+        reasons.append("intra-server plan became inter-server: the experts no longer fit one server per entry")
+    out = layout_to_plan(profile, cluster, requirements, lay, opts, current.strategy, mode,
                          current.model, reasons + notes)
     return out
 

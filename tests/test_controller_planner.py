@@ -328,3 +328,22 @@ def test_coel_meets_the_quality_floor_or_raises(n, seed, floor, factor):
         return
     check_plan(p, prof, cl)
     assert p.predicted_map()["_overall"]["meets_quality"], p.reasons
+
+
+def test_losing_the_coordinator_moves_the_backbone_and_rehomes_its_experts():
+    prof = synthetic_profile(tiny_cfg(n_experts=8), seed=1)
+    bb, e4 = prof.backbone_bytes, float(prof.nbytes[:, :, 2].sum())
+    cl = star([bb * 0.5, bb * 1.2 + e4 * 0.3, bb * 1.2 + e4 * 0.6, e4 * 0.8], [100] * 4, [1, 2, 3, 4])
+    reqs = single_class("s0", token_slo_ms=1e6)
+    p = plan(prof, cl, reqs, "coel")
+    coord = p.backbone_map()["s0"][0].server
+    assert coord != "s0"  # the entry is too small for the backbone
+    cl2 = cl.without_server(coord)
+    p2 = replan(p, prof, cl2, reqs)
+    check_plan(p2, prof, cl2)
+    new = p2.backbone_map()["s0"][0].server
+    assert new not in (coord, "s0")
+    acts = diff(p, p2)
+    assert [a.server for a in acts if a.kind == "load_backbone"] == [new]
+    assert [a.server for a in acts if a.kind == "drop_backbone"] == [coord]
+    assert any(coord in r and new in r for r in p2.reasons)
