@@ -37,7 +37,8 @@ class MonitorConfig:
     bw_drop_ratio: float = 0.5  # goodput below this x baseline = bandwidth drop
     rtt_rise_ratio: float = 2.0  # RTT above this x baseline = delay rise ...
     rtt_rise_min_ms: float = 5.0  # ... and at least this many ms above it (loopback noise)
-    min_transfer_ms: float = 0.5  # goodput probes faster than this are clamped (loopback)
+    min_transfer_ms: float = 2.0  # goodput probes faster than this are clamped: caps goodput at ~524 Mbit/s
+    #                               with 64 KiB, so sub-ms scheduling noise on fast links is not a "drop"
     overload_cpu_frac: float = 0.95  # agent cpu use >= this x its cpu share ...
     overload_beats: int = 15  # ... for this many consecutive heartbeats = overloaded
 

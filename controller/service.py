@@ -774,6 +774,7 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-bytes", type=int, default=64 * 1024)
     p.add_argument("--bw-drop-ratio", type=float, default=0.5, help="goodput below this x baseline triggers")
     p.add_argument("--rtt-rise-ratio", type=float, default=2.0, help="RTT above this x baseline triggers")
+    p.add_argument("--rtt-rise-min-ms", type=float, default=5.0, help="... and at least this many ms above it")
     p.add_argument("--no-compression", action="store_true", help="fp32 passthrough on every link")
     p.add_argument("--register-timeout-s", type=float, default=120.0)
     p.add_argument("--trace", default=None, help="append events/spans (JSONL)")
@@ -785,7 +786,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     mon = M.MonitorConfig(heartbeat_s=args.heartbeat_s, liveness=args.liveness, probe_interval_s=args.probe_interval_s,
                           probe_bytes=args.probe_bytes, probe_window=args.probe_window,
                           bw_drop_ratio=args.bw_drop_ratio,
-                          rtt_rise_ratio=args.rtt_rise_ratio)
+                          rtt_rise_ratio=args.rtt_rise_ratio, rtt_rise_min_ms=args.rtt_rise_min_ms)
     return ControllerConfig(topology=args.topology, model_dir=args.model, listen=args.listen, control=args.control,
                             expect_agents=split(args.expect_agents), expect_entries=split(args.expect_entries),
                             strategy=args.strategy, profile_path=args.profile, keys_dir=args.keys,

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 def tiny_cfg():
     from coel_model.config import MoEConfig
-    return MoEConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=8, top_k=2,
+    return MoEConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=8, top_k=2,
                      expert_hidden=128, max_seq_len=128, bos_token_id=-1, eos_token_id=-1)
 
 
@@ -67,6 +67,9 @@ def make_setup(tmp: Path, memory_mb=(0.2, 0.2, 0.2)) -> dict:
     init_weights(model, seed=3)
     mdir = tmp / "model"
     save_model(model, mdir, dtype=torch.float16)
+    from coel_model.corpus import split_texts
+    from coel_model.tokenizer import train_tokenizer
+    train_tokenizer(split_texts("heldout")[:20], vocab_size=cfg.vocab_size).save(mdir)
     prof = synthetic_profile(cfg, seed=1)
     (tmp / "profile.json").write_text(json.dumps(prof.to_dict()))
     (tmp / "topo.yaml").write_text(TOPOLOGY.format(m1=memory_mb[0], m2=memory_mb[1], m3=memory_mb[2]))
@@ -110,7 +113,8 @@ class Procs:
 
 
 def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_interval_s: float | None = None,
-                  extra_ctl: list[str] | None = None, delay_files: dict[str, str] | None = None) -> dict:
+                  extra_ctl: list[str] | None = None, delay_files: dict[str, str] | None = None,
+                  extra_entry: list[str] | None = None) -> dict:
     """Controller, agents a1-a3 and an entry on a1. delay_files: server -> nodes.delayqueue file
     its agent reads (COEL_DELAY_FILE), to emulate a slower link into that agent."""
     tmp = setup["tmp"]
@@ -122,7 +126,9 @@ def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_int
             "--profile", setup["profile"], "--strategy", "coel", "--listen", ctl_ep, "--control", control,
             "--keys", setup["keys"], "--expect-agents", ",".join(SERVERS), "--expect-entries", "a1",
             "--heartbeat-s", "0.2", "--trace", str(raw / "ctl-controller.jsonl"), "--register-timeout-s", "60",
-            "--no-compression"]
+            "--no-compression",
+            # loopback on a shared 2-core machine: scheduling hiccups of several ms are not link changes
+            "--bw-drop-ratio", "0.05", "--rtt-rise-min-ms", "50"]
     if static:
         args.append("--static")
     if replan_interval_s:
@@ -140,7 +146,7 @@ def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_int
     entry_ep = f"tcp://127.0.0.1:{free_port()}"
     procs.start("entry-a1", ["-m", "nodes.entry", "--name", "a1", "--listen", entry_ep, "--controller", ctl_ep,
                              "--model", setup["model"], "--keys", setup["keys"], "--call-timeout-s", "1.0",
-                             "--trace", str(raw / "a1-entry.jsonl")], tmp)
+                             "--trace", str(raw / "a1-entry.jsonl"), *(extra_entry or [])], tmp)
     return {"controller": ctl_ep, "control": control, "agents": agents, "entry": entry_ep, "raw": raw}
 
 

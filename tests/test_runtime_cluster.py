@@ -87,6 +87,24 @@ def test_control_api_status_set_slo_and_bad_input(cluster):
     assert len(toks) == 3
 
 
+def test_client_sends_heldout_text_the_entry_tokenizes(cluster):
+    """Without a tokenizer the client sends prompt text; the entry cuts it to --prompt-tokens."""
+    from nodes.client import ClientConfig, run_client
+    trace = cluster["raw"] / "u9-client.jsonl"
+    cfg = ClientConfig(name="u9", entry=cluster["entry"], rate_rps=6.0, prompt_tokens=10, max_new_tokens=4,
+                       duration_s=1.0, drain_s=20.0, seed=3, keys_dir=cluster["setup"]["keys"], trace_path=str(trace),
+                       slo_class="interactive")
+    out = run_client(cfg)
+    assert out["sent"] >= 1 and out["ok"] == out["sent"] and out["lost"] == 0, out
+    from testbed.traces import merge
+    reqs = merge([trace]).requests()
+    assert len(reqs) == out["sent"]
+    for r in reqs:
+        a = r["attrs"]
+        assert a["ok"] and a["prompt_tokens"] == 10 and a["new_tokens"] == 4 and a["class"] == "interactive"
+        assert a["ttft_ms"] > 0 and a["tpot_ms"] > 0 and a["entry"] == "a1"
+
+
 def test_scheduled_replan_with_nothing_changed_moves_nothing(cluster):
     ctl_trace = cluster["raw"] / "ctl-controller.jsonl"
     deadline = time.monotonic() + 30
