@@ -236,7 +236,7 @@ class Plan:
         if doc.get("format") != "coel-plan":
             raise ConfigError(f'{source}: not a plan ("format" must be "coel-plan")')
         try:
-            return cls(
+            plan = cls(
                 strategy=str(doc["strategy"]), mode=str(doc["mode"]), model=str(doc.get("model", "")),
                 bits=tuple(tuple(int(b) for b in row) for row in doc["bits"]),
                 placement=tuple(tuple(tuple(str(s) for s in reps) for reps in row) for row in doc["placement"]),
@@ -251,6 +251,24 @@ class Plan:
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"{source}: malformed plan ({exc!r})") from None
+        return plan.check(source)
+
+    def check(self, source: str = "<plan>") -> "Plan":
+        """Shapes agree, every expert has a width and at least one server, widths are known."""
+        if not self.bits or len(self.placement) != len(self.bits):
+            raise ConfigError(f"{source}: bits has {len(self.bits)} layers, placement {len(self.placement)}")
+        for l, (brow, prow) in enumerate(zip(self.bits, self.placement)):
+            if len(brow) != len(self.bits[0]) or len(prow) != len(brow):
+                raise ConfigError(f"{source}: layer {l}: {len(brow)} widths, {len(prow)} placements, "
+                                  f"{len(self.bits[0])} experts in layer 0")
+            for e, (b, reps) in enumerate(zip(brow, prow)):
+                if b not in (2, 3, 4, 8, 16):
+                    raise ConfigError(f"{source}: layer {l} expert {e}: bit width {b} not in [2, 3, 4, 8, 16]")
+                if not reps:
+                    raise ConfigError(f"{source}: layer {l} expert {e} is placed on no server")
+        if not self.backbone:
+            raise ConfigError(f"{source}: no backbone placement")
+        return self
 
     @classmethod
     def from_json(cls, text: str, source: str = "<json>") -> "Plan":

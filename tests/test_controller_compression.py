@@ -165,3 +165,23 @@ def test_bit_allocation_is_close_to_the_exact_ilp(seed):
         assert prof.expert_bytes(ours).sum() <= budget
         our_loss = float(prof.expert_loss(ours).sum())
         assert our_loss <= exact.predicted_loss * 1.10 + 1e-12, (avg_bits, our_loss, exact.predicted_loss)
+
+
+def test_malformed_plan_files_are_rejected_with_the_place():
+    from controller.plan import Plan
+    from controller.cluster import Cluster, Link, Server
+    cfg = MoEConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, n_experts=4, top_k=2,
+                    expert_hidden=64)
+    prof = synthetic_profile(cfg, seed=0)
+    cl = Cluster((Server("a", 10 << 20, 1e9),), ())
+    doc = plan(prof, cl, single_class("a"), "coel").to_dict()
+    bad = json.loads(json.dumps(doc))
+    bad["placement"][1][2] = []
+    with pytest.raises(ConfigError, match="layer 1 expert 2 is placed on no server"):
+        Plan.from_dict(bad, "p.json")
+    bad = json.loads(json.dumps(doc))
+    bad["bits"][0][1] = 5
+    with pytest.raises(ConfigError, match="layer 0 expert 1: bit width 5"):
+        Plan.from_dict(bad, "p.json")
+    with pytest.raises(ConfigError, match="not a plan"):
+        Plan.from_dict({"format": "x"}, "p.json")
