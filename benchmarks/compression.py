@@ -77,7 +77,7 @@ def prefill_rows(model: MoEModel, ids: list[int], length: int, n_windows: int) -
             if len(acc) <= i:
                 acc.append({"label": r["label"], "settings": r["settings"], "raw": 0, "wire": 0,
                             "agree": 0.0, "nll": 0.0, "nll_ref": 0.0, "assign": 0, "pruned": 0,
-                            "merged": 0, "messages": 0, "header": 0})
+                            "merged": 0, "messages": 0, "header": 0, "rows": 0})
             a, s = acc[i], r["stats"]
             a["raw"] += s["raw_bytes"]
             a["wire"] += s["wire_bytes"]
@@ -89,12 +89,16 @@ def prefill_rows(model: MoEModel, ids: list[int], length: int, n_windows: int) -
             a["merged"] += s["rows_merged"]
             a["messages"] += s["messages"]
             a["header"] += s["header_bytes"]
+            a["rows"] += s["rows_sent"]
     out = []
     for a in acc:
         sent = max(a["assign"] - a["pruned"], 1)
-        out.append({"label": a["label"], "settings": a["settings"], "length": length,
-                    "windows": len(wins), "raw_bytes": a["raw"], "wire_bytes": a["wire"],
+        out.append({"label": a["label"], "name": a["label"], "settings": a["settings"],
+                    "length": length, "windows": len(wins), "raw_bytes": a["raw"],
+                    "wire_bytes": a["wire"], "bytes_ratio": a["wire"] / a["raw"],
+                    "vector_bytes_ratio": a["wire"] / max(2 * a["rows"] * model.cfg.d_model * 4, 1),
                     "reduction": a["raw"] / a["wire"], "top1_agreement": a["agree"],
+                    "loss_increase": a["nll"] - a["nll_ref"],
                     "ppl": float(torch.tensor(a["nll"]).exp()),
                     "ppl_ref": float(torch.tensor(a["nll_ref"]).exp()),
                     "ppl_increase": float(torch.tensor(a["nll"] - a["nll_ref"]).exp()) - 1.0,
@@ -147,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-steps", type=int, default=17)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--cost-out", type=Path,
+                    help="write the planner's cost table (prefill rows at --cost-length) as a JSON list")
+    ap.add_argument("--cost-length", type=int, default=256)
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -181,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.cost_out:
+        rows = [r for r in result["prefill"] if r["requested_length"] == args.cost_length]
+        if not rows:
+            raise SystemExit(f"--cost-length {args.cost_length} is not among --lengths {lengths}")
+        args.cost_out.parent.mkdir(parents=True, exist_ok=True)
+        args.cost_out.write_text(json.dumps(rows, indent=1) + "\n")
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

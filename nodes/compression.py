@@ -119,6 +119,10 @@ class CompressionSettings:
     def to_dict(self) -> dict[str, Any]:
         return self.to_header()
 
+    def full_dict(self) -> dict[str, Any]:
+        """Every field, defaults included: for tables read by code with its own defaults."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     @classmethod
     def from_dict(cls, data: Any) -> "CompressionSettings":
         return cls.from_header(data)
@@ -685,8 +689,10 @@ def measure_compression_cost(model: MoEModel, tokens: torch.Tensor | Sequence[Se
                              remote: set[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
     """Quality and bytes of each setting on one forward (prefill) over `tokens` (B, T).
 
-    Returns one dict per setting: settings (header dict), label, bytes_ratio (wire / raw payload
-    bytes; 0.25 = 4x fewer), reduction (raw / wire), top1_agreement (fraction of positions whose
+    Returns one dict per setting: settings (every field), label (= name), bytes_ratio (all wire
+    payload bytes / raw fp32 bytes, both directions, pruning and merging included; 0.25 = 4x
+    fewer), vector_bytes_ratio (bytes per row actually sent / fp32 row: the activation format
+    alone), reduction (raw / wire), top1_agreement (fraction of positions whose
     argmax equals the uncompressed model's), nll / nll_ref (mean next-token cross-entropy,
     nats/token), loss_increase (nats/token), ppl_increase (relative: ppl / ppl_ref - 1), pruned_frac,
     merged_frac and the raw stats. Both perplexities use the same tokens, so the difference is
@@ -712,10 +718,13 @@ def measure_compression_cost(model: MoEModel, tokens: torch.Tensor | Sequence[Se
         logits = model(toks, executor=ex).float()
         st = ex.stats
         val = nll(logits)
+        d = model.cfg.d_model
         rows.append({
-            "settings": s.to_header(),
+            "settings": s.full_dict(),
             "label": s.label(),
+            "name": s.label(),
             "bytes_ratio": st.wire_bytes / st.raw_bytes if st.raw_bytes else 1.0,
+            "vector_bytes_ratio": (st.wire_bytes / (2 * st.rows_sent * d * 4)) if st.rows_sent else 1.0,
             "reduction": st.reduction,
             "top1_agreement": float((logits.argmax(-1) == ref_top1).float().mean()),
             "nll": val,

@@ -355,5 +355,7 @@ def test_cost_table_reports_identity_and_int8_rows(model):
     assert int8["top1_agreement"] >= 0.9 and abs(int8["loss_increase"]) < 0.05
     assert pruned["pruned_frac"] > 0 and pruned["reduction"] > int8["reduction"]
     assert CompressionSettings.from_header(pruned["settings"]).prune_beta == 0.6
+    assert off["settings"]["act_dtype"] == "fp32"  # every field, so readers' own defaults never apply
+    assert math.isclose(int8["vector_bytes_ratio"], (CFG.d_model + 2) / (4 * CFG.d_model))
     with pytest.raises(ValueError, match="max_seq_len"):
         measure_compression_cost(model, tokens(CFG.max_seq_len + 1), [NONE])
