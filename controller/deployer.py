@@ -3,8 +3,8 @@
 Order (controller.planner.diff already sorts actions this way): load every new shard on its
 agent (LOAD_SHARD over the network: real transfer time), then switch every entry's placement
 atomically (PLACEMENT, acknowledged), then drop the shards no placement names any more
-(UNLOAD_SHARD). Each load is retried with exponential back-off per key (server, layer, expert)
-up to a cap; a key that still fails is left out of the placement (its old holders, if any, keep
+(UNLOAD_SHARD). Failed loads are retried in rounds with exponential back-off, each key
+(server, layer, expert, bits) at most max_attempts times; a key that still fails is left out of the placement (its old holders, if any, keep
 serving it), and the outcome lists it. Over-budget answers are not retried (they cannot heal).
 
 Pure helpers (`entry_holders`, `entry_compression`) decide what each entry is told; the
@@ -35,7 +35,7 @@ class DeployConfig:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 2.0
     chunk_bytes: int = 4 << 20  # LOAD_SHARD messages carry at most about this many tensor bytes
-    load_timeout_s: float = 30.0
+    load_timeout_s: float = 15.0  # one LOAD_SHARD chunk (4 MB at 5 Mbit/s is ~7 s)
     placement_timeout_s: float = 3.0
     unload_timeout_s: float = 3.0
 
@@ -152,9 +152,11 @@ class Deployer:
     """Moves shards and routes; `client_for(server)` gives an AgentClient (or None if unknown)."""
 
     def __init__(self, source: ShardSource, client_for: Callable[[str], Any], cfg: DeployConfig | None = None,
-                 tracer: Any = None, sleep: Callable[[float], None] = time.sleep):
+                 tracer: Any = None, sleep: Callable[[float], None] = time.sleep,
+                 is_alive: Callable[[str], bool] = lambda server: True):
         self.source = source
         self.client_for = client_for
+        self.is_alive = is_alive  # a server declared lost meanwhile is not retried (the next re-plan re-homes)
         self.cfg = cfg or DeployConfig()
         self.tracer = tracer
         self.sleep = sleep
@@ -162,7 +164,8 @@ class Deployer:
 
     def load(self, server: str, keys: list[ShardKey], outcome: DeployOutcome,
              deployed: dict[str, set[ShardKey]]) -> None:
-        """Load `keys` on `server` in chunks; retry failed chunks with back-off per key."""
+        """Load `keys` on `server` in chunks; failed keys are retried in rounds with exponential
+        back-off, each key at most max_attempts times (counted per (server, layer, expert, bits))."""
         todo = list(keys)
         backoff = self.cfg.backoff_initial_s
         while todo:
@@ -187,7 +190,7 @@ class Deployer:
                 for k in chunk:
                     ak = (server, *k)
                     self.attempts[ak] = self.attempts.get(ak, 0) + 1
-                    if permanent or self.attempts[ak] >= self.cfg.max_attempts:
+                    if permanent or self.attempts[ak] >= self.cfg.max_attempts or not self.is_alive(server):
                         outcome.failed.append((server, *k, str(err)[:300]))
                     else:
                         retry.append(k)

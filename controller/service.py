@@ -299,7 +299,8 @@ class Controller:
         self._lock = threading.Lock()
         self.clients: dict[str, AgentClient] = {}
         self.source = ShardSource(self.model, group_size=self.profile.group_size)
-        self.deployer = Deployer(self.source, self._agent_client, cfg.deploy, self.tracer)
+        self.deployer = Deployer(self.source, self._agent_client, cfg.deploy, self.tracer,
+                                 is_alive=self._agent_heard_recently)
         self.registry = Registry(cfg.listen, self.keys, self.ctx, self.delay_factory())
         self.prober = Prober(self.registry, self.keys, cfg.monitor, self.ctx, self.delay_factory)
         self.api = None
@@ -350,6 +351,16 @@ class Controller:
     def _event(self, kind: str, t_ns: int | None = None, **attrs: Any) -> None:
         if self.tracer is not None:
             self.tracer.event(kind, t_ns, **attrs)
+
+    def _agent_heard_recently(self, server: str) -> bool:
+        """Alive and heard within the liveness window (the main loop may be busy deploying)."""
+        mc = self.cfg.monitor
+        with self.registry.lock:
+            p = self.registry.peers.get(("agent", server))
+            if p is None or not p.alive:
+                return False
+            limit = mc.liveness * M.heartbeat_period_s(p.hb_gaps_s, mc)
+            return (time.monotonic_ns() - p.last_seen_ns) / 1e9 <= limit
 
     def _alive(self, role: str = "agent") -> set[str]:
         with self.registry.lock:

@@ -161,3 +161,60 @@ def test_entry_compression_reports_settings_the_nodes_reject():
     problems: list[str] = []
     assert entry_compression(target, "e1", {"e2"}, problems=problems) == {}
     assert "act_dtype" in problems[0]
+
+
+# ---- deployer execution with a fake agent client ----
+
+class FakeAgent:
+    def __init__(self, fail_times=0, code="internal"):
+        self.fail_times, self.code, self.calls = fail_times, code, []
+
+    def call(self, mtype, body=None, tensors=None, timeout_s=0.0):
+        from nodes.transport import RemoteError
+        self.calls.append((mtype.name, [(d["layer"], d["expert"], d["bits"]) for d in body.get("shards", [])
+                                        if isinstance(d, dict)]))
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise RemoteError("tcp://x:1", self.code, "injected")
+
+
+def _deployer(agents, **kw):
+    from coel_model.model import MoEModel, init_weights
+    from controller.deployer import DeployConfig, Deployer, ShardSource
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from runtime_fixtures import tiny_cfg
+    model = MoEModel(tiny_cfg())
+    init_weights(model, seed=0)
+    sleeps = []
+    d = Deployer(ShardSource(model), agents.get, DeployConfig(max_attempts=3, chunk_bytes=20_000), sleep=sleeps.append,
+                 **kw)
+    return d, sleeps
+
+
+def test_deployer_retries_with_backoff_then_gives_up_per_key():
+    from controller.deployer import DeployOutcome
+    flaky, dead = FakeAgent(fail_times=1), FakeAgent(fail_times=99)
+    d, sleeps = _deployer({"e1": flaky, "e2": dead})
+    out, held = DeployOutcome(), {}
+    d.load("e1", [(0, 0, 4), (0, 1, 16)], out, held)
+    assert held["e1"] == {(0, 0, 4), (0, 1, 16)} and not out.failed
+    assert out.bytes_moved == d.source.nbytes(0, 0, 4) + d.source.nbytes(0, 1, 16)
+    assert len(flaky.calls) == 3  # 16-bit expert (49 KB) > chunk: 2 chunks, the first retried once
+    d.load("e2", [(1, 2, 2)], out, held)
+    assert [f[:4] for f in out.failed] == [("e2", 1, 2, 2)] and "injected" in out.failed[0][4]
+    assert len(dead.calls) == 3 and sleeps == [0.2, 0.2, 0.4]  # per-load back-off doubles
+
+
+def test_deployer_does_not_retry_over_budget_or_a_lost_server():
+    from controller.deployer import DeployOutcome
+    full = FakeAgent(fail_times=99, code="over_budget")
+    d, sleeps = _deployer({"e1": full})
+    out = DeployOutcome()
+    d.load("e1", [(0, 0, 4)], out, {})
+    assert len(full.calls) == 1 and out.failed and sleeps == []
+    gone = FakeAgent(fail_times=99)
+    d2, _ = _deployer({"e3": gone}, is_alive=lambda s: False)
+    out2 = DeployOutcome()
+    d2.load("e3", [(0, 0, 4)], out2, {})
+    assert len(gone.calls) == 1 and out2.failed
