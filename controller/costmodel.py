@@ -139,6 +139,8 @@ class HubCost:
     prefill_ms: np.ndarray  # (L,) expert part of each layer, prefill of T tokens
     quality_nats: float  # compression quality cost on the connections this hub uses
     used_pairs: frozenset[tuple[int, int]]
+    busy_token_ms: np.ndarray  # (S,) expected expert compute per decoded token on each server
+    busy_prefill_ms: np.ndarray  # (S,) expert compute per prefill on each server
 
 
 def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tokens: int,
@@ -193,7 +195,9 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     used = np.bincount(serve.ravel(), minlength=S) > 0
     used_pairs = frozenset((min(h, v), max(h, v)) for v in np.nonzero(used)[0] if v != h)
     qn = max([float(qual[v]) for v in np.nonzero(used)[0] if v != h] + [0.0])
-    return HubCost(decode, prefill, qn, used_pairs)
+    busy_tok = (work + opts.call_overhead_ms * psum).sum(0)
+    busy_pre = np.where(qT > 0, np.maximum(read_ms, flop_ms), 0.0).sum(0)
+    return HubCost(decode, prefill, qn, used_pairs, busy_tok, busy_pre)
 
 
 @dataclass(frozen=True)
@@ -232,8 +236,11 @@ class ClassPrediction:
 
 
 def evaluate(profile: Profile, cluster: Cluster, reqs: Requirements, lay: Layout,
-             opts: PlanOptions) -> list[ClassPrediction]:
-    """Predicted TTFT, per-token latency and quality for every request class."""
+             opts: PlanOptions, utilization: np.ndarray | None = None) -> list[ClassPrediction]:
+    """Predicted TTFT, per-token latency and quality for every request class. With
+    `utilization` (an (S,) array), also fills in each server's busy fraction under the classes'
+    arrival rates (rate x (prefill + new_tokens x per-token compute)), on top of its `load`;
+    >= 1 means the arrivals cannot be sustained (latency is predicted for an idle server)."""
     S = len(cluster.servers)
     idx = cluster.index
     layer_b, head_b = profile.backbone_layer_bytes()
@@ -266,6 +273,11 @@ def evaluate(profile: Profile, cluster: Cluster, reqs: Requirements, lay: Layout
             if key not in cache:
                 cache[key] = hub_cost(profile, cluster, lay, h, c.prompt_tokens, opts, layers=slice(l0, l1))
             hc = cache[key]
+            if utilization is not None:
+                per_req = c.new_tokens * (hc.busy_token_ms + 0.0) + hc.busy_prefill_ms
+                per_req[h] += c.new_tokens * n * layer_b / bw[h] * 1e3 \
+                    + n * max(layer_b / bw[h], layer_b * c.prompt_tokens / (gf[h] * 1e9)) * 1e3
+                utilization += c.rate_rps * per_req / 1e3
             tok += n * layer_b / bw[h] * 1e3 + float(hc.decode_ms.sum())
             ttft += n * max(layer_b / bw[h], layer_b * c.prompt_tokens / (gf[h] * 1e9)) * 1e3 \
                 + float(hc.prefill_ms.sum())
@@ -299,7 +311,8 @@ def layout_to_plan(profile: Profile, cluster: Cluster, reqs: Requirements, lay: 
                    strategy: str, mode: str, model: str, reasons: list[str]) -> Plan:
     names = [s.name for s in cluster.servers]
     L, E, S = lay.hosted.shape
-    preds = evaluate(profile, cluster, reqs, lay, opts)
+    util = np.array([s.load for s in cluster.servers], dtype=np.float64)
+    preds = evaluate(profile, cluster, reqs, lay, opts, utilization=util)
     coords = lay.coordinators()
     # replicas ordered best-first: the coordinators' own copy, then by latency from the first coordinator
     ref = cluster.index[reqs.classes[0].entry]
@@ -332,7 +345,13 @@ def layout_to_plan(profile: Profile, cluster: Cluster, reqs: Requirements, lay: 
                         "avg_bits": round(float(_avg_bits(profile, lay.bits)), 4),
                         "expert_bytes": int(profile.expert_bytes(lay.bits).sum()),
                         "meets_slo": all(p.meets_slo for p in preds),
-                        "meets_quality": all(p.meets_quality for p in preds)}
+                        "meets_quality": all(p.meets_quality for p in preds),
+                        "max_utilization": round(float(util.max()), 4)}
+    pred["_utilization"] = {names[v]: round(float(util[v]), 4) for v in range(S) if util[v] > 0}
+    hot = [f"{names[v]} {util[v]:.2f}" for v in np.argsort(-util) if util[v] >= 0.8]
+    if hot:
+        reasons = list(reasons) + [f"arrival rates keep servers busy beyond 80 % ({', '.join(hot[:5])}): latency "
+                                   f"is predicted for an idle server, queues will add to it"]
     return Plan(strategy=strategy, mode=mode, model=model,
                 bits=tuple(tuple(int(b) for b in row) for row in lay.bits),
                 placement=tuple(placement),
