@@ -169,7 +169,8 @@ class Registry:
                 p = Peer(b["name"], role, b["endpoint"], int(b.get("pid", 0)), True, now, now,
                          shards=list(b.get("shards", [])), registers=(old.registers if old else 0) + 1)
                 self.peers[key] = p
-            self.notices.put(("registered" if old is None else "reregistered", role, b["name"], bool(old and not old.alive)))
+            self.notices.put(("registered" if old is None else "reregistered", role, b["name"],
+                              bool(old and not old.alive), now))
             self._send(sock, ident, P.encode(T.OK, msg.req_id, {"registered": b["name"]}, src="controller"))
         elif msg.type == T.HEARTBEAT:
             name = msg.body.get("name") or msg.src
@@ -188,7 +189,7 @@ class Registry:
                     if not p.alive:
                         p.alive, rejoined = True, True
             if rejoined:
-                self.notices.put(("rejoined", role, name, True))
+                self.notices.put(("rejoined", role, name, True, now))
             self._send(sock, ident, P.encode(T.HEARTBEAT, msg.req_id, {}, src="controller"))
         else:
             self._send(sock, ident, P.error_frames(msg.req_id, P.ErrorCode.UNSUPPORTED,
@@ -634,10 +635,12 @@ class Controller:
             # 2. registrations / rejoins
             while True:
                 try:
-                    kind, role, name, was_lost = self.registry.notices.get_nowait()
+                    kind, role, name, was_lost, t_ns = self.registry.notices.get_nowait()
                 except queue.Empty:
                     break
-                self._event(f"{role}_{kind}", name=name)
+                self._event(f"{role}_{kind}", t_ns, name=name)
+                if kind == "registered" and (t_ns < serving_ns or role == "agent"):
+                    continue  # registered before serving (already deployed to), or a new agent: no plan names it
                 if role == "entry":
                     self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
                 elif was_lost or kind == "reregistered":
