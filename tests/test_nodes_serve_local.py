@@ -80,3 +80,20 @@ def test_agreement_with_compression_on(model_dir):
     assert results["act=int8"][0] >= 0.9 and results["act=int8"][1] < results["act=fp16"][1]
     agree, nbytes, pruned = results["act=int8,beta=0.9,fuse=0.3"]
     assert pruned > 0 and nbytes < results["act=int8"][1] and agree >= 0.5
+
+
+def test_serve_local_error_stops_every_agent(model_dir):
+    """An over-budget deployment fails with one clear line (exit 2) and leaves no agent running."""
+    import psutil
+    from nodes.local import ServeLocalConfig, serve_local
+    from nodes.transport import RemoteError
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(RemoteError, match="over_budget"):
+        serve_local(ServeLocalConfig(str(model_dir), "", 4, n_agents=2, memory_mb=0.01, prompt_ids=(1, 2, 3)))
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not left, left
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "coel_model.cli", "serve-local", "--model", str(model_dir),
+                        "--prompt", "the", "--agents", "2", "--memory-mb", "0.01"], capture_output=True, text=True,
+                       timeout=120, cwd=str(ROOT), env=env)
+    assert r.returncode == 2 and "over_budget" in r.stderr and "Traceback" not in r.stderr
