@@ -135,10 +135,17 @@ def cmd_plan(args) -> int:
     from controller.planner import bytes_loaded, diff, plan, replan
     profile, cluster, reqs, opts, costs, notes = build_inputs(args)
     current = Plan.load(args.current) if args.current else None
-    if current is not None:
-        result = replan(current, profile, cluster, reqs, opts, costs)
-    else:
-        result = plan(profile, cluster, reqs, args.strategy, None, opts, costs)
+    from coel_model.errors import InfeasibleError
+    try:
+        if current is not None:
+            result = replan(current, profile, cluster, reqs, opts, costs)
+        else:
+            result = plan(profile, cluster, reqs, args.strategy, None, opts, costs)
+    except InfeasibleError as exc:
+        if args.model_config and args.memory_scale == "1":
+            raise InfeasibleError(f"{exc} (the bundled topologies are sized for the tiny model; "
+                                  f"--memory-scale auto scales every server's budget for big models)") from None
+        raise
     doc = result.to_dict()
     if notes:
         doc["reasons"] = notes + doc["reasons"]
