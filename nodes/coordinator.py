@@ -149,7 +149,11 @@ class _Call:
 
 
 class Coordinator:
-    """Runs the backbone of `model` and sends routed-expert work to agents per the placement."""
+    """Runs the backbone of `model` and sends routed-expert work to agents per the placement.
+
+    Not thread-safe (it owns ZeroMQ sockets): use one Coordinator per thread; several may share
+    one read-only model.
+    """
 
     def __init__(self, model: MoEModel, placement: PlacementMap | Placement, keys: KeyDir | None = None,
                  cfg: CoordinatorConfig | None = None, delay: DelayHook | None = None,
@@ -263,6 +267,7 @@ class Coordinator:
                 now = time.monotonic()
                 wait_s = min(min(c.deadline for c in inflight.values()), layer_deadline) - now
                 msgs = self._poll(max(0.0, wait_s)) if wait_s > 0 else []
+                t_recv = time.monotonic_ns()  # arrival (after any emulated delay)
                 for ep, msg in msgs:
                     call = inflight.get(msg.req_id)
                     if call is None or call.endpoint != ep:
@@ -272,7 +277,7 @@ class Coordinator:
                     why = None
                     if msg.type == P.MsgType.EXPERT_REPLY and "y" in msg.tensors:
                         try:
-                            outputs[call.expert] = self._finish(layer, call, msg)
+                            outputs[call.expert] = self._finish(layer, call, msg, t_recv)
                         except (ValueError, RemoteExpertError) as exc:  # undecodable or mis-shaped
                             why = f"bad reply: {exc}"
                     else:
@@ -387,20 +392,17 @@ class Coordinator:
                     frames = s.recv_multipart(copy=False, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                t_recv = time.monotonic_ns()
                 try:
                     msg = P.decode(frames)
                 except P.ProtocolError:
                     continue
-                msg.body["_t_recv_ns"] = t_recv
                 self.bytes_received += msg.nbytes
                 if self.inbox.admit((ep, msg), lambda: peer_address(frames[0], endpoint_host(ep)), msg.sent_ns,
                                     msg.nbytes):
                     out.append((ep, msg))
         return out + [(ep, m) for ep, m in self.inbox.pop_ready()]
 
-    def _finish(self, layer: int, call: _Call, msg: P.Message) -> torch.Tensor:
-        t_recv = msg.body.pop("_t_recv_ns", time.monotonic_ns())
+    def _finish(self, layer: int, call: _Call, msg: P.Message, t_recv: int) -> torch.Tensor:
         t0 = time.monotonic_ns()
         y, _meta = decode_activations(msg.tensors, msg.body.get("compression"), "y")
         if call.group is not None:

@@ -288,3 +288,25 @@ def test_rss_growth_tracks_accounted_bytes():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_delay_queue_holds_requests_for_the_path_delay(tmp_path):
+    from nodes.delayqueue import DelayTable, write_delay_file
+    path = tmp_path / "delays.json"
+    write_delay_file(path, {"mode": "emulated", "peers": {"127.0.0.1": {"delay_ms": 40.0}}})
+    a, th = serve_in_thread(AgentConfig(_ep(), 1 << 20), delay=DelayTable(path))
+    c = AgentClient(a.cfg.endpoint)
+    try:
+        t0 = time.monotonic()
+        c.call(P.MsgType.PROBE, {}, timeout_s=5)
+        rtt = time.monotonic() - t0
+        assert 0.040 <= rtt < 0.040 + 0.2, rtt  # one way delayed at the agent, reply undelayed here
+        # in-band update: SET_PATH_DELAYS replaces the table
+        c.call(P.MsgType.SET_PATH_DELAYS, {"delays_ms": {"127.0.0.1": 0.0}}, timeout_s=5)
+        t0 = time.monotonic()
+        c.call(P.MsgType.PROBE, {}, timeout_s=5)
+        assert time.monotonic() - t0 < 0.035
+    finally:
+        c.close()
+        a.stop()
+        th.join(5)
