@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aux-loss-coef", type=float, default=1e-3)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--init-from", help="continue from this checkpoint (its config, weights and tokenizer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=200)
@@ -97,12 +98,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not docs:
         raise ConfigError(f"no training documents found under {corpus.stdlib_dir()}")
     texts = [d.text for d in docs]
+    if args.init_from and not args.tokenizer:
+        args.tokenizer = str(Path(args.init_from) / "tokenizer.json")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else train_tokenizer(texts, args.vocab_size)
     train_ids = tok.encode_documents(texts)
     if args.max_train_tokens:
         train_ids = train_ids[:args.max_train_tokens]
     heldout_ids = tok.encode_documents(corpus.split_texts("heldout"))
     base = default_model_config(tok.vocab_size, tok.eos_id).to_dict()
+    if args.init_from:
+        from coel_model.checkpoint import load_config
+        base = load_config(args.init_from).to_dict()
     if args.config:
         try:
             overrides = json.loads(Path(args.config).read_text())
@@ -119,6 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        warmup_steps=min(100, max(1, steps // 10)))
     model = MoEModel(cfg)
     init_weights(model, args.seed)
+    if args.init_from:
+        from coel_model.checkpoint import load_model, load_state_into
+        load_state_into(model, load_model(args.init_from).state_dict(), args.init_from)
     counts = cfg.param_counts()
     print(f"corpus: {len(docs)} stdlib modules, {len(train_ids):,} training tokens; held-out "
           f"{len(heldout_ids):,} tokens; params {counts['total']:,} (experts {counts['experts']:,})",
@@ -133,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = {"corpus": {"source": "python-stdlib", "python": sys.version.split()[0],
                         "stdlib": str(corpus.stdlib_dir()), "train_modules": len(docs),
                         "train_tokens": len(train_ids), "epochs": round(result.tokens_seen / len(train_ids), 3)},
-             "total_wall_time_s": round(time.monotonic() - t_start, 1)}
+             "total_wall_time_s": round(time.monotonic() - t_start, 1), "init_from": args.init_from}
     out = save_trained(model, args.out, tok, result, tcfg, extra)
     counts = [0] * tok.vocab_size
     for t in train_ids:

@@ -103,6 +103,20 @@ def test_training_a_few_steps_lowers_loss(small_tok):
     assert [r["loss"] for r in res2.log] == [r["loss"] for r in res.log[:3]]
 
 
+def test_train_cli_continues_a_checkpoint_and_writes_everything(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cont"
+    rc, _ = run_cmd(["train", "--out", str(out), "--init-from", str(tiny_dir), "--steps", "3", "--batch-size", "2",
+                     "--seq-len", "32", "--eval-every", "3", "--max-train-tokens", "4000", "--threads", "1"], capsys)
+    assert rc == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.json", "unigram_counts.json"} <= {
+        f.name for f in out.iterdir()}
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["tokens_seen"] == 3 * 2 * 32 and len(log["log"]) == 3 and log["init_from"] == str(tiny_dir)
+    assert MoEConfig.load(out / "config.json") == MoEConfig.load(tiny_dir / "config.json")
+    counts = json.loads((out / "unigram_counts.json").read_text())["counts"]
+    assert sum(counts) == 4000
+
+
 def test_lr_schedule_and_train_config_validation():
     cfg = TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
     assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
