@@ -234,3 +234,76 @@ def replicate_hot(profile: Profile, cluster: Cluster, reqs: Requirements, bits: 
                          f"({(free[h]) / MB:.1f} MB left there)")
             added_total += added
     return hosted, free
+
+
+def refine_moves(profile: Profile, cluster: Cluster, reqs: Requirements, bits: np.ndarray, hosted: np.ndarray,
+                 free: np.ndarray, coords: dict[str, int], usable: np.ndarray, opts: PlanOptions,
+                 max_options: int = 5000, passes: int = 2) -> tuple[np.ndarray, np.ndarray, int]:
+    """Local search after the greedy, for small deployments (layers x experts x servers <=
+    max_options): move single-copy experts, one at a time, to the server that lowers their
+    layer's rate-weighted decode cost as the cost model computes it exactly; stop when a pass
+    moves nothing; then tries swapping pairs of them. Hot-first greedy choices can be myopic
+    on few servers (a full server blocks the one better move); this fixes most."""
+    from controller.costmodel import Layout, hub_cost
+    L, E, S = hosted.shape
+    if L * E * S > max_options:
+        return hosted, free, 0
+    hosted, free = hosted.copy(), free.copy()
+    eb = profile.expert_bytes(bits).astype(np.float64)
+    w = reqs.weights()
+    hubs: dict[int, float] = {}
+    for c in reqs.classes:
+        hubs[coords[c.entry]] = hubs.get(coords[c.entry], 0.0) + w[c.name]
+    stages = {c.entry: [(coords[c.entry], 0, L)] for c in reqs.classes}
+
+    def layer_cost(l: int, h_: np.ndarray) -> float:
+        lay = Layout(bits, h_, np.zeros_like(h_), stages)
+        return sum(wt * float(hub_cost(profile, cluster, lay, h, 1, opts, layers=slice(l, l + 1)).decode_ms[0])
+                   for h, wt in sorted(hubs.items()))
+
+    moved = 0
+    for _ in range(passes):
+        changed = False
+        for l in range(L):
+            cur = layer_cost(l, hosted)
+            for e in np.argsort(-profile.popularity[l], kind="stable"):
+                homes = np.nonzero(hosted[l, e])[0]
+                if len(homes) != 1:
+                    continue
+                v0 = int(homes[0])
+                best_v, best_c = v0, cur
+                for v in range(S):
+                    if v == v0 or not usable[v] or free[v] < eb[l, e]:
+                        continue
+                    hosted[l, e, v0], hosted[l, e, v] = False, True
+                    c = layer_cost(l, hosted)
+                    hosted[l, e, v0], hosted[l, e, v] = True, False
+                    if c < best_c - 1e-9:
+                        best_v, best_c = v, c
+                if best_v != v0:
+                    hosted[l, e, v0], hosted[l, e, best_v] = False, True
+                    free[v0] += eb[l, e]
+                    free[best_v] -= eb[l, e]
+                    cur = best_c
+                    moved += 1
+                    changed = True
+            # swaps: two single-copy experts on different servers trade places (memory permitting)
+            single = [int(e) for e in range(E) if hosted[l, e].sum() == 1]
+            for i, a in enumerate(single):
+                for b in single[i + 1:]:
+                    va, vb = int(np.argmax(hosted[l, a])), int(np.argmax(hosted[l, b]))
+                    if va == vb or free[va] + eb[l, a] < eb[l, b] or free[vb] + eb[l, b] < eb[l, a]:
+                        continue
+                    hosted[l, a, va], hosted[l, a, vb], hosted[l, b, vb], hosted[l, b, va] = False, True, False, True
+                    c = layer_cost(l, hosted)
+                    if c < cur - 1e-9:
+                        free[va] += eb[l, a] - eb[l, b]
+                        free[vb] += eb[l, b] - eb[l, a]
+                        cur = c
+                        moved += 1
+                        changed = True
+                    else:
+                        hosted[l, a, va], hosted[l, a, vb], hosted[l, b, vb], hosted[l, b, va] = True, False, True, False
+        if not changed:
+            break
+    return hosted, free, moved

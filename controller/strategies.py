@@ -21,7 +21,7 @@ from controller.cluster import Cluster
 from controller.compression import DEFAULT_COSTS, CompressionCost, LinkView, Traffic, agree, propose, \
     AgentCapabilities
 from controller.costmodel import Layout, evaluate, layout_memory, stage_backbone_bytes, used_pairs, ClassPrediction
-from controller.placement import place_experts, replicate_hot
+from controller.placement import place_experts, refine_moves, replicate_hot
 from controller.plan import PlanOptions, Requirements
 from controller.profile import Profile
 
@@ -208,6 +208,10 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
             last_error = exc
             notes.append(f"expert budget {_mb(budget)} does not pack into the servers ({exc}): trying fewer bytes")
             continue
+        hosted, left, n_moved = refine_moves(ctx.profile, ctx.cluster, ctx.reqs, bits, hosted, left, ctx.coords,
+                                             ctx.usable, ctx.opts)
+        if n_moved:
+            lnotes.append(f"local search moved {n_moved} experts after the greedy")
         reserve = ctx.capacity * headroom
         rep_best = None
         for rep_frac in (0.0, 0.25, 0.5, 1.0):  # replicas help the network, but pile compute on the coordinator

@@ -357,3 +357,38 @@ def test_utilization_scales_with_the_arrival_rate_and_warns_when_saturated():
     high = high_plan.predicted_map()["_utilization"]["s0"]
     assert high == pytest.approx(low * 1e3, rel=1e-3)
     assert high >= 1.0 and any("busy beyond 80 %" in r for r in high_plan.reasons)
+
+
+def test_greedy_placement_is_near_the_brute_force_optimum_on_small_cases():
+    """Every single-copy placement of 5 experts on 3 servers, judged by the same cost model."""
+    import itertools
+    from controller.costmodel import Layout
+    ratios = []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        prof = synthetic_profile(tiny_cfg(n_layers=1, n_experts=5, top_k=2), seed=seed, skew=float(rng.uniform(0, 1.5)))
+        x16, bb = float(prof.nbytes[0, 0, -1]), prof.backbone_bytes
+        caps = [bb + x16 * rng.uniform(0, 2.5)] + list(x16 * rng.uniform(1.5, 4, 2))
+        cl = star(caps, list(rng.uniform(10, 500, 3)), list(rng.uniform(0.2, 10, 3)), list(rng.uniform(1e9, 1e10, 3)))
+        reqs = single_class("s0", token_slo_ms=1e9)
+        opts = PlanOptions(allowed_bits=(16,), headroom_frac=0.0, max_replicas=1)
+        try:
+            p = plan(prof, cl, reqs, "coel", options=opts)
+        except InfeasibleError:
+            continue
+        if p.mode != "inter":
+            continue
+        lay = layout_from_plan(p, prof, cl)[0]
+        lay.compression = {}
+        greedy = evaluate(prof, cl, reqs, lay, opts)[0].token_ms
+        free = np.array(caps) - np.array([bb, 0, 0])
+        best = math.inf
+        for assign in itertools.product(range(3), repeat=5):
+            if (np.bincount(assign, minlength=3) * x16 > free + 0.5).any():
+                continue
+            h = np.zeros((1, 5, 3), bool)
+            h[0, np.arange(5), assign] = True
+            best = min(best, evaluate(prof, cl, reqs, Layout(lay.bits, h, np.zeros_like(h), lay.stages), opts)[0].token_ms)
+        ratios.append(greedy / best)
+    assert len(ratios) >= 4
+    assert max(ratios) <= 1.15, ratios  # measured: mean ~1 %, worst 13 % (a two-swap optimum)
