@@ -32,20 +32,6 @@ class LayerState:
         self.work = np.zeros((L, S))
         self.A = np.zeros((L, E, S))
 
-    def add(self, profile: Profile, l: int, e: int, v: int, p: float, work_ms: float) -> None:
-        self.q[l, v] = self._new_q(l, e, np.array([v]), p)[0]
-        self.psum[l, v] += p
-        self.work[l, v] += work_ms
-        self.A[l, :, v] += profile.coact_same[l, :, e]
-
-    def _new_q(self, l: int, e: int, vs: np.ndarray, p: float) -> np.ndarray:
-        q = self.q[l, vs]
-        joint = np.minimum(self.A[l, e, vs], p)
-        bonf = q + p - joint
-        indep = 1.0 - (1.0 - q) * (1.0 - p)
-        new = np.where(self.A[l, e, vs] > 0, bonf, indep)
-        return np.clip(new, np.maximum(q, p), np.minimum(1.0, self.psum[l, vs] + p))
-
 
 def class_net_ms(profile: Profile, cluster: Cluster, reqs: Requirements, coords: dict[str, int],
                  opts: PlanOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +101,18 @@ def place_experts(profile: Profile, cluster: Cluster, reqs: Requirements, bits: 
     eb = profile.expert_bytes(bits).astype(np.float64)
     pop = profile.popularity
     st = LayerState(L, E, S)
-    for l, e, v in np.argwhere(hosted):
-        if not hosted[l, e, :v].any():  # count each expert once, at its first copy
-            st.add(profile, l, e, v, pop[l, e], pop[l, e] * eb[l, e] / bw[v] * 1e3)
+    if hosted.any():  # existing copies (re-planning): each expert counts once, at its first copy
+        from controller.costmodel import _per_server, involvement
+        has = hosted.any(2)
+        first = np.argmax(hosted, axis=2)
+        p_has = pop * has
+        coact = profile.coact_same * has[:, None, :] * has[:, :, None]
+        st.q, st.psum = involvement(coact, first, p_has, S)
+        st.q = np.where(st.psum > 0, st.q, 0.0)
+        st.work = _per_server(first, p_has * eb / bw[first] * 1e3, S)
+        onehot = np.zeros((L, E, S))
+        np.put_along_axis(onehot, first[..., None], has[..., None].astype(float), axis=2)
+        st.A = profile.coact_same @ onehot
     if todo is None:
         todo = ~hosted.any(2)
     # per layer: experts to place, hottest first (ties by id)
