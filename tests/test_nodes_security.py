@@ -87,11 +87,9 @@ def test_plain_text_peer_is_rejected_and_agent_stays_up(secured):
 
 
 def test_coel_keys_command(tmp_path):
-    out = tmp_path / "cli-keys"
-    r = subprocess.run([sys.executable, "-m", "coel_model.cli", "keys", "--out", str(out)],
+    out = make_keys(tmp_path / "cli-keys")
+    old = (out / "server.key").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "coel_model.cli", "keys", "--out", str(out), "--force"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert (out / "authorized" / "client.key").exists()
-    r = subprocess.run([sys.executable, "-m", "coel_model.cli", "keys", "--out", str(out)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "already exist" in r.stderr
+    assert r.returncode == 0 and "wrote server and client" in r.stdout
+    assert (out / "server.key").read_bytes() != old and (out / "authorized" / "client.key").exists()
