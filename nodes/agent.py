@@ -123,6 +123,7 @@ class Shard:
     bits: int
     module: nn.Module
     nbytes: int
+    d_model: int
     calls: int = 0
     tokens: int = 0
 
@@ -158,7 +159,7 @@ class ShardStore:
         sizes = [module_nbytes(m) for m in built]
         self._check_budget(keys, sum(sizes), replaced)
         for d, m, nb in zip(descs, built, sizes):
-            self.shards[(d["layer"], d["expert"])] = Shard(d["layer"], d["expert"], d["bits"], m, nb)
+            self.shards[(d["layer"], d["expert"])] = Shard(d["layer"], d["expert"], d["bits"], m, nb, d["d_model"])
         return keys
 
     def _check_budget(self, keys: list, new_bytes: int, replaced: int) -> None:
@@ -482,11 +483,23 @@ class Agent:
 
     def _run_batch(self, shard: Shard, items: list[_Pending]) -> None:
         t0 = time.monotonic_ns()
-        xs, metas = [], []
-        for it in items:
-            x, meta = decode_activations(it.msg.tensors, it.msg.body.get("compression"), "x")
+        xs, metas, good = [], [], []
+        for it in items:  # one caller's bad rows must not fail the others in the batch
+            try:
+                x, meta = decode_activations(it.msg.tensors, it.msg.body.get("compression"), "x")
+                if x.dim() != 2 or x.shape[1] != shard.d_model:
+                    raise ValueError(f"x has shape {tuple(x.shape)}, expert (layer {shard.layer}, expert "
+                                     f"{shard.expert}) takes (n, {shard.d_model})")
+            except (ValueError, KeyError, TypeError) as exc:
+                self.counters["malformed"] += 1
+                it.reply(P.error_frames(it.msg.req_id, P.ErrorCode.MALFORMED, str(exc), self.name))
+                continue
             xs.append(x)
             metas.append(meta)
+            good.append(it)
+        if not good:
+            return
+        items = good
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         y = shard.module(x)
         t1 = time.monotonic_ns()

@@ -188,7 +188,12 @@ def test_concurrent_callers_of_one_expert_are_batched():
         frames = P.encode(P.MsgType.EXPERT_CALL, rid, {"layer": 0, "expert": rid % 2}, {"x": x})
         batch.append(_Pending(lambda f: replies.__setitem__(P.decode(f).req_id, P.decode(f)), P.decode(frames),
                               time.monotonic_ns()))
+    bad = P.encode(P.MsgType.EXPERT_CALL, 99, {"layer": 0, "expert": 0}, {"x": torch.randn(2, D + 1)})
+    batch.append(_Pending(lambda f: replies.__setitem__(P.decode(f).req_id, P.decode(f)), P.decode(bad),
+                          time.monotonic_ns()))
     a._process(batch)
+    bad_reply = replies.pop(99)  # a caller with wrong-width rows fails alone
+    assert bad_reply.type == P.MsgType.ERROR and "takes (n, 32)" in bad_reply.body["reason"]
     assert sorted(replies) == sorted(xs)
     for rid, x in xs.items():
         r = replies[rid]
