@@ -144,7 +144,16 @@ def place_experts(profile: Profile, cluster: Cluster, reqs: Requirements, bits: 
             obj += w[c] * delta_expected_max(net[c][None, :] + c_old, q0, net[c][None, :] + c_new, qn)
         obj = np.where(usable[None, :], obj, np.inf)
         chosen = np.empty(len(ls), dtype=np.int64)
-        for k in np.argsort(-p, kind="stable"):
+        okm = np.isfinite(obj) & (free[None, :] >= b[:, None])
+        first = np.argmin(np.where(okm, obj, np.inf), axis=1)
+        if okm.any(1).all() and (np.bincount(first, weights=b, minlength=S) <= free).all():
+            order = ()  # no server is asked for more than it has: every layer takes its best
+            chosen[:] = first
+            hosted[ls, es, first] = True
+            free -= np.bincount(first, weights=eb[ls, es], minlength=S)
+        else:
+            order = np.argsort(-p, kind="stable")  # settle memory hottest first
+        for k in order:
             l, e = int(ls[k]), int(es[k])
             bk = float(b[k])
             ok = np.isfinite(obj[k]) & (free >= bk)
