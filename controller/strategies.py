@@ -237,7 +237,8 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
         tried.append(((not q_ok, not ok, _score(preds, ctx.reqs)), lay, preds, lnotes))
         if ok:
             break
-        notes.append(f"expert budget {_mb(budget)} misses the SLO ({_score(preds, ctx.reqs):.2f} ms/token "
+        missed = "the quality floor (packing narrowed experts)" if not q_ok else "the SLO"
+        notes.append(f"expert budget {_mb(budget)} misses {missed} ({_score(preds, ctx.reqs):.2f} ms/token "
                      f"weighted): trying fewer bytes")
     if not tried:
         raise last_error
@@ -264,7 +265,7 @@ def _coel_intra(ctx: Context, floor_bits: np.ndarray, notes: list[str]) -> tuple
                 and ctx.capacity[v] * (1 - ctx.opts.headroom_frac) >= bb + floor_bytes]
         if not fits:
             return None
-        hosts[entry] = min(fits, key=lambda v: (lat[e, v], -ctx.profile.cfg.n_layers * 0 - ctx.cluster.servers[v].bytes_per_s, v))
+        hosts[entry] = min(fits, key=lambda v: (lat[e, v], -ctx.cluster.servers[v].bytes_per_s, v))  # nearest, fastest
     budget = min(ctx.capacity[v] * (1 - ctx.opts.headroom_frac) - bb for v in set(hosts.values()))
     bits = np.maximum(allocate_for_budget(ctx.profile, budget, ctx.opts.allowed_bits), floor_bits)
     L = ctx.L
