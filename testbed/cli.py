@@ -229,6 +229,8 @@ def _register_inject(sub) -> None:
     for name in ("bw-mbit", "delay-ms", "jitter-ms", "loss-pct", "cpu-share", "memory-mb", "slo-ttft-ms",
                  "slo-tpot-ms"):
         p.add_argument(f"--{name}", type=float, default=None)
+    p.add_argument("--process", choices=("all", "agent", "entry"), default=None,
+                   help="server_crash: kill only this process of the server (default: agent and entry)")
     p.add_argument("--wait-s", type=float, default=10.0, help="how long to wait for the runner's answer")
     p.set_defaults(func=_cmd_inject)
 
@@ -254,6 +256,8 @@ def _cmd_inject(args) -> int:
         v = getattr(args, k)
         if v is not None:
             ev[k] = v
+    if args.process is not None:
+        ev["process"] = args.process
     r = send_inject(args.run_dir, ev, wait_s=args.wait_s)
     if r.get("ok"):
         print(f"injected {args.kind} {' '.join(args.target)} ({r['attrs'].get('apply_ms')} ms)")

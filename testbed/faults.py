@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from coel_model.errors import ConfigError
-from testbed.scenario import EVENT_FIELDS, Event
+from testbed.scenario import CRASH_PROCESSES, EVENT_FIELDS, Event
 from topologies.schema import MIB, Topology
 
 
 class ProcessControl(Protocol):
     """What the injector needs from the runner to crash and restart a server."""
 
-    def kill_server(self, server: str) -> list[str]: ...  # returns the roles killed
+    def kill_server(self, server: str, process: str | None = None) -> list[str]: ...  # roles killed
 
     def start_server(self, server: str) -> list[str]: ...  # returns the roles started
 
@@ -58,6 +58,10 @@ def event_from_dict(d: dict[str, Any], source: str = "<inject>") -> Event:
             kw[k] = (v[0], v[1])
         elif k in ("server", "slo_class"):
             kw[k] = str(v)
+        elif k == "process":
+            if v not in CRASH_PROCESSES:
+                raise ConfigError(f"{source}: {kind}: process must be one of {', '.join(CRASH_PROCESSES)}, got {v!r}")
+            kw[k] = None if v == "all" else v
         else:
             try:
                 x = float(v)
@@ -89,7 +93,7 @@ class FaultInjector:
         bad injection does not tear down a run that is otherwise fine."""
         attrs: dict[str, Any] = {"kind": ev.kind, "source": source, "at_s": ev.at_s}
         for k in ("link", "server", "bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "cpu_share",
-                  "memory_mb", "slo_class", "slo_ttft_ms", "slo_tpot_ms"):
+                  "memory_mb", "slo_class", "slo_ttft_ms", "slo_tpot_ms", "process"):
             v = getattr(ev, k)
             if v is not None:
                 attrs[k] = list(v) if k == "link" else v
@@ -125,7 +129,7 @@ class FaultInjector:
         elif k == "restore":
             return self._restore(ev.link)
         elif k == "server_crash":
-            return {"killed": self.procs.kill_server(ev.server)}
+            return {"killed": self.procs.kill_server(ev.server, ev.process)}
         elif k == "server_restart":
             return {"started": self.procs.start_server(ev.server)}
         elif k == "cpu_squeeze":

@@ -72,11 +72,12 @@ def latency_stats(reqs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def recovery_s(reqs: list[dict[str, Any]], event_ns: int, baseline_p50_ms: float | None,
                window: int = 3, horizon_ns: int | None = None) -> float | None:
-    """Seconds from the event until per-token latency is back for good: the end of the last
-    rolling window (median of `window` requests, in finishing order) above RECOVERY_TOLERANCE x
-    the pre-event p50. A lost request counts as infinitely slow. Requests finishing after
-    `horizon_ns` (the next fault) are not looked at. 0.0 = no visible disruption; None = no
-    baseline, or still degraded at the horizon (never recovered)."""
+    """Seconds from the event until per-token latency is back: requests finishing after the
+    event, in finishing order, are scanned until the first full rolling window (median of
+    `window`) within RECOVERY_TOLERANCE x the pre-event p50; the answer is when the last request
+    above the limit before that point finished (0.0 = no visible disruption). A lost request
+    counts as infinitely slow. Requests finishing after `horizon_ns` (the next fault) are not
+    looked at. None = no baseline, or not back by the horizon."""
     if baseline_p50_ms is None:
         return None
     limit = RECOVERY_TOLERANCE * baseline_p50_ms
@@ -84,16 +85,12 @@ def recovery_s(reqs: list[dict[str, Any]], event_ns: int, baseline_p50_ms: float
                     and (not r["attrs"].get("ok") or r["attrs"].get("tpot_ms") is not None)),
                    key=lambda r: r["t1_ns"])
     vals = [r["attrs"]["tpot_ms"] if r["attrs"].get("ok") else math.inf for r in after]
-    last_bad = None
-    for i in range(len(after)):
-        win = vals[max(0, i - window + 1):i + 1]
-        if percentile(win, 50) > limit:
-            last_bad = i
-    if last_bad is None:
-        return 0.0
-    if last_bad == len(after) - 1:
-        return None  # degraded until the end of what we can see
-    return max(0.0, (after[last_bad]["t1_ns"] - event_ns) / 1e9)
+    need = min(window, len(after))
+    for i in range(need - 1, len(after)):
+        if percentile(vals[i - need + 1:i + 1], 50) <= limit:
+            bad = [k for k in range(i + 1) if vals[k] > limit]
+            return 0.0 if not bad else max(0.0, (after[bad[-1]]["t1_ns"] - event_ns) / 1e9)
+    return None
 
 
 CONTROLLER_REACTIONS = ("agent_lost", "entry_lost", "link_degraded", "link_recovered", "agent_reregistered",

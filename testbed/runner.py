@@ -231,16 +231,16 @@ class Runner:
         return p
 
     # ---- ProcessControl for the fault injector ------------------------------------------------
-    def kill_server(self, server: str) -> list[str]:
+    def kill_server(self, server: str, process: str | None = None) -> list[str]:
         killed = []
-        for role in ("agent", "entry"):
+        for role in (("agent", "entry") if process is None else (process,)):
             p = self.procs.get(f"{server}-{role}")
             if p is not None and p.alive():
                 p.popen.send_signal(signal.SIGKILL)
                 p.popen.wait(10)
                 killed.append(role)
         if not killed:
-            raise RunError(f"server_crash {server}: no running agent or entry on it")
+            raise RunError(f"server_crash {server}: no running {process or 'agent or entry'} on it")
         return killed
 
     def start_server(self, server: str) -> list[str]:

@@ -25,12 +25,15 @@ EVENT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "delay": (("link", "delay_ms"), ("jitter_ms",)),
     "loss": (("link", "loss_pct"), ()),
     "restore": (("link",), ()),
-    "server_crash": (("server",), ()),
+    "server_crash": (("server",), ("process",)),  # process: all (default) | agent | entry
     "server_restart": (("server",), ()),
     "cpu_squeeze": (("server", "cpu_share"), ()),
     "mem_squeeze": (("server", "memory_mb"), ()),
     "slo": (("slo_class",), ("slo_ttft_ms", "slo_tpot_ms")),
 }
+
+
+CRASH_PROCESSES = ("all", "agent", "entry")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Event:
     slo_class: str | None = None
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    process: str | None = None  # server_crash: which of the server's processes die (None = all)
 
     def describe(self) -> str:
         target = "-".join(self.link) if self.link else (self.server or self.slo_class or "")
@@ -118,6 +122,11 @@ def _event(doc: _Doc, value: Any, path: tuple) -> Event:
         elif name in ("server", "slo_class"):
             v = f.str(name) if name in req else f.str(name, None)
             kw[name] = v
+        elif name == "process":
+            v = f.str(name, None)
+            if v is not None and v not in CRASH_PROCESSES:
+                raise doc.err(path + ("process",), f"must be one of {', '.join(CRASH_PROCESSES)}, got {v!r}")
+            kw[name] = None if v == "all" else v
         else:
             bounds = {"cpu_share": dict(gt=0, le=1), "loss_pct": dict(ge=0, lt=100)}.get(name, dict(ge=0))
             if name in ("bw_mbit", "memory_mb"):

@@ -83,3 +83,48 @@ def test_bandwidth_drop_changes_placement_or_compression(setup):
     moved = holders(before) != holders(after)
     tightened = before["compression"].get(pair) != after["compression"].get(pair)
     assert moved or tightened, (before["compression"].get(pair), after["compression"].get(pair))
+
+
+# ---- no root: how the report matches re-deployments to injected faults ------------------------
+def _synthetic(tmp_path, slow_until_i: int = 20, lost_i: int | None = None):
+    from testbed.traces import TraceWriter
+    ms = 1_000_000
+    cl, tb, ctl = (TraceWriter(tmp_path / "raw" / f"{n}.jsonl", h) for n, h in
+                   (("u1-client", "u1"), ("testbed-faults", "testbed"), ("ctl-controller", "ctl")))
+    t = 10_000 * ms
+    tb.event("traffic_start", t)
+    for i in range(40):
+        t0 = t + i * 250 * ms
+        ok = i != lost_i
+        tpot = 50.0 if 20 <= i < slow_until_i else 10.0 + (i % 3)
+        cl.span(f"r{i}", "request", t0, t0 + 100 * ms, ok=ok, tpot_ms=tpot if ok else None, ttft_ms=5.0)
+    fault = t + 5_000 * ms  # request 20 is the first one submitted after it
+    tb.event("fault", fault, kind="server_crash", server="s4", ok=True)
+    ctl.event("link_degraded", fault + 100 * ms, server="s2", reason="noise on another server")
+    ctl.event("agent_lost", fault + 700 * ms, name="s4", silent_s=0.8)
+    ctl.event("redeployment", fault + 800 * ms, trigger="agent_lost", detected_ns=fault + 700 * ms, detect_s=None,
+              replan_s=0.01, migrate_s=0.2, bytes_moved=4096, actions=5, reasons=["agent_lost: agent s4 silent"])
+    for w in (cl, tb, ctl):
+        w.close()
+    from testbed.report import build_report
+    return build_report(tmp_path)
+
+
+def test_report_matches_the_redeployment_to_its_fault(tmp_path):
+    s = _synthetic(tmp_path, slow_until_i=28)
+    (resp,) = s["fault_responses"]
+    assert resp["detect_s"] == pytest.approx(0.7, abs=1e-3)  # the named reaction, not the noise on s2
+    assert resp["detected_by"] == "agent_lost" and resp["redeployed"] and resp["bytes_moved"] == 4096
+    # requests 20..27 are slow; 27 finishes at 2 s + 0.1 s after the fault
+    assert resp["recovery_s"] == pytest.approx(1.85, abs=0.01)
+    rd = [r for r in s["redeployments"] if r["fault"] == "server_crash s4"]
+    assert len(rd) == 1 and rd[0]["detect_s"] == pytest.approx(0.7, abs=1e-3) and rd[0]["detect_s_controller"] is None
+
+
+def test_recovery_is_zero_without_disruption_and_none_when_never_back(tmp_path):
+    s = _synthetic(tmp_path / "a", slow_until_i=20)
+    assert s["fault_responses"][0]["recovery_s"] == 0.0
+    s = _synthetic(tmp_path / "b", slow_until_i=40)
+    assert s["fault_responses"][0]["recovery_s"] is None
+    s = _synthetic(tmp_path / "c", slow_until_i=20, lost_i=21)
+    assert s["fault_responses"][0]["lost_requests"] == 1 and s["lost_requests"] == 1

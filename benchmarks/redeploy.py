@@ -1,0 +1,217 @@
+"""Dynamic re-deployment in Mininet (root): detect, re-plan, migrate and recover, per event.
+
+For each topology (edge-star-5, metro-ring-8) and each event (a link failure isolating a
+server, a 10x bandwidth drop on a server's link, a server crash), one `coel run` of a scenario
+with that single event: the controller is never told what was injected. From the run's report
+(testbed/report.py fault_responses, measured from the outside):
+  detect_s    fault -> first controller reaction naming the server/link (goal <= 1 s)
+  replan_s    the planner's time for the re-plan that followed
+  bytes_moved shard bytes loaded onto servers by the migration
+  recovery_s  fault -> per-token latency back within 20% of its pre-event p50 (goal <= 5 s)
+  lost        requests lost after the fault (goal 0)
+The target is the non-entry server with the most memory (the one most likely to hold experts
+whose loss clients would notice); `held` says how many experts the initial plan gave it.
+
+    sudo .venv/bin/python benchmarks/redeploy.py [--model DIR] [--json-out FILE | --json]
+        [--duration-s 30] [--topologies edge-star-5,metro-ring-8] [--events link,bw,crash]
+    sudo .venv/bin/python benchmarks/redeploy.py --static-vs-adaptive [--plot FILE]
+        (the same failure schedule with `--static` and adaptive: docs/evaluation.md)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from testbed.runner import RunOptions, make_random_model, run_scenario  # noqa: E402
+from testbed.scenario import parse_scenario  # noqa: E402
+from topologies import load_topology  # noqa: E402
+
+EVENTS = ("link", "bw", "crash")
+
+
+def target_of(topo) -> tuple[str, str]:
+    """(server, its neighbour on its only link): the biggest non-entry server."""
+    entries = {c.entry for c in topo.clients}
+    cands = sorted((s for s in topo.servers if s.name not in entries), key=lambda s: (-s.memory_mb, s.name))
+    if not cands:
+        raise SystemExit(f"{topo.name}: every server is an entry; no target for a fault")
+    s = cands[0].name
+    (link,) = topo.links_of(s)
+    return s, link.other(s)
+
+
+def scenario_yaml(topo_name: str, model: str, event: str, duration_s: float, at_s: float, static: bool,
+                  name: str | None = None) -> str:
+    topo = load_topology(topo_name)
+    server, nb = target_of(topo)
+    link = topo.link(server, nb)
+    if event == "link":
+        ev = f"{{at_s: {at_s}, kind: link_down, link: [{server}, {nb}]}}"
+    elif event == "bw":
+        ev = f"{{at_s: {at_s}, kind: bw, link: [{server}, {nb}], bw_mbit: {(link.bw_mbit or 1000) / 10:g}}}"
+    elif event == "crash":
+        ev = f"{{at_s: {at_s}, kind: server_crash, server: {server}}}"
+    else:
+        raise SystemExit(f"unknown event {event!r} (valid: {', '.join(EVENTS)})")
+    return (f"name: {name or f'bench-{topo_name}-{event}'}\ntopology: {topo_name}\nmodel: {model}\n"
+            f"duration_s: {duration_s}\ndrain_s: 30\nseed: 7\nstatic: {'true' if static else 'false'}\n"
+            f"events:\n  - {ev}\n")
+
+
+def one(topo_name: str, model: str, event: str, duration_s: float, at_s: float, out: Path,
+        static: bool = False) -> dict:
+    sc = parse_scenario(scenario_yaml(topo_name, model, event, duration_s, at_s, static), "bench")
+    log = io.StringIO()
+    t0 = time.monotonic()
+    res = run_scenario(sc, RunOptions(out_dir=out, live_progress=False), stream=log)
+    wall = time.monotonic() - t0
+    row = {"topology": topo_name, "event": event, "static": static, "run_dir": str(res.run_dir),
+           "outcome": res.outcome, "error": res.error, "wall_s": round(wall, 1)}
+    s = res.summary or {}
+    server, _ = target_of(load_topology(topo_name))
+    plan = res.meta.get("initial_plan") or {}
+    row["target"] = server
+    row["held"] = sum(server in reps for row_ in plan.get("placement", []) for reps in row_)
+    row["plan_mode"] = plan.get("mode")
+    resp = next(iter(s.get("fault_responses") or []), {})
+    for k in ("detect_s", "detected_by", "redeployed", "trigger", "replan_s", "migrate_s", "bytes_moved",
+              "recovery_s", "baseline_tpot_p50_ms"):
+        row[k] = resp.get(k)
+    row["lost"] = s.get("lost_requests")
+    row["requests"] = s.get("requests")
+    row["phases"] = {p: {"tpot_p50": v["tpot_ms"]["p50"], "tpot_p95": v["tpot_ms"]["p95"],
+                         "ttft_p50": v["ttft_ms"]["p50"], "lost": v["lost"], "requests": v["requests"]}
+                     for p, v in (s.get("phases") or {}).items()}
+    row["emulation_mode"] = s.get("emulation_mode")
+    row["bytes_on_wire"] = s.get("bytes_on_wire")
+    return row
+
+
+def _f(x, nd=2) -> str:
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'topology':<13} {'event':<6} {'target':<7} {'held':>4} {'detect_s':>8} {'by':<14} {'redeploy':>8} "
+            f"{'replan_s':>8} {'moved_kB':>8} {'recov_s':>7} {'lost':>4} {'reqs':>4}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        moved = None if r.get("bytes_moved") is None else r["bytes_moved"] / 1e3
+        out.append(f"{r['topology']:<13} {r['event']:<6} {r['target']:<7} {r['held']:>4} {_f(r['detect_s']):>8} "
+                   f"{str(r['detected_by'] or '-')[:14]:<14} {('yes' if r['redeployed'] else 'no'):>8} "
+                   f"{_f(r['replan_s'], 3):>8} {_f(moved, 0):>8} {_f(r['recovery_s']):>7} {_f(r['lost']):>4} "
+                   f"{_f(r['requests']):>4}")
+    return "\n".join(out)
+
+
+def compare_table(rows: list[dict]) -> str:
+    head = (f"{'mode':<9} {'reqs':>4} {'lost':>4} | {'before tok p50/p95':>18} | {'after-fault tok p50/p95':>23} | "
+            f"{'TTFT p50 before/after':>21} | {'redeploy':>8} {'moved_kB':>8}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        b, d = r["phases"].get("before", {}), r["phases"].get("during", {})
+        moved = None if r.get("bytes_moved") is None else r["bytes_moved"] / 1e3
+        out.append(f"{'static' if r['static'] else 'adaptive':<9} {_f(r['requests']):>4} {_f(r['lost']):>4} | "
+                   f"{_f(b.get('tpot_p50'), 1):>8} / {_f(b.get('tpot_p95'), 1):>7} | "
+                   f"{_f(d.get('tpot_p50'), 1):>11} / {_f(d.get('tpot_p95'), 1):>9} | "
+                   f"{_f(b.get('ttft_p50'), 0):>9} / {_f(d.get('ttft_p50'), 0):>9} | "
+                   f"{('yes' if r['redeployed'] else 'no'):>8} {_f(moved, 0):>8}")
+    return "\n".join(out)
+
+
+def plot_compare(rows: list[dict], path: Path) -> None:
+    """Per-token latency over time of both runs, with the fault marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from testbed.traces import merge
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for ax, r in zip(axes, rows):
+        run = Path(r["run_dir"])
+        tr = merge(sorted((run / "raw").glob("*.jsonl")))
+        start = next((e["t_ns"] for e in tr.events if e["event"] == "traffic_start"), tr.t0_ns)
+        reqs = tr.requests()
+        ok = [((q["t1_ns"] - start) / 1e9, q["attrs"]["tpot_ms"]) for q in reqs
+              if q["attrs"].get("ok") and q["attrs"].get("tpot_ms") is not None]
+        lost = [(q["t1_ns"] - start) / 1e9 for q in reqs if not q["attrs"].get("ok")]
+        if ok:
+            ax.scatter(*zip(*ok), s=12, label="ok (per-token latency)")
+        if lost:
+            ax.scatter(lost, [0] * len(lost), marker="x", color="black", s=30, label=f"lost ({len(lost)})")
+        for e in tr.events:
+            if e["event"] == "fault":
+                ax.axvline((e["t_ns"] - start) / 1e9, color="red", ls="--", lw=1)
+            elif e["event"] == "redeployment" and e["t_ns"] > start:
+                ax.axvline((e["t_ns"] - start) / 1e9, color="purple", ls=":", lw=1)
+        ax.set_title(f"{'static (--static)' if r['static'] else 'adaptive (CoEL re-deployment)'}: "
+                     f"{r['topology']}, {r['event']} of {r['target']}", fontsize=9)
+        ax.set_ylabel("ms/token")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[-1].set_xlabel("request finish time since traffic start (s); red dashed: fault, purple dotted: "
+                        "re-deployment")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default models/tiny-moe, else a random "
+                    "stand-in made in /tmp)")
+    ap.add_argument("--topologies", default="edge-star-5,metro-ring-8")
+    ap.add_argument("--events", default=",".join(EVENTS))
+    ap.add_argument("--duration-s", type=float, default=30.0)
+    ap.add_argument("--at-s", type=float, default=10.0, help="when the event happens")
+    ap.add_argument("--out", default="/tmp/coel-bench-runs", help="parent of the run folders")
+    ap.add_argument("--static-vs-adaptive", action="store_true",
+                    help="run one schedule (--topologies' first, --events' first) static and adaptive")
+    ap.add_argument("--plot", default=None, help="with --static-vs-adaptive: write the comparison plot here")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    model = a.model
+    if model is None:
+        model = str(REPO / "models" / "tiny-moe")
+        if not (Path(model) / "config.json").exists():
+            model = str(make_random_model(Path("/tmp/coel-bench-model"), d_model=192, n_layers=4,
+                                          expert_hidden=384, vocab_size=2048))
+            print(f"models/tiny-moe not found: using a random stand-in {model}", file=sys.stderr)
+    out = Path(a.out)
+    topos = [t for t in a.topologies.split(",") if t]
+    events = [e for e in a.events.split(",") if e]
+    rows = []
+    if a.static_vs_adaptive:
+        for static in (True, False):
+            rows.append(one(topos[0], model, events[0], a.duration_s, a.at_s, out, static=static))
+            print(f"{'static' if static else 'adaptive'}: {rows[-1]['run_dir']}", file=sys.stderr, flush=True)
+        text = compare_table(rows)
+        if a.plot:
+            plot_compare(rows, Path(a.plot))
+    else:
+        for t in topos:
+            for e in events:
+                rows.append(one(t, model, e, a.duration_s, a.at_s, out))
+                print(f"{t} {e}: {rows[-1]['outcome']} {rows[-1]['run_dir']}", file=sys.stderr, flush=True)
+        text = table(rows)
+    doc = {"model": model, "duration_s": a.duration_s, "at_s": a.at_s, "rows": rows}
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(text)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
