@@ -148,6 +148,10 @@ HEADER_SCHEMA = {"v": (_INT, True), "t": (_INT, True), "id": (_INT, True), "sent
                  "src": (_STR, False), "trace": ((str, type(None)), False), "body": (_MAP, True),
                  "tensors": (_LIST, True)}
 
+_HEADER_KEYS = frozenset(HEADER_SCHEMA)
+_TYPES = {int(m): m for m in MsgType}
+_ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
+
 SHARD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "layer": (_INT, True), "expert": (_INT, True), "bits": (_INT, True), "d_model": (_INT, True),
     "hidden": (_INT, True), "group_size": (_INT, False), "method": (_STR, False),
@@ -342,11 +346,17 @@ def decode(frames: list[Any]) -> Message:
     req_id = rid if type(rid) is int and 0 <= rid < 1 << 63 else 0
     if header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r} != {PROTOCOL_VERSION}", req_id)
-    _check_fields("header", header, HEADER_SCHEMA, False, req_id)
-    try:
-        mtype = MsgType(header["t"])
-    except ValueError:
-        raise ProtocolError(f"unknown message type {header['t']}", req_id) from None
+    # fast path for well-formed headers; the generic check words the error otherwise
+    t, sent, body, specs = header.get("t"), header.get("sent_ns"), header.get("body"), header.get("tensors")
+    src, trace = header.get("src", ""), header.get("trace")
+    if (header.keys() - _HEADER_KEYS or type(t) is not int or "id" not in header or type(rid) is not int or type(sent) is not int
+            or type(body) is not dict
+            or type(specs) is not list or type(src) is not str or not (trace is None or type(trace) is str)
+            or not -(1 << 62) <= sent <= (1 << 62)):
+        _check_fields("header", header, HEADER_SCHEMA, False, req_id)
+    mtype = _TYPES.get(t)
+    if mtype is None:
+        raise ProtocolError(f"unknown message type {t}", req_id)
     if header["id"] != req_id:
         raise ProtocolError(f"request id {header['id']} out of range", req_id)
     specs = header["tensors"]
@@ -366,9 +376,12 @@ def decode(frames: list[Any]) -> Message:
             raise ProtocolError(f"tensor {i}: bad or duplicate name {name[:40]!r}", req_id)
         if dt not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {dt[:20]!r} not in {sorted(DTYPES)}", req_id)
-        if len(shape) > MAX_TENSOR_DIMS or not all(type(s) is int and 0 <= s < 1 << 31 for s in shape):
+        if len(shape) > MAX_TENSOR_DIMS:
             raise ProtocolError(f"tensor {name!r}: bad shape {shape[:8]}", req_id)
-        nbytes = math.prod(shape) * DTYPES[dt].itemsize
+        for dim in shape:
+            if type(dim) is not int or not 0 <= dim < 1 << 31:
+                raise ProtocolError(f"tensor {name!r}: bad shape {shape[:8]}", req_id)
+        nbytes = math.prod(shape) * _ITEMSIZE[dt]
         buf = _frame_buffer(frames[1 + i])
         if nbytes != len(buf):
             raise ProtocolError(f"tensor {name!r}: shape {shape} {dt} needs {nbytes} bytes, frame has "
@@ -378,11 +391,9 @@ def decode(frames: list[Any]) -> Message:
             raise ProtocolError(f"tensor data {total} bytes > limit {MAX_MESSAGE_BYTES}", req_id)
         metas[name] = (dt, tuple(shape))
         bufs.append(buf)
-    body = header["body"]
     _validate_body(mtype, body, metas, req_id)
     tensors = {name: _as_tensor(buf, *metas[name]) for name, buf in zip(metas, bufs)}
-    return Message(mtype, req_id, body, tensors, header.get("trace"), header["sent_ns"],
-                   header.get("src", ""), len(hbuf) + total)
+    return Message(mtype, req_id, body, tensors, trace, sent, src, len(hbuf) + total)
 
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int8": np.int8,
