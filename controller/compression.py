@@ -73,21 +73,29 @@ DEFAULT_COSTS: tuple[CompressionCost, ...] = (
 
 
 def costs_from_measurements(rows: Iterable[dict[str, Any]]) -> tuple[CompressionCost, ...]:
-    """D2's measure_compression_cost rows {settings, bytes_ratio, top1_agreement, ppl_increase}
-    -> cost entries. ppl_increase is read as a relative increase (0.01 = +1 %): ln(1 + x) nats.
-    The uncompressed "none" entry is always present."""
+    """nodes.compression.measure_compression_cost rows -> cost entries (the "none" entry, fp16
+    on the wire, is always first; a measured row named "none" is skipped).
+
+    quality: `loss_increase` (nats/token; else ln(1 + ppl_increase)), floored at 0. Bytes per
+    vector relative to fp16: 2 x `vector_bytes_ratio` (measured against fp32 rows; else
+    `bytes_ratio`, which also folds in pruning and merging). calls: 1 - `pruned_frac`. prefill
+    tokens: 1 - `merged_frac`."""
     out = [DEFAULT_COSTS[0]]
     for i, r in enumerate(rows):
         try:
             st = dict(r["settings"])
-            name = str(r.get("name") or "+".join(f"{k}={v}" for k, v in sorted(st.items())
-                                                   if v not in (0, 0.0, "fp16", "fp32", None)) or f"m{i}")
+            name = str(r.get("name") or r.get("label") or f"measured-{i}")
             if name == "none":
                 continue
-            q = math.log1p(max(float(r.get("ppl_increase", 0.0)), 0.0))
-            calls = 1.0 - float(r.get("calls_saved_frac", 0.0))
-            tokens = float(r.get("tokens_ratio", 1.0))
-            out.append(CompressionCost(name, _s(**st), q, float(r["bytes_ratio"]), calls_factor=max(calls, 1e-3),
+            if "loss_increase" in r:
+                q = max(float(r["loss_increase"]), 0.0)
+            else:
+                q = math.log1p(max(float(r.get("ppl_increase", 0.0)), 0.0))
+            vec = float(r["vector_bytes_ratio"]) * 2.0 if "vector_bytes_ratio" in r else float(r["bytes_ratio"])
+            calls = 1.0 - float(r.get("pruned_frac", 0.0))
+            tokens = 1.0 - float(r.get("merged_frac", 0.0))
+            out.append(CompressionCost(name, _s(**st), q, min(max(vec, 1e-3), 2.0),
+                                       calls_factor=min(max(calls, 1e-3), 1.0),
                                        tokens_factor=min(max(tokens, 1e-3), 1.0), source="measured"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"compression cost row {i}: {exc!r}") from None

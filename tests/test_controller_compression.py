@@ -61,12 +61,21 @@ def test_messages_round_trip_and_bad_answers_are_rejected():
 
 
 def test_measured_costs_replace_the_defaults():
-    rows = [{"settings": {"act_dtype": "int8"}, "bytes_ratio": 0.26, "top1_agreement": 0.99, "ppl_increase": 0.002},
-            {"settings": {"act_dtype": "int8", "prune_beta": 0.5}, "bytes_ratio": 0.22, "top1_agreement": 0.97,
-             "ppl_increase": 0.02}]
+    # rows shaped like nodes.compression.measure_compression_cost output
+    rows = [{"settings": {"act_dtype": "fp32"}, "name": "none", "bytes_ratio": 1.0, "vector_bytes_ratio": 1.0,
+             "loss_increase": 0.0, "ppl_increase": 0.0, "pruned_frac": 0.0, "merged_frac": 0.0},
+            {"settings": {"act_dtype": "int8"}, "name": "int8", "bytes_ratio": 0.26, "vector_bytes_ratio": 0.26,
+             "loss_increase": 0.002, "ppl_increase": 0.002, "pruned_frac": 0.0, "merged_frac": 0.0},
+            {"settings": {"act_dtype": "int8", "prune_beta": 0.5}, "name": "int8+prune", "bytes_ratio": 0.2,
+             "vector_bytes_ratio": 0.26, "loss_increase": -0.001, "pruned_frac": 0.2, "merged_frac": 0.0}]
     costs = costs_from_measurements(rows)
-    assert costs[0].name == "none" and len(costs) == 3
-    assert math.isclose(costs[1].quality_nats, math.log1p(0.002))
+    assert [c.name for c in costs] == ["none", "int8", "int8+prune"]
+    assert costs[1].quality_nats == pytest.approx(0.002) and costs[1].bytes_factor == pytest.approx(0.52)
+    assert costs[2].quality_nats == 0.0 and costs[2].calls_factor == pytest.approx(0.8)
+    assert dict(costs[2].settings)["prune_beta"] == 0.5
+    # older rows without loss_increase: ln(1 + ppl_increase)
+    old = costs_from_measurements([{"settings": {"act_dtype": "int8"}, "bytes_ratio": 0.5, "ppl_increase": 0.01}])
+    assert math.isclose(old[1].quality_nats, math.log1p(0.01))
     with pytest.raises(ConfigError, match="row 0"):
         costs_from_measurements([{"settings": {}}])
 
@@ -185,3 +194,27 @@ def test_malformed_plan_files_are_rejected_with_the_place():
         Plan.from_dict(bad, "p.json")
     with pytest.raises(ConfigError, match="not a plan"):
         Plan.from_dict({"format": "x"}, "p.json")
+
+
+def test_costs_from_the_real_measurement_function():
+    comp = pytest.importorskip("nodes.compression")
+    import torch
+    from coel_model.model import MoEModel, init_weights
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = MoEConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, n_experts=4, top_k=2,
+                    expert_hidden=64, max_seq_len=64)
+    model = MoEModel(cfg)
+    init_weights(model, 0)
+    model.eval()
+    tokens = torch.randint(0, 128, (1, 48))
+    settings = [comp.CompressionSettings(act_dtype="int8"),
+                comp.CompressionSettings(act_dtype="int8", prune_beta=0.6)]
+    with torch.inference_mode():
+        rows = comp.measure_compression_cost(model, tokens, settings)
+    costs = costs_from_measurements(rows)
+    assert len(costs) == 3 and costs[0].name == "none"
+    assert 0.4 < costs[1].bytes_factor < 0.7  # int8 rows vs fp16
+    assert costs[2].calls_factor <= 1.0
+    prop = propose(LinkView("a|b", 1, 10), costs, TRAFFIC, quality_budget_nats=10.0, slo_request_ms=1e6)
+    assert prop[0].name != "none"  # a 1 Mbit/s link pays for compression
