@@ -349,10 +349,9 @@ def decode(frames: list[Any]) -> Message:
     # fast path for well-formed headers; the generic check words the error otherwise
     t, sent, body, specs = header.get("t"), header.get("sent_ns"), header.get("body"), header.get("tensors")
     src, trace = header.get("src", ""), header.get("trace")
-    if (header.keys() - _HEADER_KEYS or type(t) is not int or "id" not in header or type(rid) is not int or type(sent) is not int
-            or type(body) is not dict
-            or type(specs) is not list or type(src) is not str or not (trace is None or type(trace) is str)
-            or not -(1 << 62) <= sent <= (1 << 62)):
+    if (header.keys() - _HEADER_KEYS or "id" not in header or type(rid) is not int or type(t) is not int
+            or type(sent) is not int or not -(1 << 62) <= sent <= (1 << 62) or type(body) is not dict
+            or type(specs) is not list or type(src) is not str or not (trace is None or type(trace) is str)):
         _check_fields("header", header, HEADER_SCHEMA, False, req_id)
     mtype = _TYPES.get(t)
     if mtype is None:
