@@ -70,6 +70,7 @@ def run(topologies: list[str], models: list[str], seed: int, max_loss: float) ->
                 dt = time.perf_counter() - t0
                 pr = p.predicted_map()
                 ov = pr.pop("_overall")
+                pr = {k: v for k, v in pr.items() if not k.startswith("_")}  # classes only
                 w = reqs.weights()
                 rows.append({
                     "model": mname, "profile": kind, "topology": tname, "memory_scale": round(scale, 2),
@@ -78,6 +79,7 @@ def run(topologies: list[str], models: list[str], seed: int, max_loss: float) ->
                     "token_ms_max": ov["token_ms_max"], "ttft_ms_max": ov["ttft_ms_max"],
                     "quality_loss_nats": ov["quality_loss_nats"], "avg_bits": ov["avg_bits"],
                     "meets_slo": ov["meets_slo"], "meets_quality": ov["meets_quality"], "plan_s": round(dt, 3),
+                    "max_utilization": ov.get("max_utilization"),
                     "servers_used": len(p.servers_used()),
                 })
     return rows
