@@ -387,10 +387,23 @@ class QuantizedExpert(nn.Module):
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] < _kernels.GEMM_MIN_BATCH:
-            y = _kernels.qexpert(self, x)  # one native call for the whole expert
-            if y is not None:
-                return y
+        if x.dim() == 2 and x.dtype == torch.float32:
+            n = x.shape[0]
+            if self.spec.bits == 16:
+                fused = n < _kernels.GEMM_MIN_BATCH
+            else:
+                kpd = self.w_gate.scales.shape[1] * self.spec.group_size
+                kph = self.w_down.scales.shape[1] * self.spec.group_size
+                fused = not _kernels.use_gemm(n, self.hidden, kpd)
+                small = max(self.hidden * kpd, self.d_model * kph) <= _kernels.TILE_FLOATS
+                if not fused and small and n < _kernels.GEMM_MIN_BATCH:
+                    w = _kernels.qexpert_weights(self)  # one native dequantize, then 3 GEMMs
+                    if w is not None:
+                        return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
+            if fused:
+                y = _kernels.qexpert(self, x)  # one native call for the whole expert
+                if y is not None:
+                    return y
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
     @property

@@ -217,7 +217,7 @@ def test_quantized_expert_forward_and_tensor_round_trip(bits):
         exp = SwiGLUExpert(d, h)
         q = quant.quantize_expert(exp, QuantSpec(bits))
         wg, wu, wd = (getattr(q, p).dequantize() for p in quant.PROJ_NAMES)
-        for n in (1, 5, 70):  # 1, 5: one native call for the whole expert; 70: per-matmul path
+        for n in (1, 5, 20, 70):  # 1, 5: one native call; 20: dequantize + GEMMs; 70: per-matmul path
             x = torch.randn(n, d)
             y = q(x)
             ref = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T) @ wd.T

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 GEMM_MIN_BATCH = 64  # from this many rows of x on: tile-dequantize + torch GEMM instead of the fused kernel
+GEMM_MIN_BATCH_SMALL = 16  # ... already from this many when the whole layer is one tile (small experts)
 TILE_FLOATS = 1 << 20  # fp32 elements per dequantized tile (4 MiB)
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 AVX512_FLAGS = ("avx512f",)  # when present, the fused GEMV is built in its AVX-512 variant
@@ -115,6 +116,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.coel_isa.restype = ctypes.c_char_p
                 lib.coel_qexpert.argtypes = [vp, vp, i64, vp, vp, ci]
                 lib.coel_qexpert.restype = ci
+                lib.coel_qexpert_dequant.argtypes = [vp, vp, ci]
+                lib.coel_qexpert_dequant.restype = ci
                 for f in (lib.coel_qgemv, lib.coel_dequant_rows, lib.coel_hgemv):
                     f.restype = ci
                 _lib = lib
@@ -134,6 +137,14 @@ def status() -> str:
 
 def native_available() -> bool:
     return _load() is not None
+
+
+def use_gemm(n_rows: int, out_features: int, kp: int) -> bool:
+    """Tile-dequantize + GEMM (True) or the fused kernel (False) for an (out, kp) layer and a batch
+    of n_rows: the fused kernel re-unpacks the weight for every 8 rows of x, the GEMM path once."""
+    if n_rows >= GEMM_MIN_BATCH:
+        return True
+    return n_rows >= GEMM_MIN_BATCH_SMALL and out_features * kp <= TILE_FLOATS
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -165,7 +176,7 @@ def qmatmul(x: torch.Tensor, t: dict[str, torch.Tensor], bits: int, group_size: 
     x = x.contiguous()
     N = x.shape[0]
     nt = torch.get_num_threads()
-    if lib is not None and N < GEMM_MIN_BATCH:
+    if lib is not None and not use_gemm(N, O, kp):
         y = torch.empty(N, O, dtype=torch.float32)
         rc = lib.coel_qgemv(x.data_ptr(), N, kp, t["qweight"].data_ptr(), _ptr(t.get("qweight_hi")),
                             t["scales"].data_ptr(), t["zeros"].data_ptr(), O, G, group_size, bits,
@@ -257,3 +268,28 @@ def qexpert(expert, x: torch.Tensor) -> torch.Tensor | None:
     if rc != 0:
         raise RuntimeError(f"coel_qexpert failed (rc={rc}, bits={expert.spec.bits}, group={expert.spec.group_size})")
     return y
+
+
+_tls = threading.local()  # per-thread scratch for dequantized small experts (no page faults per call)
+
+
+def qexpert_weights(expert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """fp32 (gate, up, down) of a small integer-format QuantizedExpert, dequantized in one native
+    call into a per-thread scratch buffer (valid until this thread's next call); None without
+    the native library. For batches where a GEMM beats the fused kernel."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        return None
+    _params, pptr, kpd, kph = _expert_params(expert)
+    d, h = expert.d_model, expert.hidden
+    need = 2 * h * kpd + d * kph
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _tls.buf = torch.empty(need, dtype=torch.float32)
+    rc = lib.coel_qexpert_dequant(pptr, buf.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"coel_qexpert_dequant failed (rc={rc}, bits={expert.spec.bits})")
+    wg = buf[: h * kpd].view(h, kpd)[:, :d]
+    wu = buf[h * kpd: 2 * h * kpd].view(h, kpd)[:, :d]
+    wd = buf[2 * h * kpd: need].view(d, kph)[:, :h]
+    return wg, wu, wd

@@ -293,6 +293,7 @@ template <int BITS>
 void dequant_bits(const uint8_t* q, const uint8_t* qh, const uint16_t* sc, const uint16_t* zr,
                   int64_t kp, int64_t G, int64_t gs, int64_t o0, int64_t o1, float* dst, int nthreads) {
     const int64_t rb = row_bytes(BITS, kp), rbh = kp / 8, nc = kp / 8;
+    if ((o1 - o0) * kp < (1 << 18)) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
         float* sf = new float[2 * G];
@@ -303,7 +304,25 @@ void dequant_bits(const uint8_t* q, const uint8_t* qh, const uint16_t* sc, const
             const uint8_t* qr = q + o * rb;
             const uint8_t* hr = BITS == 3 ? qh + o * rbh : nullptr;
             float* d = dst + (o - o0) * kp;
-            for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(d + c * 8, dq_chunk<BITS>(qr, hr, c, sf, mf, gs));
+            if (gs % 64 == 0) {  // a 64-code block lies in one group: constant shifts, one s/m per block
+                for (int64_t b = 0; b < kp / 64; ++b) {
+                    Block<BITS> blk;
+                    blk.load(qr, hr, b);
+                    const int64_t g = b * 64 / gs;
+                    const __m256 sv = _mm256_set1_ps(sf[g]), mv = _mm256_set1_ps(mf[g]);
+                    float* db = d + b * 64;
+                    _mm256_storeu_ps(db + 0, _mm256_fmadd_ps(blk.template codes<0>(qr, b), sv, mv));
+                    _mm256_storeu_ps(db + 8, _mm256_fmadd_ps(blk.template codes<1>(qr, b), sv, mv));
+                    _mm256_storeu_ps(db + 16, _mm256_fmadd_ps(blk.template codes<2>(qr, b), sv, mv));
+                    _mm256_storeu_ps(db + 24, _mm256_fmadd_ps(blk.template codes<3>(qr, b), sv, mv));
+                    _mm256_storeu_ps(db + 32, _mm256_fmadd_ps(blk.template codes<4>(qr, b), sv, mv));
+                    _mm256_storeu_ps(db + 40, _mm256_fmadd_ps(blk.template codes<5>(qr, b), sv, mv));
+                    _mm256_storeu_ps(db + 48, _mm256_fmadd_ps(blk.template codes<6>(qr, b), sv, mv));
+                    _mm256_storeu_ps(db + 56, _mm256_fmadd_ps(blk.template codes<7>(qr, b), sv, mv));
+                }
+            } else {
+                for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(d + c * 8, dq_chunk<BITS>(qr, hr, c, sf, mf, gs));
+            }
         }
         delete[] sf;
     }
@@ -351,6 +370,9 @@ void hgemv(const float* x, int64_t N, int64_t K, const uint16_t* w, int64_t O, f
 extern "C" {
 
 int coel_hgemv(const float* x, int64_t N, int64_t K, const void* w, int64_t O, int bf16, float* y, int nthreads);
+int coel_dequant_rows(const void* q, const void* qh, const void* scales, const void* zeros,
+                      int64_t kp, int64_t G, int64_t gs, int bits, int64_t o0, int64_t o1,
+                      float* dst, int nthreads);
 
 int coel_abi_version() { return 2; }
 
@@ -452,6 +474,19 @@ int coel_qexpert(const int64_t* p, const float* x, int64_t N, float* y, float* w
     }
     if (bits == 16) return coel_hgemv(a, N, h, t[8], d, bf16, y, nthreads);
     return coel_qgemv(a, N, kph, t[8], t[9], t[10], t[11], d, kph / gs, gs, bits, y, nthreads);
+}
+
+// Dequantize a whole (small) expert for the GEMM path: dst = gate (h, kp_d) | up (h, kp_d) |
+// down (d, kp_h), fp32, padding columns included. p as for coel_qexpert (integer formats only).
+int coel_qexpert_dequant(const int64_t* p, float* dst, int nthreads) {
+    const int bits = (int)p[0];
+    const int64_t gs = p[1], d = p[2], h = p[3], kpd = p[4], kph = p[5];
+    const void* const* t = (const void* const*)(p + 7);
+    if (bits == 16) return -2;
+    int rc = coel_dequant_rows(t[0], t[1], t[2], t[3], kpd, kpd / gs, gs, bits, 0, h, dst, nthreads);
+    if (!rc) rc = coel_dequant_rows(t[4], t[5], t[6], t[7], kpd, kpd / gs, gs, bits, 0, h, dst + h * kpd, nthreads);
+    if (!rc) rc = coel_dequant_rows(t[8], t[9], t[10], t[11], kph, kph / gs, gs, bits, 0, d, dst + 2 * h * kpd, nthreads);
+    return rc;
 }
 
 // y (N, O) = x (N, K) @ w^T for a 16-bit float weight w (O, K): fp16 (bf16 = 0) or bf16 (1).
