@@ -130,6 +130,8 @@ class AgentClient:
         self.sock.linger = 0
         secure_client(self.sock, self.keys, self.server_public)
         self.sock.connect(self.endpoint)
+        self.poller = zmq.Poller()  # kept: Socket.poll() builds a new Poller on every call
+        self.poller.register(self.sock, zmq.POLLIN)
 
     def reconnect(self) -> None:
         """Drop the socket (and anything queued in it) and connect afresh (Lazy Pirate)."""
@@ -150,7 +152,7 @@ class AgentClient:
             left_ms = (deadline - time.monotonic()) * 1e3
             if left_ms <= 0:
                 return None
-            if self.sock.poll(self.inbox.timeout_ms(left_ms)):
+            if self.poller.poll(self.inbox.timeout_ms(left_ms)):
                 frames = self.sock.recv_multipart(copy=False)
                 try:
                     msg = P.decode(frames)
