@@ -229,6 +229,17 @@ def test_quantized_expert_forward_and_tensor_round_trip(bits):
         assert torch.equal(q2(x), y) and q2.nbytes == q.nbytes
 
 
+def test_bf16_expert_forward():
+    exp = SwiGLUExpert(96, 160)
+    q = quant.quantize_expert(exp, QuantSpec(16, float_dtype="bfloat16"))
+    assert q.w_down.weight.dtype == torch.bfloat16 and q.nbytes == exp.nbytes // 2
+    wg, wu, wd = (getattr(q, p).weight.float() for p in quant.PROJ_NAMES)
+    for n in (1, 70):
+        x = torch.randn(n, 96)
+        ref = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T) @ wd.T
+        assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-3)
+
+
 def test_native_expert_cache_follows_moved_buffers():
     import copy
     q = quant.quantize_expert(SwiGLUExpert(96, 160), QuantSpec(3))
