@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="timed calls per measurement (median reported)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--bits", default="2,3,4,8,16")
+    ap.add_argument("--shapes", default="bundled,mixtral", help="comma list of bundled, mixtral")
+    ap.add_argument("--no-errors", action="store_true", help="skip the quantization-method error table")
     ap.add_argument("--quick", action="store_true", help="bundled shape only, fewer reps (smoke test)")
     ap.add_argument("--json-out", help="write the results as JSON to this file")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -241,13 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     reps = 3 if args.quick else args.reps
     t_start = time.perf_counter()
     bw = memory_bandwidth(64 if args.quick else 512, reps)
-    label, d, h = bundled_shape()
-    rows = bench_shape(label, d, h, batches, bits_list, reps * 4, bw["read_gbs"], True, True)
-    if not args.quick:
+    shapes = set(args.shapes.split(","))
+    unknown = shapes - {"bundled", "mixtral"}
+    if unknown:
+        ap.error(f"--shapes: unknown {sorted(unknown)}; choose from bundled, mixtral")
+    rows = []
+    if "bundled" in shapes:
+        label, d, h = bundled_shape()
+        rows += bench_shape(label, d, h, batches, bits_list, reps * 4, bw["read_gbs"], True, True)
+    if "mixtral" in shapes and not args.quick:
         rows += bench_shape(MIXTRAL[0], MIXTRAL[1], MIXTRAL[2], batches, bits_list, reps, bw["read_gbs"],
                             False, False)
     bw_end = memory_bandwidth(64 if args.quick else 512, reps)
-    errors = method_errors(bits_list)
+    errors = None if args.no_errors else method_errors(bits_list)
     result = {"benchmark": "quant_kernels", "kernels": kernels.status(), "threads": args.threads,
               "torch": torch.__version__, "memory_bandwidth": bw, "memory_bandwidth_end": bw_end,
               "load_avg": list(__import__("os").getloadavg()), "seconds": time.perf_counter() - t_start,
@@ -263,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['load_avg'][0]:.1f}; run {result['seconds']:.0f} s")
         print(fmt_table(rows))
         print("% read BW = packed weight bytes per second / read bandwidth at the start of the run.")
-        print()
-        print(fmt_errors(errors))
+        if errors is not None:
+            print()
+            print(fmt_errors(errors))
     return 0
 
 
