@@ -390,7 +390,7 @@ class QuantizedExpert(nn.Module):
         if x.dim() == 2 and x.dtype == torch.float32:
             n = x.shape[0]
             if self.spec.bits == 16:
-                fused = n < _kernels.GEMM_MIN_BATCH
+                fused = not _kernels.use_gemm(n, self.hidden, self.d_model)
             else:
                 kpd = self.w_gate.scales.shape[1] * self.spec.group_size
                 kph = self.w_down.scales.shape[1] * self.spec.group_size

@@ -191,7 +191,7 @@ def test_float_matmul_matches_reference(dtype):
     g = torch.Generator().manual_seed(3)
     for out, inp in ((33, 7), (64, 200), (300, 257)):
         w = torch.randn(out, inp, generator=g).to(dtype)
-        for n in (1, 3, 70):  # 70: fp32 row tiles + GEMM
+        for n in (1, 3, 20, 70):  # 20, 70: fp32 row tiles + GEMM
             x = torch.randn(n, inp, generator=g)
             for force in ("native", "torch"):
                 y = kernels.float_matmul(x, w, force=force)

@@ -212,7 +212,7 @@ def float_matmul(x: torch.Tensor, w: torch.Tensor, force: str | None = None) -> 
     x = x.float().contiguous()
     N, K = x.shape
     O = w.shape[0]
-    if lib is not None and N < GEMM_MIN_BATCH and w.dtype in (torch.float16, torch.bfloat16):
+    if lib is not None and not use_gemm(N, O, K) and w.dtype in (torch.float16, torch.bfloat16):
         w = w.contiguous()
         y = torch.empty(N, O, dtype=torch.float32)
         lib.coel_hgemv(x.data_ptr(), N, K, w.data_ptr(), O, int(w.dtype == torch.bfloat16), y.data_ptr(),
