@@ -381,6 +381,10 @@ class Agent:
             self.counters["malformed"] += 1
             reply(P.error_frames(exc.req_id, P.ErrorCode.MALFORMED, exc.reason, self.name))
             return
+        except Exception as exc:  # a decoder bug must not take the agent down
+            self.counters["malformed"] += 1
+            reply(P.error_frames(0, P.ErrorCode.MALFORMED, f"undecodable: {type(exc).__name__}: {exc}", self.name))
+            return
         if from_controller and msg.type in (P.MsgType.HEARTBEAT, P.MsgType.OK):
             return  # liveness only
         item = _Pending(reply, msg, t_recv)
