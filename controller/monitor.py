@@ -6,10 +6,14 @@ The controller is never told what the testbed injected. It sees:
   * heartbeats (agent/entry -> controller every heartbeat_s): silence for `liveness` intervals
     = the peer is lost (a crash, or a link down that isolates it);
   * probes (controller -> agent, every probe_interval_s): a small PROBE gives the RTT, a PROBE
-    carrying probe_bytes both ways gives the goodput; the median of the last `probe_window`
-    samples is compared with the baseline (the median of the first ones, re-based after each
-    trigger): goodput < bw_drop_ratio x baseline or RTT > rtt_rise_ratio x baseline (and at least
-    rtt_rise_min_ms more) = link degraded; the reverse = link recovered;
+    carrying a payload both ways gives the goodput. The payload is sized to occupy the path for
+    about probe_transfer_ms at its last measured (or nominal) rate, so it stays a few % of the
+    link and is large enough that shaper bursts do not dominate. CPU contention on a shared
+    machine only ever makes a probe look WORSE (later, slower), so a link is called degraded only
+    when even the best of the last `probe_window` samples is beyond the threshold (max goodput <
+    bw_drop_ratio x baseline, or min RTT > rtt_rise_ratio x baseline and rtt_rise_min_ms more),
+    and recovered only when even the worst sample is back; the baseline (median of the first
+    samples) then moves to the new level, so one change triggers once;
   * resource reports in the heartbeats (agent cpu_percent vs its share) = overloaded server.
 `observed_cluster` turns the observations into the planner's cluster: lost servers removed,
 each server's access link scaled by its measured goodput ratio and delayed by its RTT rise.
@@ -30,15 +34,18 @@ class MonitorConfig:
     heartbeat_s: float = 0.2  # expected heartbeat period of agents and entries
     liveness: int = 4  # missed heartbeats before a peer is declared lost (0.8 s at 0.2 s)
     probe_interval_s: float = 0.5  # one RTT + goodput probe per agent per interval
-    probe_bytes: int = 64 * 1024  # goodput probe payload (echoed back: 2x on the wire)
+    probe_bytes: int = 64 * 1024  # goodput probe payload when no rate is known (echoed back: 2x on the wire)
+    probe_transfer_ms: float = 15.0  # later payloads: this long at the last measured rate ...
+    probe_min_bytes: int = 16 * 1024  # ... within these bounds
+    probe_max_bytes: int = 256 * 1024
     probe_timeout_s: float = 1.0
-    probe_window: int = 2  # samples whose median (mean of 2) is compared with the baseline: ~1 s to detect
-    baseline_probes: int = 3  # samples that define "normal" (median)
+    probe_window: int = 3  # recent samples: the best of them must be beyond the threshold (~1-1.5 s)
+    baseline_probes: int = 5  # samples that define "normal" (median), taken back to back at start
     bw_drop_ratio: float = 0.5  # goodput below this x baseline = bandwidth drop
     rtt_rise_ratio: float = 2.0  # RTT above this x baseline = delay rise ...
     rtt_rise_min_ms: float = 5.0  # ... and at least this many ms above it (loopback noise)
-    min_transfer_ms: float = 2.0  # goodput probes faster than this are clamped: caps goodput at ~524 Mbit/s
-    #                               with 64 KiB, so sub-ms scheduling noise on fast links is not a "drop"
+    min_transfer_ms: float = 2.0  # goodput probes faster than this are clamped (sub-ms scheduling noise
+    #                               on fast links is not a "drop"; with 64 KiB this caps at ~524 Mbit/s)
     overload_cpu_frac: float = 0.95  # agent cpu use >= this x its cpu share ...
     overload_beats: int = 15  # ... for this many consecutive heartbeats = overloaded
 
@@ -108,6 +115,16 @@ def lost_peers(last_seen_ns: dict[str, int], alive: dict[str, bool], now_ns: int
     return out
 
 
+def probe_payload_bytes(st: ProbeState | None, nominal_mbit: float | None, cfg: MonitorConfig) -> int:
+    """Goodput payload for the next probe: ~probe_transfer_ms at the best recent rate (else the
+    nominal path rate, else probe_bytes), clamped to [probe_min_bytes, probe_max_bytes]."""
+    rate = max(st.goodput_mbit[-cfg.probe_window:]) if st is not None and st.goodput_mbit else nominal_mbit
+    if not rate or not math.isfinite(rate):
+        return cfg.probe_bytes
+    nb = int(rate * 1e6 / 8 * cfg.probe_transfer_ms / 1e3)
+    return max(cfg.probe_min_bytes, min(cfg.probe_max_bytes, nb))
+
+
 def add_probe(st: ProbeState, rtt_ms: float, gp_mbit: float, now_ns: int, cfg: MonitorConfig) -> None:
     """Record one probe; the first baseline_probes samples define the baseline."""
     st.rtt_ms = (st.rtt_ms + [rtt_ms])[-max(cfg.probe_window, cfg.baseline_probes) * 4:]
@@ -121,27 +138,34 @@ def add_probe(st: ProbeState, rtt_ms: float, gp_mbit: float, now_ns: int, cfg: M
 
 def probe_verdict(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str] | None:
     """('link_degraded' | 'link_recovered', reason) when the recent window departs from the
-    baseline beyond the thresholds, else None. Pure: does not re-base (see rebase)."""
+    baseline beyond the thresholds, else None. Noise only makes probes look worse, so degraded
+    needs the BEST sample beyond the threshold and recovered needs the WORST sample back. Pure:
+    does not re-base (see rebase)."""
     if st.base_rtt_ms is None or len(st.rtt_ms) < cfg.probe_window:
         return None
-    rtt = statistics.median(st.rtt_ms[-cfg.probe_window:])
-    gp = statistics.median(st.goodput_mbit[-cfg.probe_window:])
+    rtts, gps = st.rtt_ms[-cfg.probe_window:], st.goodput_mbit[-cfg.probe_window:]
     b_rtt, b_gp = st.base_rtt_ms, st.base_goodput_mbit
-    if gp < cfg.bw_drop_ratio * b_gp:
-        return "link_degraded", f"goodput {gp:.1f} Mbit/s < {cfg.bw_drop_ratio} x baseline {b_gp:.1f} Mbit/s"
-    if rtt > cfg.rtt_rise_ratio * b_rtt and rtt - b_rtt >= cfg.rtt_rise_min_ms:
-        return "link_degraded", f"RTT {rtt:.2f} ms > {cfg.rtt_rise_ratio} x baseline {b_rtt:.2f} ms"
-    if gp * cfg.bw_drop_ratio > b_gp:
-        return "link_recovered", f"goodput {gp:.1f} Mbit/s > baseline {b_gp:.1f} Mbit/s / {cfg.bw_drop_ratio}"
-    if b_rtt > cfg.rtt_rise_ratio * rtt and b_rtt - rtt >= cfg.rtt_rise_min_ms:
-        return "link_recovered", f"RTT {rtt:.2f} ms < baseline {b_rtt:.2f} ms / {cfg.rtt_rise_ratio}"
+    n = cfg.probe_window
+    if max(gps) < cfg.bw_drop_ratio * b_gp:
+        return "link_degraded", (f"goodput <= {max(gps):.1f} Mbit/s in the last {n} probes < {cfg.bw_drop_ratio} x "
+                                 f"baseline {b_gp:.1f} Mbit/s")
+    if min(rtts) > cfg.rtt_rise_ratio * b_rtt and min(rtts) - b_rtt >= cfg.rtt_rise_min_ms:
+        return "link_degraded", (f"RTT >= {min(rtts):.2f} ms in the last {n} probes > {cfg.rtt_rise_ratio} x "
+                                 f"baseline {b_rtt:.2f} ms")
+    if min(gps) * cfg.bw_drop_ratio > b_gp:
+        return "link_recovered", (f"goodput >= {min(gps):.1f} Mbit/s in the last {n} probes > baseline "
+                                  f"{b_gp:.1f} Mbit/s / {cfg.bw_drop_ratio}")
+    if b_rtt > cfg.rtt_rise_ratio * max(rtts) and b_rtt - max(rtts) >= cfg.rtt_rise_min_ms:
+        return "link_recovered", (f"RTT <= {max(rtts):.2f} ms in the last {n} probes < baseline {b_rtt:.2f} ms "
+                                  f"/ {cfg.rtt_rise_ratio}")
     return None
 
 
 def rebase(st: ProbeState, cfg: MonitorConfig) -> None:
-    """After a trigger, the new level is the baseline (so one change triggers once)."""
-    st.base_rtt_ms = statistics.median(st.rtt_ms[-cfg.probe_window:])
-    st.base_goodput_mbit = statistics.median(st.goodput_mbit[-cfg.probe_window:])
+    """After a trigger, the new level is the baseline (so one change triggers once): the best
+    recent sample (max goodput, min RTT), the robust estimate under one-sided noise."""
+    st.base_rtt_ms = min(st.rtt_ms[-cfg.probe_window:])
+    st.base_goodput_mbit = max(st.goodput_mbit[-cfg.probe_window:])
     st.degraded = (st.base_goodput_mbit < cfg.bw_drop_ratio * (st.initial_goodput_mbit or math.inf)
                    or st.base_rtt_ms > cfg.rtt_rise_ratio * (st.initial_rtt_ms or 0.0))
 
@@ -243,3 +267,24 @@ def plan_summary(plan: Any) -> dict[str, Any]:
                                                               plan.compression_map().items()},
             "avg_bits": pred.get("avg_bits"), "token_ms_max": pred.get("token_ms_max"),
             "meets_slo": pred.get("meets_slo")}
+
+
+def prefer_full_plan(incremental: dict[str, Any], full: dict[str, Any], moved_bytes: int, budget_bytes: float,
+                     min_gain: float = 0.2) -> tuple[bool, str]:
+    """Whether to adopt a full re-plan instead of the incremental one (both "_overall" predictions):
+    only when it meets the SLO and quality wherever the incremental one does, predicts at least
+    `min_gain` lower per-token latency (Petals rebalances below 0.75 of optimal throughput), and
+    moves at most `budget_bytes`. Returns (decision, reason with the numbers)."""
+    t_inc, t_full = float(incremental.get("token_ms_max", math.inf)), float(full.get("token_ms_max", math.inf))
+    for key in ("meets_slo", "meets_quality"):
+        if incremental.get(key) and not full.get(key):
+            return False, f"full re-plan rejected: it would not meet {key[6:]}"
+    if not t_full <= (1.0 - min_gain) * t_inc:
+        return False, (f"full re-plan not worth it: {t_full:.3f} vs {t_inc:.3f} ms/token predicted "
+                       f"(needs {min_gain:.0%} less)")
+    if moved_bytes > budget_bytes:
+        return False, (f"full re-plan rejected: it moves {moved_bytes} bytes > budget {int(budget_bytes)} "
+                       f"for {t_full:.3f} vs {t_inc:.3f} ms/token")
+    return True, (f"full re-plan adopted: {t_full:.3f} vs {t_inc:.3f} ms/token predicted, moving {moved_bytes} bytes "
+                  f"(budget {int(budget_bytes)})")
+

@@ -36,7 +36,7 @@ from controller.deployer import (DeployConfig, DeployOutcome, Deployer, ShardSou
                                  entry_holders, keep_set)
 from nodes import protocol as P
 from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
-from nodes.transport import AgentClient, HeldInbox, NodeError, peer_address
+from nodes.transport import AgentClient, HeldInbox, NodeError, NodeTimeout, peer_address
 
 TICK_S = 0.05
 
@@ -205,9 +205,10 @@ class Prober:
     """Thread: RTT and goodput probes to every live agent; results go to `results`."""
 
     def __init__(self, registry: Registry, keys: KeyDir | None, cfg: M.MonitorConfig, ctx: zmq.Context,
-                 delay_factory: Any):
+                 delay_factory: Any, payload_for: Any = None):
         self.registry, self.keys, self.cfg, self.ctx = registry, keys, cfg, ctx
         self.delay_factory = delay_factory
+        self.payload_for = payload_for or (lambda name: None)  # agent -> goodput payload bytes
         self.results: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self.paused = threading.Event()
@@ -223,16 +224,23 @@ class Prober:
         if self._thread is not None:
             self._thread.join(5)
 
-    def probe_once(self, client: AgentClient) -> tuple[float, float]:
+    def probe_once(self, client: AgentClient, payload_bytes: int | None = None) -> tuple[float, float]:
+        """(RTT ms, goodput Mbit/s) of one small and one payload-carrying PROBE."""
         import torch
+        nb = payload_bytes or self.cfg.probe_bytes
         t0 = time.monotonic_ns()
         client.call(P.MsgType.PROBE, {"echo": 1}, timeout_s=self.cfg.probe_timeout_s)
         t1 = time.monotonic_ns()
-        payload = torch.zeros(self.cfg.probe_bytes, dtype=torch.uint8)
-        client.call(P.MsgType.PROBE, {"echo": 2}, {"payload": payload}, timeout_s=self.cfg.probe_timeout_s)
-        t2 = time.monotonic_ns()
+        payload = torch.zeros(nb, dtype=torch.uint8)
         rtt = (t1 - t0) / 1e6
-        return rtt, M.goodput_mbit(rtt, (t2 - t1) / 1e6, self.cfg.probe_bytes, self.cfg.min_transfer_ms)
+        try:
+            client.call(P.MsgType.PROBE, {"echo": 2}, {"payload": payload}, timeout_s=self.cfg.probe_timeout_s)
+        except NodeTimeout:
+            # the agent answers small probes but not this payload in time: the path is at most this fast
+            # (recording it lets the window fill, so the next payload is sized down instead of timing out again)
+            return rtt, M.goodput_mbit(0.0, self.cfg.probe_timeout_s * 1e3, nb, self.cfg.min_transfer_ms)
+        t2 = time.monotonic_ns()
+        return rtt, M.goodput_mbit(rtt, (t2 - t1) / 1e6, nb, self.cfg.min_transfer_ms)
 
     def _run(self) -> None:
         clients: dict[str, AgentClient] = {}
@@ -252,7 +260,7 @@ class Prober:
                         c = clients[p.name] = AgentClient(p.endpoint, self.keys, self.ctx, name="controller",
                                                           delay=self.delay_factory())
                     try:
-                        rtt, gp = self.probe_once(c)
+                        rtt, gp = self.probe_once(c, self.payload_for(p.name))
                         self.results.put((p.name, time.monotonic_ns(), rtt, gp, None))
                     except NodeError as exc:
                         self.results.put((p.name, time.monotonic_ns(), None, None, str(exc)))
@@ -303,7 +311,10 @@ class Controller:
         self.deployer = Deployer(self.source, self._agent_client, cfg.deploy, self.tracer,
                                  is_alive=self._agent_heard_recently)
         self.registry = Registry(cfg.listen, self.keys, self.ctx, self.delay_factory())
-        self.prober = Prober(self.registry, self.keys, cfg.monitor, self.ctx, self.delay_factory)
+        self.nominal_mbit = self._nominal_rates()
+        self.prober = Prober(self.registry, self.keys, cfg.monitor, self.ctx, self.delay_factory,
+                             lambda name: M.probe_payload_bytes(self.probe_state.get(name), self.nominal_mbit.get(name),
+                                                                cfg.monitor))
         self.api = None
         dt = self.delay_factory()
         self.emulation_mode = getattr(dt, "mode", "none") if dt is not None else "none"
@@ -327,6 +338,17 @@ class Controller:
                               f"hidden={pc.expert_hidden}, the model {self.cfg.model_dir} has {mc.n_layers} x "
                               f"{mc.n_experts} d={mc.d_model} hidden={mc.expert_hidden}")
         return prof, note
+
+    def _nominal_rates(self) -> dict[str, float]:
+        """Bottleneck rate (Mbit/s) of the topology path controller -> each server (probe sizing)."""
+        from topologies import bottleneck_bw_mbit, shortest_path
+        out = {}
+        for s in self.topo.servers:
+            path = shortest_path(self.topo, self.topo.controller.name, s.name)
+            bw = bottleneck_bw_mbit(self.topo, path) if path else None
+            if bw:
+                out[s.name] = float(bw)
+        return out
 
     def _agent_client(self, server: str) -> AgentClient | None:
         p = self.registry.peers.get(("agent", server))
@@ -507,7 +529,7 @@ class Controller:
             c = self._agent_client(name)
             for _ in range(mc.baseline_probes):
                 try:
-                    rtt, gp = self.prober.probe_once(c)
+                    rtt, gp = self.prober.probe_once(c, M.probe_payload_bytes(None, self.nominal_mbit.get(name), mc))
                 except NodeError as exc:
                     self._event("probe_failed", server=name, reason=str(exc)[:200])
                     continue
@@ -717,19 +739,31 @@ class Controller:
     def redeploy(self, triggers: list[M.Trigger]) -> dict | None:
         """Incremental re-plan from the current plan + make-before-break migration; logs the event."""
         from controller.plan import PlanOptions
-        from controller.planner import diff, plan
+        from controller.planner import bytes_loaded, diff, plan, server_bytes
         kind, reasons, detected_ns, detect_s = M.merge_triggers(triggers)
         t0 = time.monotonic_ns()
         self.replans += 1
         try:
             cluster, notes = self._observed()
             reqs = self._requirements_for(cluster)
-            target = plan(self.profile, cluster, reqs, self.cfg.strategy, self.plan, PlanOptions())
-            if kind == "slo_change" and not target.predicted_map().get("_overall", {}).get("meets_slo", True):
-                full = plan(self.profile, cluster, reqs, self.cfg.strategy, None, PlanOptions())
-                if full.predicted_map().get("_overall", {}).get("meets_slo", False):
-                    target = replace(full, reasons=("SLO change: the incremental plan misses the new SLO, "
-                                                    "a full re-plan meets it",) + full.reasons)
+            opts = PlanOptions()
+            target = plan(self.profile, cluster, reqs, self.cfg.strategy, self.plan, opts)
+            if kind != "agent_lost" and self.plan is not None:
+                # links, load or SLO changed (or a schedule): the incremental plan keeps every expert
+                # where it is; a full plan may serve much better. Adopt it only when clearly worth it.
+                full = plan(self.profile, cluster, reqs, self.cfg.strategy, None, opts)
+                inc_pred = target.predicted_map().get("_overall", {})
+                full_pred = full.predicted_map().get("_overall", {})
+                moved = bytes_loaded(diff(self.plan, full), self.profile)
+                budget = opts.max_migration_factor * max(
+                    [server_bytes(self.plan, self.profile, s.name) for s in cluster.servers] or [0])
+                gain = 0.0 if kind == "slo_change" and not inc_pred.get("meets_slo", True) else 0.2
+                if kind == "slo_change" and not inc_pred.get("meets_slo", True) and full_pred.get("meets_slo"):
+                    budget = float("inf")  # a missed SLO justifies a full re-deployment
+                ok, why = M.prefer_full_plan(inc_pred, full_pred, moved, budget, gain)
+                notes.append(why)
+                if ok:
+                    target = replace(full, reasons=(why,) + full.reasons)
         except CoelError as exc:
             self._event("replan_failed", trigger=kind, reasons=reasons, error=str(exc)[:500])
             return None
@@ -739,10 +773,13 @@ class Controller:
         missing = any((l, e, target.bits[l][e]) not in self.deployed.get(s, set())
                       for l, row in enumerate(target.placement) for e, reps in enumerate(row) for s in reps if s in alive)
         routes_stale = any(s not in alive for hs in self.holders.values() for s in hs)
+        pred = {"token_ms_predicted_before": (self.plan.predicted_map().get("_overall", {}).get("token_ms_max")
+                                              if self.plan is not None else None),
+                "token_ms_predicted_after": target.predicted_map().get("_overall", {}).get("token_ms_max")}
         if not actions and not missing and not routes_stale:
             self.plan = target
             self._event("replan", trigger=kind, detected_ns=detected_ns, replan_s=(t1 - t0) / 1e9, actions=0,
-                        bytes_moved=0, reasons=reasons + notes)
+                        bytes_moved=0, reasons=reasons + notes, **pred)
             return {"trigger": kind, "actions": 0, "bytes_moved": 0}
         outcome = self._execute(self.plan, target, actions)
         t2 = time.monotonic_ns()
@@ -752,7 +789,7 @@ class Controller:
                "loads": len(outcome.loaded), "drops": len(outcome.dropped), "failed_loads": len(outcome.failed),
                "unplaced": [list(k) for k in outcome.unplaced[:8]], "entries_updated": outcome.entries_updated,
                "placement_version": self.placement_version,
-               "action_kinds": _count(a.kind for a in actions),
+               "action_kinds": _count(a.kind for a in actions), **pred,
                "reasons": reasons + notes + list(target.reasons)[:12]}
         self.redeployments.append(rec)
         self._event("redeployment", **rec)
@@ -784,8 +821,9 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-s", type=float, default=0.2, help="expected heartbeat period of agents/entries")
     p.add_argument("--liveness", type=int, default=4, help="missed heartbeats before a peer is lost")
     p.add_argument("--probe-interval-s", type=float, default=0.5, help="RTT + goodput probe period per agent")
-    p.add_argument("--probe-window", type=int, default=2, help="recent probes compared with the baseline")
-    p.add_argument("--probe-bytes", type=int, default=64 * 1024)
+    p.add_argument("--probe-window", type=int, default=3, help="recent probes compared with the baseline")
+    p.add_argument("--probe-bytes", type=int, default=64 * 1024,
+                   help="goodput probe payload when the path rate is unknown (else ~15 ms at the rate)")
     p.add_argument("--bw-drop-ratio", type=float, default=0.5, help="goodput below this x baseline triggers")
     p.add_argument("--rtt-rise-ratio", type=float, default=2.0, help="RTT above this x baseline triggers")
     p.add_argument("--rtt-rise-min-ms", type=float, default=5.0, help="... and at least this many ms above it")
