@@ -136,6 +136,15 @@ def bench_shape(label: str, d: int, h: int, batches: list[int], bits_list: list[
             err = check_rows(q, x)
             name = "fp16 ours" if bits == 16 else f"int{bits} g64 ours"
             row(name, q.nbytes, timeit(lambda: q(x), reps), err)
+        if hasattr(torch, "_weight_int8pack_mm"):  # torch's own packed CPU kernel (per-channel int8)
+            i8 = {}
+            for p in quant.PROJ_NAMES:
+                o, i = getattr(fp, p).weight.shape
+                i8[p] = (torch.randint(-127, 128, (o, i), generator=gen, dtype=torch.int8),
+                         torch.rand(o, generator=gen) * 1e-3 + 1e-4)
+            mm8 = torch._weight_int8pack_mm
+            row("int8 torch int8pack_mm", sum(w.numel() + 4 * sc.numel() for w, sc in i8.values()),
+                timeit(lambda: mm8(F.silu(mm8(x, *i8["w_gate"])) * mm8(x, *i8["w_up"]), *i8["w_down"]), reps))
         if with_fallback and 4 in experts:
             q = experts[4]
 
