@@ -184,8 +184,9 @@ def print_summary(doc: dict, result, cluster) -> None:
                   "yes" if p["meets_slo"] and p["meets_quality"] else "NO")
     con.print(t)
     t = Table(title="servers")
-    for col in ("server", "memory used", "budget", "experts", "avg bits", "backbone"):
+    for col in ("server", "memory used", "budget", "experts", "avg bits", "backbone", "busy"):
         t.add_column(col)
+    util = doc["predicted"].get("_utilization", {})
     mem = result.memory_map()
     counts: dict[str, list[int]] = {}
     for l, row in enumerate(result.placement):
@@ -196,7 +197,8 @@ def print_summary(doc: dict, result, cluster) -> None:
     for s in cluster.servers:
         c = counts.get(s.name, [])
         t.add_row(s.name, f"{mem.get(s.name, 0) / MB:,.2f} MB", f"{s.memory_bytes / MB:,.2f} MB", str(len(c)),
-                  f"{sum(c) / len(c):.2f}" if c else "-", "yes" if s.name in bb else "")
+                  f"{sum(c) / len(c):.2f}" if c else "-", "yes" if s.name in bb else "",
+                  f"{util[s.name]:.0%}" if s.name in util else "")
     con.print(t)
     if doc["compression"]:
         con.print("compression: " + ", ".join(f"{k}={v['name']}" for k, v in sorted(doc["compression"].items())))

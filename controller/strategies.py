@@ -307,8 +307,11 @@ def _coel_pipeline(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray):
         key = (not all(p.meets_quality for p in preds), _score(preds, ctx.reqs))
         if best is None or key < best[0]:
             stages = res[1]
+            shared = ([f"every entry uses this partition (planned for {main.entry}; one copy of the weights)"]
+                      if len(ctx.reqs.entries) > 1 else [])
             best = (key, lay, preds, [f"layer-wise partition with mixed widths ({bits.mean():.2f} average bits): "
-                                      + ", ".join(f"{ctx.name(v)}[{a}:{z}]" for v, a, z in stages if z > a)] + cn)
+                                      + ", ".join(f"{ctx.name(v)}[{a}:{z}]" for v, a, z in stages if z > a)]
+                    + shared + cn)
     if best is None:
         return None
     return ("pipeline", (best[1], best[2]), best[3])
