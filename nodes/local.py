@@ -124,12 +124,29 @@ def round_robin_placement(n_layers: int, n_experts: int, endpoints: list[str],
 
 
 def load_plan_placement(path: str | Path, endpoints: list[str]) -> tuple[dict, dict]:
-    """Plan JSON {"placement": [{"layer", "expert", "agents": [index...], "bits"?}]} -> (placement, bits)."""
+    """Plan file -> (placement {(l, e): [endpoint...]}, bits {(l, e): b}).
+
+    Accepts the controller's Plan JSON (`placement[l][e]` = server names, `bits[l][e]`; servers
+    are mapped to agents in sorted name order) or a plain
+    {"placement": [{"layer", "expert", "agents": [index...], "bits"?}]}.
+    """
     path = Path(path)
     try:
         plan = json.loads(path.read_text())
         rows = plan["placement"]
         placement, bits = {}, {}
+        if rows and isinstance(rows[0], list):  # controller Plan: placement[l][e] = [server, ...]
+            servers = sorted({srv for row in rows for reps in row for srv in reps})
+            if len(servers) > len(endpoints):
+                raise ConfigError(f"{path}: the plan places experts on {len(servers)} servers {servers}, "
+                                  f"but only {len(endpoints)} agents run (use --agents {len(servers)})")
+            ep_of = dict(zip(servers, endpoints))
+            for l, row in enumerate(rows):
+                for e, reps in enumerate(row):
+                    placement[(l, e)] = [ep_of[srv] for srv in reps]
+                    if "bits" in plan:
+                        bits[(l, e)] = int(plan["bits"][l][e])
+            return placement, bits
         for i, r in enumerate(rows):
             key = (int(r["layer"]), int(r["expert"]))
             idx = r["agents"]
@@ -140,7 +157,7 @@ def load_plan_placement(path: str | Path, endpoints: list[str]) -> tuple[dict, d
             if "bits" in r:
                 bits[key] = int(r["bits"])
         return placement, bits
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{path}: not a usable plan ({type(exc).__name__}: {exc})") from None

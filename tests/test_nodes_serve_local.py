@@ -94,3 +94,26 @@ def test_serve_local_error_stops_every_agent(model_dir):
     assert not left, left
     from coel_model.errors import CoelError
     assert issubclass(RemoteError, CoelError)  # so `coel serve-local` prints one line and exits 2
+
+
+def test_serve_local_with_controller_plan_and_quantized_shards(model_dir, tmp_path):
+    """A controller Plan (server names, mixed bits) deploys packed shards; tokens equal the same
+    quantized model run in one process."""
+    quant = pytest.importorskip("coel_model.quant")
+    from coel_model.checkpoint import load_model
+    from coel_model.generate import generate
+    from nodes.local import ServeLocalConfig, serve_local
+    model = load_model(model_dir)
+    L, E = model.cfg.n_layers, model.cfg.n_experts
+    bits = [[(16, 4, 8, 2, 3, 16)[(l + e) % 6] for e in range(E)] for l in range(L)]
+    placement = [[["srvA"] if e % 2 else ["srvB", "srvA"] for e in range(E)] for l in range(L)]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"bits": bits, "placement": placement}))
+    for l in range(L):
+        for e in range(E):
+            if bits[l][e] != 16:
+                model.set_expert(l, e, quant.quantize_expert(model.expert(l, e), quant.QuantSpec(bits=bits[l][e])))
+    prompt = [5, 17, 33, 2, 9]
+    want = generate(model, prompt, 8)
+    got = serve_local(ServeLocalConfig(str(model_dir), "", 8, n_agents=2, plan_path=str(plan), prompt_ids=tuple(prompt)))
+    assert got["tokens"] == want and got["failovers"] == 0
