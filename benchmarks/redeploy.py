@@ -34,51 +34,107 @@ from testbed.scenario import parse_scenario  # noqa: E402
 from topologies import load_topology  # noqa: E402
 
 EVENTS = ("link", "bw", "crash")
+TIGHT_TOPOLOGY = REPO / "testbed" / "scenarios" / "topologies" / "tight-star-4.yaml"
 
 
-def target_of(topo) -> tuple[str, str]:
-    """(server, its neighbour on its only link): the biggest non-entry server."""
+def offline_plan(topo, model: str) -> dict:
+    """The CoEL plan the controller will most likely make (from the topology's nominal links; the
+    live one uses measured RTT/goodput): used only to pick which server or link to fail."""
+    from coel_model.checkpoint import load_config
+    from controller.cluster import cluster_from_topology
+    from controller.plan import PlanOptions, requirements_from_topology
+    from controller.planner import plan
+    from controller.profile import load_profile, synthetic_profile
+    cfg = load_config(model)
+    prof_path = Path(model) / "profile.json"
+    prof = load_profile(prof_path) if prof_path.exists() else \
+        synthetic_profile(cfg, backbone_params=cfg.param_counts().get("backbone"), source="bench")
+    entries = sorted({c.entry for c in topo.clients})
+    p = plan(prof, cluster_from_topology(topo), requirements_from_topology(topo, default_entry=entries[0]),
+             "coel", None, PlanOptions())
+    return p.to_dict()
+
+
+def choose_targets(topo, plan: dict) -> dict[str, dict]:
+    """Per event kind, the scenario event fields and why this target.
+
+    Prefer a server that holds experts and is no client's entry (its loss must be absorbed by
+    re-deployment). If the plan keeps every expert on entry servers (CoEL picks intra-server when
+    the quantized model fits one server), crash only such a server's agent (its entry fails over
+    to replicas), and fail the ring link / degrade the holder link an expert-less entry uses."""
+    from topologies.paths import shortest_path
+    count: dict[str, int] = {}
+    for row in plan["placement"]:
+        for reps in row:
+            for s in reps:
+                count[s] = count.get(s, 0) + 1
     entries = {c.entry for c in topo.clients}
-    cands = sorted((s for s in topo.servers if s.name not in entries), key=lambda s: (-s.memory_mb, s.name))
-    if not cands:
-        raise SystemExit(f"{topo.name}: every server is an entry; no target for a fault")
-    s = cands[0].name
-    (link,) = topo.links_of(s)
-    return s, link.other(s)
+    servers = {s.name for s in topo.servers}
+    holders = sorted(count, key=lambda s: (-count[s], s))
+    remote = [s for s in holders if s not in entries]
+    access = lambda s: [s, topo.links_of(s)[0].other(s)]  # noqa: E731
+    bw_of = lambda l: topo.link(*l).bw_mbit or 1000.0  # noqa: E731
+    out: dict[str, dict] = {}
+    if remote:
+        s = remote[0]
+        out["crash"] = {"kind": "server_crash", "server": s, "why": f"{s} holds {count[s]} experts, no entry"}
+        out["link"] = {"kind": "link_down", "link": access(s), "why": f"isolates {s} ({count[s]} experts)"}
+        out["bw"] = {"kind": "bw", "link": access(s), "bw_mbit": bw_of(access(s)) / 10,
+                     "why": f"10x drop on the link of {s} ({count[s]} experts)"}
+        return out
+    s = holders[0]
+    out["crash"] = {"kind": "server_crash", "server": s, "process": "agent",
+                    "why": f"every holder is an entry: crash the agent of {s} ({count[s]} experts); its entry stays"}
+    bare = sorted(e for e in entries if e not in count)
+    if bare:
+        e = bare[0]
+        near = min(holders, key=lambda h: len(shortest_path(topo, e, h) or []))
+        path = shortest_path(topo, e, near)
+        mid = next(([a, b] for a, b in zip(path, path[1:]) if a not in servers and b not in servers), None)
+        if mid is not None:
+            out["link"] = {"kind": "link_down", "link": mid,
+                           "why": f"the link {mid[0]}-{mid[1]} on entry {e}'s path to holder {near}"}
+        out["bw"] = {"kind": "bw", "link": access(near), "bw_mbit": bw_of(access(near)) / 10,
+                     "why": f"10x drop on holder {near}'s link, used by expert-less entry {e}"}
+    nonentry = sorted((x for x in topo.servers if x.name not in entries), key=lambda x: (-x.memory_mb, x.name))
+    if "link" not in out and nonentry:
+        x = nonentry[0].name
+        out["link"] = {"kind": "link_down", "link": access(x),
+                       "why": f"isolates {x}, which holds no expert in this plan (expected: no effect)"}
+    if "bw" not in out:
+        out["bw"] = {"kind": "bw", "link": access(s), "bw_mbit": bw_of(access(s)) / 10,
+                     "why": f"10x drop on the link of entry {s} (client traffic only)"}
+    return out
 
 
-def scenario_yaml(topo_name: str, model: str, event: str, duration_s: float, at_s: float, static: bool,
-                  name: str | None = None) -> str:
-    topo = load_topology(topo_name)
-    server, nb = target_of(topo)
-    link = topo.link(server, nb)
-    if event == "link":
-        ev = f"{{at_s: {at_s}, kind: link_down, link: [{server}, {nb}]}}"
-    elif event == "bw":
-        ev = f"{{at_s: {at_s}, kind: bw, link: [{server}, {nb}], bw_mbit: {(link.bw_mbit or 1000) / 10:g}}}"
-    elif event == "crash":
-        ev = f"{{at_s: {at_s}, kind: server_crash, server: {server}}}"
-    else:
-        raise SystemExit(f"unknown event {event!r} (valid: {', '.join(EVENTS)})")
-    return (f"name: {name or f'bench-{topo_name}-{event}'}\ntopology: {topo_name}\nmodel: {model}\n"
-            f"duration_s: {duration_s}\ndrain_s: 30\nseed: 7\nstatic: {'true' if static else 'false'}\n"
-            f"events:\n  - {ev}\n")
+def scenario_yaml(topo_name: str, model: str, target: dict, duration_s: float, at_s: float, static: bool,
+                  name: str) -> str:
+    ev = {k: v for k, v in target.items() if k != "why"}
+    ev["at_s"] = at_s
+    return (f"name: {name}\ntopology: {topo_name}\nmodel: {model}\nduration_s: {duration_s}\ndrain_s: 30\n"
+            f"seed: 7\nstatic: {'true' if static else 'false'}\nevents:\n  - {json.dumps(ev)}\n")
 
 
 def one(topo_name: str, model: str, event: str, duration_s: float, at_s: float, out: Path,
         static: bool = False) -> dict:
-    sc = parse_scenario(scenario_yaml(topo_name, model, event, duration_s, at_s, static), "bench")
+    if event not in EVENTS:
+        raise SystemExit(f"unknown event {event!r} (valid: {', '.join(EVENTS)})")
+    topo = load_topology(topo_name)
+    target = choose_targets(topo, offline_plan(topo, model))[event]
+    sc = parse_scenario(scenario_yaml(topo_name, model, target, duration_s, at_s, static,
+                                      f"bench-{topo_name}-{event}"), "bench")
     log = io.StringIO()
     t0 = time.monotonic()
     res = run_scenario(sc, RunOptions(out_dir=out, live_progress=False), stream=log)
     wall = time.monotonic() - t0
-    row = {"topology": topo_name, "event": event, "static": static, "run_dir": str(res.run_dir),
+    row = {"topology": Path(topo_name).stem if topo_name.endswith(".yaml") else topo_name, "event": event, "static": static, "run_dir": str(res.run_dir),
            "outcome": res.outcome, "error": res.error, "wall_s": round(wall, 1)}
     s = res.summary or {}
-    server, _ = target_of(load_topology(topo_name))
     plan = res.meta.get("initial_plan") or {}
-    row["target"] = server
-    row["held"] = sum(server in reps for row_ in plan.get("placement", []) for reps in row_)
+    names = [target["server"]] if "server" in target else target["link"]
+    row["target"] = "-".join(names) + (f" ({target['process']})" if target.get("process") else "")
+    row["why"] = target["why"]
+    row["held"] = sum(n in reps for n in names for row_ in plan.get("placement", []) for reps in row_)
     row["plan_mode"] = plan.get("mode")
     resp = next(iter(s.get("fault_responses") or []), {})
     for k in ("detect_s", "detected_by", "redeployed", "trigger", "replan_s", "migrate_s", "bytes_moved",
@@ -99,12 +155,12 @@ def _f(x, nd=2) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'topology':<13} {'event':<6} {'target':<7} {'held':>4} {'detect_s':>8} {'by':<14} {'redeploy':>8} "
+    head = (f"{'topology':<13} {'event':<6} {'target':<16} {'held':>4} {'detect_s':>8} {'by':<14} {'redeploy':>8} "
             f"{'replan_s':>8} {'moved_kB':>8} {'recov_s':>7} {'lost':>4} {'reqs':>4}")
     out = [head, "-" * len(head)]
     for r in rows:
         moved = None if r.get("bytes_moved") is None else r["bytes_moved"] / 1e3
-        out.append(f"{r['topology']:<13} {r['event']:<6} {r['target']:<7} {r['held']:>4} {_f(r['detect_s']):>8} "
+        out.append(f"{r['topology']:<13} {r['event']:<6} {r['target'][:16]:<16} {r['held']:>4} {_f(r['detect_s']):>8} "
                    f"{str(r['detected_by'] or '-')[:14]:<14} {('yes' if r['redeployed'] else 'no'):>8} "
                    f"{_f(r['replan_s'], 3):>8} {_f(moved, 0):>8} {_f(r['recovery_s']):>7} {_f(r['lost']):>4} "
                    f"{_f(r['requests']):>4}")
@@ -168,7 +224,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (default models/tiny-moe, else a random "
                     "stand-in made in /tmp)")
-    ap.add_argument("--topologies", default="edge-star-5,metro-ring-8")
+    ap.add_argument("--topologies", default=None, help="comma-separated (default edge-star-5,metro-ring-8; "
+                    "with --static-vs-adaptive: testbed/scenarios/topologies/tight-star-4.yaml)")
     ap.add_argument("--events", default=",".join(EVENTS))
     ap.add_argument("--duration-s", type=float, default=30.0)
     ap.add_argument("--at-s", type=float, default=10.0, help="when the event happens")
@@ -180,6 +237,12 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     model = a.model
+    if a.static_vs_adaptive and a.topologies is None:
+        # the tight topology, whose budgets force an inter-server plan, with the tests' small model
+        a.topologies = str(TIGHT_TOPOLOGY)
+        if model is None:
+            model = str(make_random_model(Path("/tmp/coel-bench-model-small"), d_model=64, n_layers=2,
+                                          expert_hidden=256, vocab_size=256, seed=5))
     if model is None:
         model = str(REPO / "models" / "tiny-moe")
         if not (Path(model) / "config.json").exists():
@@ -187,7 +250,7 @@ def main() -> int:
                                           expert_hidden=384, vocab_size=2048))
             print(f"models/tiny-moe not found: using a random stand-in {model}", file=sys.stderr)
     out = Path(a.out)
-    topos = [t for t in a.topologies.split(",") if t]
+    topos = [t for t in (a.topologies or "edge-star-5,metro-ring-8").split(",") if t]
     events = [e for e in a.events.split(",") if e]
     rows = []
     if a.static_vs_adaptive:

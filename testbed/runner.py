@@ -173,7 +173,10 @@ class Runner:
         self.sc = sc
         self.opt = opt
         self.stream = stream or sys.stderr
-        self.topo = load_topology(sc.topology)
+        topo_arg = sc.topology
+        if topo_arg.endswith((".yaml", ".yml")) and not Path(topo_arg).exists():
+            topo_arg = str(project_path(topo_arg))  # relative to the project, like model paths
+        self.topo = load_topology(topo_arg)
         check_against_topology(sc, self.topo, f"scenario {sc.name}")
         self.model_dir = project_path(sc.model)
         if not (self.model_dir / "config.json").exists():

@@ -1,8 +1,8 @@
 """Issue 7 scenario tests in Mininet: a link failure isolating a server, a 10x bandwidth drop
 and a server crash. Each asserts that no request is lost and that the controller re-deployed by
 itself (it is never told what was injected): the lost server's experts re-homed, or the
-degraded link's placement/compression changed. Topology: tests/test_testbed_run_helpers.TOPO
-(every server holds experts; s1 is the entry)."""
+degraded link's placement/compression changed. Topology: testbed/scenarios/topologies/
+tight-star-4.yaml (every server holds experts; s1 is the entry)."""
 from __future__ import annotations
 
 import pytest

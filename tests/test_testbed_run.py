@@ -88,7 +88,7 @@ def demo_like(tmp_path_factory):
         while time.monotonic() < deadline:
             pids = list(Path(setup["out"]).glob("*/runner.pid"))
             if pids:
-                time.sleep(3.0)
+                time.sleep(8.0)  # while s3 is down (6..10 s): the phases stay those of the scenario
                 try:
                     injected["result"] = send_inject(pids[0].parent, {"kind": "delay", "link": ["s4", "hub"],
                                                                       "delay_ms": 5.0})

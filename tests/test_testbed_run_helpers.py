@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,46 +15,16 @@ def mininet_test(f):
     f = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mnexec"), reason="needs root and Mininet's mnexec")(f)
     return pytest.mark.mininet(f)
 
+REPO = Path(__file__).resolve().parents[1]
 # every server holds experts (0.25 MiB each for ~0.8 MiB of experts at 8 bits); s1 is the entry
-TOPO = textwrap.dedent("""\
-    name: tb-star-4
-    description: four small edge servers on a hub; the budgets force an inter-server plan
-    agent_overhead_mb: 700
-    convergence_ms: 300
-    link_defaults: {bw_mbit: 100, delay_ms: 1.0, queue_pkts: 1000}
-    sites:
-      - {name: s, kind: edge}
-      - {name: users, kind: user}
-    servers:
-      - {name: s1, site: s, memory_mb: 0.25, cpu_share: 0.2}
-      - {name: s2, site: s, memory_mb: 0.25, cpu_share: 0.1}
-      - {name: s3, site: s, memory_mb: 0.25, cpu_share: 0.1}
-      - {name: s4, site: s, memory_mb: 0.25, cpu_share: 0.1}
-    controller: {name: ctl, site: s}
-    clients:
-      - name: u1
-        site: users
-        entry: s1
-        workload: {rate_rps: 1.0, prompt_tokens: 16, max_new_tokens: 8, slo_ttft_ms: 5000, slo_tpot_ms: 2000,
-                   slo_class: interactive}
-    switches:
-      - {name: hub, site: s}
-    links:
-      - {a: s1, b: hub}
-      - {a: s2, b: hub}
-      - {a: s3, b: hub}
-      - {a: s4, b: hub}
-      - {a: ctl, b: hub}
-      - {a: u1, b: hub, bw_mbit: 20}
-    """)
+TOPO_PATH = REPO / "testbed" / "scenarios" / "topologies" / "tight-star-4.yaml"
+SMALL_MODEL = dict(d_model=64, n_layers=2, expert_hidden=256, vocab_size=256, seed=5)
 
 
 def setup_dir(tmp: Path) -> dict:
     from testbed.runner import make_random_model
-    model = make_random_model(tmp / "model", d_model=64, n_layers=2, expert_hidden=256, vocab_size=256, seed=5)
-    topo = tmp / "tb-star-4.yaml"
-    topo.write_text(TOPO)
-    return {"model": str(model), "topology": str(topo), "out": tmp / "runs"}
+    model = make_random_model(tmp / "model", **SMALL_MODEL)
+    return {"model": str(model), "topology": str(TOPO_PATH), "out": tmp / "runs"}
 
 
 def scenario_text(name: str, setup: dict, events: list[str], duration_s: float = 14, drain_s: float = 20,
