@@ -45,8 +45,8 @@ struct Block {
             v = _mm256_loadu_si256((const __m256i*)(q + b * 32));
         } else if constexpr (BITS == 2 || BITS == 3) {
             v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(q + b * 16)));
-            if constexpr (BITS == 3)
-                vh = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qh + b * 8)));
+            if constexpr (BITS == 3)  // bit 2 of code j*8+i sits at bit j+2 of lane i
+                vh = _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qh + b * 8))), 2);
         }
         (void)q; (void)qh; (void)b;
     }
@@ -58,12 +58,13 @@ struct Block {
             __m256i c = J == 7 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(_mm256_srli_epi32(v, J * 4), _mm256_set1_epi32(15));
             return _mm256_cvtepi32_ps(c);
         } else if constexpr (BITS == 2) {
-            __m256i c = _mm256_and_si256(_mm256_srli_epi32(v, J * 2), _mm256_set1_epi32(3));
-            return _mm256_cvtepi32_ps(c);
+            // vpermps reads only the low 3 bits of each index: a table {0,1,2,3,0,1,2,3} turns the
+            // shifted lanes into floats without a mask or an int->float convert
+            return _mm256_permutevar8x32_ps(_mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3), _mm256_srli_epi32(v, J * 2));
         } else {
             __m256i lo = _mm256_and_si256(_mm256_srli_epi32(v, J * 2), _mm256_set1_epi32(3));
-            __m256i hi = _mm256_and_si256(_mm256_slli_epi32(_mm256_srli_epi32(vh, J), 2), _mm256_set1_epi32(4));
-            return _mm256_cvtepi32_ps(_mm256_or_si256(lo, hi));
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi32(vh, J), _mm256_set1_epi32(4));
+            return _mm256_permutevar8x32_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_or_si256(lo, hi));
         }
     }
 };
