@@ -49,8 +49,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm_as_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # unwinds through LocalCluster.__exit__, which stops every agent
+
+
 def cmd_serve_local(args: argparse.Namespace) -> int:
+    import signal
+
     from nodes.local import ServeLocalConfig, serve_local
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     cfg = ServeLocalConfig(model_dir=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                            n_agents=args.agents, plan_path=args.plan, bits=args.bits,
                            compression=args.compression, secure=not args.insecure,
