@@ -52,6 +52,7 @@ class DeployOutcome:
     switch_s: float = 0.0
     drop_s: float = 0.0
     unplaced: list[tuple[int, int]] = field(default_factory=list)
+    effective: Any = None  # the plan as actually deployed (controller.deployer.effective_plan)
 
 
 class ShardSource:
@@ -144,6 +145,61 @@ def keep_set(holders: dict[tuple[int, int], tuple[str, ...]], target: Plan) -> s
         for e, reps in enumerate(row):
             keep |= {(s, l, e) for s in reps}
     return keep
+
+
+def transition_overflow(target: Plan, deployed: dict[str, set[ShardKey]], alive: set[str],
+                        nbytes: Callable[[int, int, int], int], capacity: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Servers that cannot hold old and new copies at once during a make-before-break switch to
+    `target`: server -> (bytes needed at the peak, budget). A load that replaces the same
+    (layer, expert) at other bits is done in place by the agent, so it counts once."""
+    over = {}
+    for srv in sorted(alive):
+        held = {k[:2]: k for k in deployed.get(srv, set())}
+        need = sum(nbytes(*k) for k in held.values())
+        for l, row in enumerate(target.placement):
+            for e, reps in enumerate(row):
+                if srv not in reps:
+                    continue
+                k = (l, e, target.bits[l][e])
+                old = held.get((l, e))
+                if old == k:
+                    continue
+                need += nbytes(*k) - (nbytes(*old) if old is not None else 0)
+        cap = capacity.get(srv)
+        if cap is not None and need > cap:
+            over[srv] = (need, cap)
+    return over
+
+
+def effective_plan(target: Plan, deployed: dict[str, set[ShardKey]], alive: set[str]) -> Plan:
+    """The plan as actually deployed: each expert's copies are the live servers that hold it
+    (target's order first), at the bits they hold; experts nobody holds keep the target's entry
+    (the next re-plan sees them missing and loads them). What later re-plans start from."""
+    from dataclasses import replace
+    placement, bits = [], []
+    for l, row in enumerate(target.placement):
+        prow, brow = [], []
+        for e, reps in enumerate(row):
+            have = {srv: b for srv in sorted(alive) for (ll, ee, b) in deployed.get(srv, set()) if (ll, ee) == (l, e)}
+            order = [x for x in reps if x in have] + sorted(x for x in have if x not in reps)
+            want = target.bits[l][e]
+            if not order:
+                prow.append(tuple(reps))
+                brow.append(want)
+                continue
+            same = [x for x in order if have[x] == want]
+            if same:
+                order = same  # copies at other bits are being replaced; the plan speaks of one width
+            prow.append(tuple(order))
+            brow.append(want if same else have[order[0]])
+        placement.append(tuple(prow))
+        bits.append(tuple(brow))
+    placement_t, bits_t = tuple(placement), tuple(bits)
+    if placement_t == target.placement and bits_t == target.bits:
+        return target
+    return replace(target, placement=placement_t, bits=bits_t,
+                   reasons=target.reasons + ("deployed state differs from the target (failed loads): "
+                                             "recorded as deployed",))
 
 
 # ---------------------------------------------------------------- execution

@@ -32,8 +32,8 @@ import zmq
 
 from coel_model.errors import CoelError, ConfigError, InfeasibleError
 from controller import monitor as M
-from controller.deployer import (DeployConfig, DeployOutcome, Deployer, ShardSource, entry_compression,
-                                 entry_holders, keep_set)
+from controller.deployer import (DeployConfig, DeployOutcome, Deployer, ShardSource, effective_plan,
+                                 entry_compression, entry_holders, keep_set, transition_overflow)
 from nodes import protocol as P
 from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
 from nodes.transport import AgentClient, HeldInbox, NodeError, NodeTimeout, peer_address
@@ -375,6 +375,14 @@ class Controller:
         if self.tracer is not None:
             self.tracer.event(kind, t_ns, **attrs)
 
+    def _capacities(self) -> dict[str, int]:
+        """Each agent's shard budget as it reported it (else the topology's memory_mb)."""
+        out = {s.name: int(s.memory_mb * (1 << 20)) for s in self.topo.servers}
+        for (role, name), p in self.registry.snapshot().items():
+            if role == "agent" and p.stats.get("memory_budget_bytes"):
+                out[name] = int(p.stats["memory_budget_bytes"])
+        return out
+
     def _agent_heard_recently(self, server: str) -> bool:
         """Alive and heard within the liveness window (the main loop may be busy deploying)."""
         mc = self.cfg.monitor
@@ -566,7 +574,7 @@ class Controller:
         actions = diff(None, target)
         outcome = self._execute(None, target, actions)
         t2 = time.monotonic_ns()
-        self.plan = target
+        self.plan = outcome.effective
         if outcome.failed:
             raise InfeasibleError(f"initial deployment: {len(outcome.failed)} shard loads failed, e.g. "
                                   f"{outcome.failed[0]}")
@@ -598,6 +606,7 @@ class Controller:
                 self.deployer.unload(s, stale, out, self.deployed)
         out.load_s, out.switch_s, out.drop_s = t1 - t0, t2 - t1, time.monotonic() - t2
         self.holders = holders
+        out.effective = effective_plan(target, self.deployed, alive)
         return out
 
     def _push_placement(self, target, holders, out: DeployOutcome, only: str | None = None) -> None:
@@ -761,6 +770,13 @@ class Controller:
                 if kind == "slo_change" and not inc_pred.get("meets_slo", True) and full_pred.get("meets_slo"):
                     budget = float("inf")  # a missed SLO justifies a full re-deployment
                 ok, why = M.prefer_full_plan(inc_pred, full_pred, moved, budget, gain)
+                if ok:
+                    over = transition_overflow(full, self.deployed, self._alive("agent"), self.source.nbytes,
+                                               self._capacities())
+                    if over:
+                        ok = False
+                        why = (f"full re-plan rejected: make-before-break does not fit on "
+                               + ", ".join(f"{s} ({n} > {c} bytes)" for s, (n, c) in sorted(over.items())))
                 notes.append(why)
                 if ok:
                     target = replace(full, reasons=(why,) + full.reasons)
@@ -783,14 +799,14 @@ class Controller:
             return {"trigger": kind, "actions": 0, "bytes_moved": 0}
         outcome = self._execute(self.plan, target, actions)
         t2 = time.monotonic_ns()
-        self.plan = target
+        self.plan = outcome.effective
         rec = {"trigger": kind, "detected_ns": detected_ns, "detect_s": detect_s, "replan_s": (t1 - t0) / 1e9,
                "migrate_s": (t2 - t1) / 1e9, "bytes_moved": outcome.bytes_moved, "actions": len(actions),
                "loads": len(outcome.loaded), "drops": len(outcome.dropped), "failed_loads": len(outcome.failed),
                "unplaced": [list(k) for k in outcome.unplaced[:8]], "entries_updated": outcome.entries_updated,
                "placement_version": self.placement_version,
                "action_kinds": _count(a.kind for a in actions), **pred,
-               "reasons": reasons + notes + list(target.reasons)[:12]}
+               "reasons": list(dict.fromkeys(reasons + notes + list(target.reasons)))[:24]}
         self.redeployments.append(rec)
         self._event("redeployment", **rec)
         return rec

@@ -244,3 +244,26 @@ def test_full_plan_only_when_clearly_better_and_within_budget():
     assert not ok and "slo" in why
     ok, why = M.prefer_full_plan(inc, {"token_ms_max": 7.0, "meets_slo": True, "meets_quality": True}, 10, 100)
     assert ok and "7.000 vs 10.000" in why
+
+
+def test_transition_overflow_counts_old_and_new_copies_and_in_place_rebits():
+    from controller.deployer import transition_overflow
+    nb = lambda l, e, b: 100 * b  # noqa: E731
+    target = _plan([[["e2"], ["e2"]]], bits=[4, 4])
+    held = {"e2": {(0, 0, 8)}, "e3": {(0, 1, 4)}}
+    # e2: (0,0) re-bitted 8 -> 4 in place (400 replaces 800) + (0,1) new 400: peak 800
+    assert transition_overflow(target, held, {"e2", "e3"}, nb, {"e2": 800, "e3": 400}) == {}
+    assert transition_overflow(target, held, {"e2", "e3"}, nb, {"e2": 799, "e3": 400}) == {"e2": (800, 799)}
+
+
+def test_effective_plan_records_what_is_really_deployed():
+    from controller.deployer import effective_plan
+    target = _plan([[["e2"], ["e3"]]], bits=[4, 4])
+    assert effective_plan(target, {"e2": {(0, 0, 4)}, "e3": {(0, 1, 4)}}, {"e2", "e3"}) is target
+    # (0,1) failed to load on e3 and still lives (at 8 bits) on e1: that is the truth to plan from
+    eff = effective_plan(target, {"e1": {(0, 1, 8)}, "e2": {(0, 0, 4)}, "e3": set()}, {"e1", "e2", "e3"})
+    assert eff.placement[0][1] == ("e1",) and eff.bits[0][1] == 8 and eff.placement[0][0] == ("e2",)
+    assert "failed loads" in eff.reasons[-1]
+    # nobody holds it: keep the target's entry so the next re-plan loads it again
+    eff = effective_plan(target, {"e2": {(0, 0, 4)}}, {"e2", "e3"})
+    assert eff.placement[0][1] == ("e3",)
