@@ -81,23 +81,28 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise NodeError(f"agent{i} ({self.endpoints[i]}) not answering after {timeout_s:.0f} s")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 3.0) -> None:
+        """SHUTDOWN to all at once, then SIGTERM, then SIGKILL whatever is still running."""
         for c in self.clients:
             try:
-                c.call(P.MsgType.SHUTDOWN, timeout_s=0.5)
+                c.send(P.encode(P.MsgType.SHUTDOWN, 0, src="serve-local"))
             except Exception:
                 pass
-            c.close()
-        for p in self.procs:
-            try:
-                p.wait(2)
-            except subprocess.TimeoutExpired:
-                p.terminate()
+        deadline = time.monotonic() + grace_s
+        for sig in ("none", "terminate", "kill"):
+            for p in self.procs:
+                if p.poll() is None and sig != "none":
+                    getattr(p, sig)()
+            for p in self.procs:
                 try:
-                    p.wait(3)
+                    p.wait(max(0.05, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(3)
+                    pass
+            if all(p.poll() is not None for p in self.procs):
+                break
+            deadline = time.monotonic() + 2.0
+        for c in self.clients:
+            c.close()
         self.clients, self.procs = [], []
 
     def kill(self, i: int) -> None:
