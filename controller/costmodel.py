@@ -320,14 +320,11 @@ def layout_to_plan(profile: Profile, cluster: Cluster, reqs: Requirements, lay: 
     order = np.argsort(cluster.latency_matrix_ms[ref], kind="stable")
     rank = np.empty(S, dtype=int)
     rank[order] = np.arange(S)
-    placement = []
-    for l in range(L):
-        row = []
-        for e in range(E):
-            hs = np.nonzero(lay.hosted[l, e])[0]
-            hs = sorted(hs, key=lambda v: (rank[v], v))
-            row.append(tuple(names[v] for v in hs))
-        placement.append(tuple(row))
+    by_rank = np.lexsort((np.arange(S), rank))  # servers best-first (rank, then index)
+    cells: list[list[list[str]]] = [[[] for _ in range(E)] for _ in range(L)]
+    for l, e, k in np.argwhere(lay.hosted[:, :, by_rank]):  # row-major: each cell's servers in rank order
+        cells[l][e].append(names[by_rank[k]])
+    placement = [tuple(tuple(c) for c in row) for row in cells]
     ondem = []
     for v in range(S):
         items = tuple((int(l), int(e)) for l, e in np.argwhere(lay.on_demand[:, :, v]))

@@ -110,9 +110,13 @@ def place_experts(profile: Profile, cluster: Cluster, reqs: Requirements, bits: 
         st.q, st.psum = involvement(coact, first, p_has, S)
         st.q = np.where(st.psum > 0, st.q, 0.0)
         st.work = _per_server(first, p_has * eb / bw[first] * 1e3, S)
-        onehot = np.zeros((L, E, S))
-        np.put_along_axis(onehot, first[..., None], has[..., None].astype(float), axis=2)
-        st.A = profile.coact_same @ onehot
+        for l in range(L):  # A[l, :, v] = sum of co-activation with the experts v already holds
+            es_l = np.nonzero(has[l])[0]
+            if not len(es_l):
+                continue
+            order = es_l[np.argsort(first[l, es_l], kind="stable")]
+            vs, starts = np.unique(first[l, order], return_index=True)
+            st.A[l][:, vs] = np.add.reduceat(profile.coact_same[l][:, order], starts, axis=1)
     if todo is None:
         todo = ~hosted.any(2)
     # per layer: experts to place, hottest first (ties by id)
