@@ -122,7 +122,7 @@ def one(topo_name: str, model: str, event: str, duration_s: float, at_s: float, 
     topo = load_topology(topo_name)
     target = choose_targets(topo, offline_plan(topo, model))[event]
     sc = parse_scenario(scenario_yaml(topo_name, model, target, duration_s, at_s, static,
-                                      f"bench-{topo_name}-{event}"), "bench")
+                                      f"bench-{Path(topo_name).stem}-{event}"), "bench")
     log = io.StringIO()
     t0 = time.monotonic()
     res = run_scenario(sc, RunOptions(out_dir=out, live_progress=False), stream=log)
@@ -195,9 +195,9 @@ def plot_compare(rows: list[dict], path: Path) -> None:
         tr = merge(sorted((run / "raw").glob("*.jsonl")))
         start = next((e["t_ns"] for e in tr.events if e["event"] == "traffic_start"), tr.t0_ns)
         reqs = tr.requests()
-        ok = [((q["t1_ns"] - start) / 1e9, q["attrs"]["tpot_ms"]) for q in reqs
+        ok = [((q["t0_ns"] - start) / 1e9, q["attrs"]["tpot_ms"]) for q in reqs
               if q["attrs"].get("ok") and q["attrs"].get("tpot_ms") is not None]
-        lost = [(q["t1_ns"] - start) / 1e9 for q in reqs if not q["attrs"].get("ok")]
+        lost = [(q["t0_ns"] - start) / 1e9 for q in reqs if not q["attrs"].get("ok")]
         if ok:
             ax.scatter(*zip(*ok), s=12, label="ok (per-token latency)")
         if lost:
@@ -210,11 +210,11 @@ def plot_compare(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{'static (--static)' if r['static'] else 'adaptive (CoEL re-deployment)'}: "
                      f"{r['topology']}, {r['event']} of {r['target']}", fontsize=9)
         ax.set_ylabel("ms/token")
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=-2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    axes[-1].set_xlabel("request finish time since traffic start (s); red dashed: fault, purple dotted: "
-                        "re-deployment")
+    axes[-1].set_xlabel("request submit time since traffic start (s); x at 0: lost; red dashed: fault, "
+                        "purple dotted: re-deployment")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -233,9 +233,13 @@ def main() -> int:
     ap.add_argument("--static-vs-adaptive", action="store_true",
                     help="run one schedule (--topologies' first, --events' first) static and adaptive")
     ap.add_argument("--plot", default=None, help="with --static-vs-adaptive: write the comparison plot here")
+    ap.add_argument("--replot", default=None, help="redraw --plot from this --json-out file (no runs)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.replot:
+        plot_compare(json.loads(Path(a.replot).read_text())["rows"], Path(a.plot or "static_vs_adaptive.png"))
+        return 0
     model = a.model
     if a.static_vs_adaptive and a.topologies is None:
         # the tight topology, whose budgets force an inter-server plan, with the tests' small model
