@@ -184,14 +184,37 @@ class ServerObservation:
     bw_ratio: float = 1.0  # current goodput / initial goodput (<= 1 means slower)
     extra_delay_ms: float = 0.0  # one-way delay added since the start (RTT rise / 2)
     load: float = 0.0  # fraction of the server's CPU taken by others / overload
+    memory_bytes: int | None = None  # shard budget left by a squeezed memory cgroup (None = as planned)
 
 
-def observation_of(st: ProbeState | None, alive: bool, load: float = 0.0) -> ServerObservation:
+def resource_observation(stats: dict[str, Any], memory_mb: float, cpu_share: float, n_cpus: int,
+                         agent_overhead_mb: float) -> tuple[int | None, float]:
+    """(memory_bytes, load) implied by an agent's reported cgroup limits: the shard budget is
+    the memory limit minus the agent's own overhead (topology convention: limit = memory_mb +
+    agent_overhead_mb), never above memory_mb; load = share of the planned CPU the quota took
+    away. (None, 0.0) when the limits are absent or at least as planned."""
+    mem = None
+    lim = stats.get("cgroup_memory_limit_bytes")
+    if isinstance(lim, (int, float)) and lim > 0:
+        budget = int(lim - agent_overhead_mb * (1 << 20))
+        planned = int(memory_mb * (1 << 20))
+        if budget < planned - 2 * 4096:  # the kernel rounds limits to pages: that is not a squeeze
+            mem = max(budget, 0)
+    load = 0.0
+    cores = stats.get("cgroup_cpu_cores")
+    nominal = cpu_share * n_cpus
+    if isinstance(cores, (int, float)) and cores > 0 and nominal > 0 and cores < nominal:
+        load = min(0.95, 1.0 - cores / nominal)
+    return mem, round(load, 3)
+
+
+def observation_of(st: ProbeState | None, alive: bool, load: float = 0.0,
+                   memory_bytes: int | None = None) -> ServerObservation:
     if st is None or st.base_rtt_ms is None or st.initial_goodput_mbit is None:
-        return ServerObservation(alive=alive, load=load)
+        return ServerObservation(alive=alive, load=load, memory_bytes=memory_bytes)
     ratio = min(1.0, st.base_goodput_mbit / st.initial_goodput_mbit) if st.degraded else 1.0
     extra = max(0.0, (st.base_rtt_ms - st.initial_rtt_ms) / 2) if st.degraded else 0.0
-    return ServerObservation(alive, ratio, extra, load)
+    return ServerObservation(alive, ratio, extra, load, memory_bytes)
 
 
 def access_link(cluster: Cluster, server: str, towards: str | None) -> tuple[str, str] | None:
@@ -240,6 +263,11 @@ def observed_cluster(base: Cluster, observations: dict[str, ServerObservation],
         if ob.load > 0.0:
             cl = cl.with_server(name, load=min(max(ob.load, 0.0), 0.95))
             notes.append(f"server {name} load {ob.load:.2f}")
+        if ob.memory_bytes is not None:
+            before = cl.server(name).memory_bytes
+            cl = cl.with_server(name, memory_bytes=int(ob.memory_bytes))
+            notes.append(f"server {name} memory {before / (1 << 20):.2f} -> {ob.memory_bytes / (1 << 20):.2f} MiB "
+                         f"(cgroup limit)")
     return cl, notes
 
 

@@ -303,6 +303,7 @@ class Controller:
         self.replans = 0
         self.probe_state: dict[str, M.ProbeState] = {}
         self.overloaded: set[str] = set()
+        self.planned_resources: dict[str, tuple[int | None, float]] = {}  # what the last plan assumed
         self.requests: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -544,12 +545,26 @@ class Controller:
                 M.add_probe(st, rtt, gp, time.monotonic_ns(), mc)
             self._event("baseline", server=name, rtt_ms=st.base_rtt_ms, goodput_mbit=st.base_goodput_mbit)
 
+    def _resources(self) -> dict[str, tuple[int | None, float]]:
+        """Per server (memory_bytes, load) from its agent's reported cgroup limits."""
+        peers = self.registry.snapshot()
+        out = {}
+        for s in self.topo.servers:
+            p = peers.get(("agent", s.name))
+            if p is not None and p.alive:
+                out[s.name] = M.resource_observation(p.stats, s.memory_mb, s.cpu_share, os.cpu_count() or 1,
+                                                     self.topo.agent_overhead_mb)
+        return out
+
     def _observed(self):
         alive = self._alive("agent")
+        res = self._resources()
+        self.planned_resources = res
         obs = {}
         for s in self.topo.servers:
-            load = 0.5 if s.name in self.overloaded else 0.0
-            obs[s.name] = M.observation_of(self.probe_state.get(s.name), s.name in alive, load)
+            mem, load = res.get(s.name, (None, 0.0))
+            load = max(load, 0.5 if s.name in self.overloaded else 0.0)
+            obs[s.name] = M.observation_of(self.probe_state.get(s.name), s.name in alive, load, mem)
         return M.observed_cluster(self.base_cluster, obs, self.topo.controller.name)
 
     def _requirements_for(self, cluster) -> Any:
@@ -706,6 +721,16 @@ class Controller:
                 elif not over and name in self.overloaded and p.cpu_hist and \
                         p.cpu_hist[-1] < 50.0 * share:
                     self.overloaded.discard(name)
+            # 4b. cgroup squeezes (memory limit / CPU quota changed under an agent)
+            if self.plan is not None:
+                for name, (mem, load) in self._resources().items():
+                    old_mem, old_load = self.planned_resources.get(name, (None, 0.0))
+                    if mem != old_mem and (mem is None or old_mem is None or abs(mem - old_mem) > 0.05 * max(old_mem, 1)) \
+                            or abs(load - old_load) > 0.1:
+                        self.planned_resources[name] = (mem, load)
+                        pending.append(M.Trigger("resource_change", now, f"agent {name}: shard memory "
+                                                 f"{'as planned' if mem is None else f'{mem / (1 << 20):.2f} MiB'}, "
+                                                 f"cpu load {load:.2f} (cgroup limits)", name))
             # 5. API and schedule
             while True:
                 try:

@@ -27,6 +27,7 @@ import zmq
 
 from coel_model.errors import ConfigError
 from nodes import protocol as P
+from nodes.cgroups import cgroup_limits
 from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
 from nodes.transport import (DelayHook, HeldInbox, decode_activations, encode_activations, peer_address,
                              send_frames)
@@ -535,7 +536,7 @@ class Agent:
                 "available_bytes": psutil.virtual_memory().available, "load1": os.getloadavg()[0],
                 "memory_used_bytes": self.store.used_bytes, "memory_budget_bytes": self.store.budget_bytes,
                 "shards": len(self.store.shards), "expert_calls": self.counters["expert_calls"],
-                "t_ns": time.monotonic_ns()}
+                "t_ns": time.monotonic_ns(), **cgroup_limits()}  # cgroup: the controller sees squeezes
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "endpoint": self.cfg.endpoint, "protocol": P.PROTOCOL_VERSION,

@@ -267,3 +267,38 @@ def test_effective_plan_records_what_is_really_deployed():
     # nobody holds it: keep the target's entry so the next re-plan loads it again
     eff = effective_plan(target, {"e2": {(0, 0, 4)}}, {"e2", "e3"})
     assert eff.placement[0][1] == ("e3",)
+
+
+def test_cgroup_limits_v1_and_v2(tmp_path):
+    from nodes.cgroups import cgroup_limits
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/mn-e2\n3:cpu,cpuacct:/mn-e2\n1:cpuset:/\n")
+    (tmp_path / "sys/memory/mn-e2").mkdir(parents=True)
+    (tmp_path / "sys/memory/mn-e2/memory.limit_in_bytes").write_text("734003200\n")
+    (tmp_path / "sys/cpu/mn-e2").mkdir(parents=True)
+    (tmp_path / "sys/cpu/mn-e2/cpu.cfs_quota_us").write_text("20000\n")
+    (tmp_path / "sys/cpu/mn-e2/cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_limits(proc, tmp_path / "sys") == {"cgroup_memory_limit_bytes": 734003200, "cgroup_cpu_cores": 0.2}
+    (tmp_path / "sys/cpu/mn-e2/cpu.cfs_quota_us").write_text("-1\n")  # unlimited
+    (tmp_path / "sys/memory/mn-e2/memory.limit_in_bytes").write_text(str(2 ** 63 - 4096))
+    assert cgroup_limits(proc, tmp_path / "sys") == {}
+    proc.write_text("0::/run/x\n")
+    (tmp_path / "sys/run/x").mkdir(parents=True)
+    (tmp_path / "sys/run/x/memory.max").write_text("max\n")
+    (tmp_path / "sys/run/x/cpu.max").write_text("50000 100000\n")
+    assert cgroup_limits(proc, tmp_path / "sys") == {"cgroup_cpu_cores": 0.5}
+    assert cgroup_limits(tmp_path / "missing", tmp_path / "sys") == {}
+
+
+def test_resource_observation_reads_squeezes_from_cgroup_limits():
+    MiB = 1 << 20
+    # as built by the testbed: limit = memory_mb + overhead, quota = share x cores -> as planned
+    assert M.resource_observation({"cgroup_memory_limit_bytes": int(700.25 * MiB) - 100, "cgroup_cpu_cores": 0.4},
+                                  0.25, 0.2, 2, 700) == (None, 0.0)
+    mem, load = M.resource_observation({"cgroup_memory_limit_bytes": int(700.1 * MiB), "cgroup_cpu_cores": 0.1},
+                                       0.25, 0.2, 2, 700)
+    assert mem == pytest.approx(0.1 * MiB, abs=2) and load == 0.75
+    assert M.resource_observation({}, 0.25, 0.2, 2, 700) == (None, 0.0)  # loopback: no limits
+    cl, notes = M.observed_cluster(_star(), {"e2": M.ServerObservation(memory_bytes=MiB, load=0.5)}, "ctl")
+    assert cl.server("e2").memory_bytes == MiB and cl.server("e2").load == 0.5
+    assert any("10.00 -> 1.00 MiB" in n for n in notes)
