@@ -67,14 +67,44 @@ def time_raw(sock: zmq.Socket, payload: bytes, n: int) -> list[float]:
     return out
 
 
-def time_agent(c: AgentClient, mtype: P.MsgType, body: dict, x: torch.Tensor, n: int) -> tuple[list[float], list[float]]:
+def time_agent(c: AgentClient, mtype: P.MsgType, body: dict, x: torch.Tensor, n: int,
+               stamps: dict | None = None) -> tuple[list[float], list[float]]:
     rtts, computes = [], []
-    for _ in range(n):
+    for i in range(n):
+        trace = f"h{len(stamps)}" if stamps is not None else None
         t0 = time.perf_counter_ns()
-        r = c.call(mtype, body, {"x": x}, timeout_s=10)
+        m0 = time.monotonic_ns()
+        r = c.call(mtype, body, {"x": x}, timeout_s=10, trace=trace)
+        m1 = time.monotonic_ns()
         rtts.append((time.perf_counter_ns() - t0) / 1e3)
         computes.append(r.body.get("compute_ns", 0) / 1e3)
+        if stamps is not None:
+            stamps[trace] = (m0, m1)
     return rtts, computes
+
+
+def decompose(stamps: dict, trace_file: Path) -> dict:
+    """Medians of where an EXPERT_CALL's time goes, from the agent's spans (shared monotonic clock)."""
+    spans: dict[str, dict] = {}
+    for line in trace_file.read_text().splitlines():
+        rec = json.loads(line)
+        spans.setdefault(rec["trace_id"], {})[rec["span"]] = (rec["t0_ns"], rec["t1_ns"])
+    parts: dict[str, list[float]] = {k: [] for k in ("client_send_to_agent_recv", "agent_decode_dispatch",
+                                                       "agent_compute", "agent_encode_send",
+                                                       "agent_send_to_client_return")}
+    for tid, (m0, m1) in stamps.items():
+        sp = spans.get(tid)
+        if not sp or "remote_reply" not in sp:
+            continue
+        q0, q1 = sp["remote_queue"]
+        c0, c1 = sp["remote_compute"]
+        r0, r1 = sp["remote_reply"]
+        parts["client_send_to_agent_recv"].append((q0 - m0) / 1e3)
+        parts["agent_decode_dispatch"].append((q1 - q0) / 1e3)
+        parts["agent_compute"].append((c1 - c0) / 1e3)
+        parts["agent_encode_send"].append((r1 - r0) / 1e3)
+        parts["agent_send_to_client_return"].append((m1 - r1) / 1e3)
+    return {k: statistics.median(v) for k, v in parts.items() if v}
 
 
 def run(d: int, hidden: int, n: int, rounds: int) -> dict:
@@ -98,7 +128,10 @@ def run(d: int, hidden: int, n: int, rounds: int) -> dict:
             secure_client(req, keys)
             req.connect(ep)
             mem_mb = 3 * d * hidden * 2 / 2**20 + 1
-            with LocalCluster(1, mem_mb, kd, extra_args=["--fp16-kernel", "fast"]) as lc:
+            trace_dir = Path(tmp) / f"trace-{int(secure)}"
+            trace_dir.mkdir()
+            stamps: dict = {}
+            with LocalCluster(1, mem_mb, kd, extra_args=["--fp16-kernel", "fast"], trace_dir=str(trace_dir)) as lc:
                 c = lc.clients[0]
                 w = {"0/w_gate": torch.randn(hidden, d).half() * 0.02, "0/w_up": torch.randn(hidden, d).half() * 0.02,
                      "0/w_down": torch.randn(d, hidden).half() * 0.02}
@@ -111,7 +144,7 @@ def run(d: int, hidden: int, n: int, rounds: int) -> dict:
                 for _ in range(rounds):
                     raw += time_raw(req, payload, n)
                     probe += time_agent(c, P.MsgType.PROBE, {}, x, n)[0]
-                    r, cc = time_agent(c, P.MsgType.EXPERT_CALL, {"layer": 0, "expert": 0}, x, n)
+                    r, cc = time_agent(c, P.MsgType.EXPERT_CALL, {"layer": 0, "expert": 0}, x, n, stamps)
                     call += r
                     comp += cc
                 req_frames = P.encode(P.MsgType.EXPERT_CALL, 1, {"layer": 0, "expert": 0}, {"x": x})
@@ -127,10 +160,16 @@ def run(d: int, hidden: int, n: int, rounds: int) -> dict:
                 "call_minus_compute_us": med([a - b for a, b in zip(call, comp)]),
                 "ratio_call_vs_raw": med(call) / med(raw), "ratio_probe_vs_raw": med(probe) / med(raw),
                 "ratio_call_minus_compute_vs_raw": med([a - b for a, b in zip(call, comp)]) / med(raw),
+                "p10_raw_us": statistics.quantiles(raw, n=10)[0],
+                "p10_probe_us": statistics.quantiles(probe, n=10)[0],
+                "p10_call_us": statistics.quantiles(call, n=10)[0],
+                "p10_compute_us": statistics.quantiles(comp, n=10)[0],
+                "ratio_p10_call_vs_raw": statistics.quantiles(call, n=10)[0] / statistics.quantiles(raw, n=10)[0],
+                "ratio_p10_probe_vs_raw": statistics.quantiles(probe, n=10)[0] / statistics.quantiles(raw, n=10)[0],
                 "p90_raw_us": statistics.quantiles(raw, n=10)[-1],
                 "p90_call_us": statistics.quantiles(call, n=10)[-1],
                 "payload_bytes": len(payload), "call_request_bytes": P.frames_nbytes(req_frames),
-                "samples": len(raw)}
+                "samples": len(raw), "call_decomposition_us": decompose(stamps, trace_dir / "agent0.jsonl")}
     return {"benchmark": "hop_overhead", "d_model": d, "expert_hidden": hidden, "dtype": "float16",
             "n_per_round": n, "rounds": rounds, "cpu_count": os.cpu_count(),
             "load1_at_end": os.getloadavg()[0], "results": results}
@@ -145,6 +184,14 @@ def table(res: dict) -> str:
         lines.append(f"{tag:6} {r['raw_us']:15.1f} {r['probe_us']:9.1f} {r['call_us']:15.1f} {r['compute_us']:11.1f} "
                      f"{r['ratio_call_vs_raw']:9.2f} {r['ratio_call_minus_compute_vs_raw']:19.2f} "
                      f"{r['ratio_probe_vs_raw']:10.2f}")
+    for tag, r in res["results"].items():
+        lines.append(f"{tag} EXPERT_CALL decomposition (medians, us): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in r["call_decomposition_us"].items()))
+    lines.append("10th percentiles (least disturbed by other processes on the 2 shared cores):")
+    for tag, r in res["results"].items():
+        lines.append(f"{tag:6} {r['p10_raw_us']:15.1f} {r['p10_probe_us']:9.1f} {r['p10_call_us']:15.1f} "
+                     f"{r['p10_compute_us']:11.1f} {r['ratio_p10_call_vs_raw']:9.2f} {'':19} "
+                     f"{r['ratio_p10_probe_vs_raw']:10.2f}")
     return "\n".join(lines)
 
 

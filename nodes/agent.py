@@ -521,13 +521,15 @@ class Agent:
             body = {"queue_ns": t0 - it.t_recv_ns, "compute_ns": t1 - t0, "batch": len(items)}
             if comp:
                 body["compression"] = comp
+            t2 = time.monotonic_ns()
             it.reply(P.encode(P.MsgType.EXPERT_REPLY, it.msg.req_id, body, tensors, trace=it.msg.trace,
                               src=self.name))
             if self.tracer is not None and it.msg.trace:
                 attrs = {"layer": shard.layer, "expert": shard.expert, "tokens": int(xi.shape[0]),
-                         "batch": len(items)}
+                         "batch": len(items), "req_id": it.msg.req_id}
                 self.tracer.span(it.msg.trace, "remote_queue", it.t_recv_ns, t0, **attrs)
                 self.tracer.span(it.msg.trace, "remote_compute", t0, t1, **attrs)
+                self.tracer.span(it.msg.trace, "remote_reply", t2, time.monotonic_ns(), **attrs)
 
     # ---------------- reporting ----------------
     def stats(self) -> dict[str, Any]:

@@ -55,10 +55,10 @@ def endpoint_host(endpoint: str) -> str:
 
 
 def send_frames(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> int:
-    """Send a message; large ones zero-copy (pyzmq's zero-copy path costs more than copying a few KB)."""
-    n = P.frames_nbytes(frames)
-    sock.send_multipart(frames, copy=n < P.ZERO_COPY_MIN_BYTES, flags=flags)
-    return n
+    """Send a message with copy=False: pyzmq then copies frames under its copy_threshold (64 KiB)
+    itself, cheaply, and sends larger ones zero-copy (copy=True on a memoryview is ~3x slower)."""
+    sock.send_multipart(frames, copy=False, flags=flags)
+    return P.frames_nbytes(frames)
 
 
 class HeldInbox:
