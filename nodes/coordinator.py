@@ -286,14 +286,20 @@ class Coordinator:
                     if why is not None:
                         self._retry(layer, call, why, placement, inflight, layer_deadline, prot)
                 now = time.monotonic()
-                for rid, call in list(inflight.items()):
-                    if now >= call.deadline or now >= layer_deadline:
+                expired = {c.endpoint for c in inflight.values() if now >= c.deadline or now >= layer_deadline}
+                for ep in expired:  # ban them all first so no retry lands on another silent one
+                    self.chooser.fail(ep, now)
+                for ep in sorted(expired):
+                    # Lazy Pirate: recreate the socket (dropping what is queued to the silent peer) and
+                    # move every call still waiting on it, not only the one that timed out
+                    self._reset_sock(ep)
+                    limit = min(self.cfg.call_timeout_s, self.cfg.layer_deadline_s)
+                    for rid, call in [(r, c) for r, c in inflight.items() if c.endpoint == ep]:
                         del inflight[rid]
-                        self.chooser.inflight[call.endpoint] -= 1
-                        self._reset_sock(call.endpoint)  # Lazy Pirate: drop queued requests to it
-                        limit = min(self.cfg.call_timeout_s, self.cfg.layer_deadline_s)
-                        self._retry(layer, call, f"no reply within {limit:.2f} s", placement, inflight,
-                                    layer_deadline, prot)
+                        self.chooser.inflight[ep] -= 1
+                        why = (f"no reply within {limit:.2f} s" if now >= call.deadline or now >= layer_deadline
+                               else f"abandoned: {ep} went silent on another call")
+                        self._retry(layer, call, why, placement, inflight, layer_deadline, prot)
         except BaseException:
             for call in inflight.values():  # keep the load estimate honest
                 self.chooser.inflight[call.endpoint] -= 1
