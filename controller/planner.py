@@ -121,7 +121,7 @@ def replan(current: Plan, profile: Profile, cluster: Cluster, requirements: Requ
         here = np.argwhere(lay.hosted[:, :, v])
         copies = lay.hosted.sum(2)[here[:, 0], here[:, 1]]
         pop = profile.popularity[here[:, 0], here[:, 1]]
-        order = np.lexsort((pop, -(copies > 1)))  # replicas first, coldest first
+        order = np.lexsort((pop, -(copies > 1).astype(int)))  # replicas first, coldest first
         for k in order:
             if mem[v] <= ctx.capacity[v]:
                 break
