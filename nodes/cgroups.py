@@ -3,6 +3,7 @@ see a CPU or memory squeeze by observation (the testbed changes the host's cgrou
 the controller). Pure apart from reading /proc and /sys; the roots can be injected for tests."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 UNLIMITED_BYTES = 1 << 60  # v1 reports "no limit" as a huge number near 2**63
@@ -27,9 +28,31 @@ def cgroup_paths(proc_cgroup: str) -> dict[str, str]:
     return out
 
 
-def cgroup_limits(proc: Path = Path("/proc/self/cgroup"), sysfs: Path = Path("/sys/fs/cgroup")) -> dict[str, float]:
+def cgroup_root(candidates: list[Path] | None = None) -> Path | None:
+    """Where the cgroup hierarchies are mounted as seen from here. A Mininet host remounts /sys
+    for its network namespace, which hides /sys/fs/cgroup; the parent process (the launcher,
+    in the root mount namespace) still sees it through /proc/<ppid>/root."""
+    for root in candidates or [Path("/sys/fs/cgroup"), Path(f"/proc/{os.getppid()}/root/sys/fs/cgroup")]:
+        try:
+            if (root / "memory").is_dir() or (root / "cpu").is_dir() or (root / "cgroup.controllers").exists():
+                return root
+        except OSError:
+            continue
+    return None
+
+
+_ROOT: list[Path | None] = []
+
+
+def cgroup_limits(proc: Path = Path("/proc/self/cgroup"), sysfs: Path | None = None) -> dict[str, float]:
     """{"cgroup_memory_limit_bytes", "cgroup_cpu_cores"} for the limits that are set (keys absent
-    when unlimited or unreadable)."""
+    when unlimited or unreadable). The mount point is found once per process."""
+    if sysfs is None:
+        if not _ROOT:
+            _ROOT.append(cgroup_root())
+        sysfs = _ROOT[0]
+        if sysfs is None:
+            return {}
     text = _read(proc)
     if text is None:
         return {}

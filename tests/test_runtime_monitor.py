@@ -302,3 +302,29 @@ def test_resource_observation_reads_squeezes_from_cgroup_limits():
     cl, notes = M.observed_cluster(_star(), {"e2": M.ServerObservation(memory_bytes=MiB, load=0.5)}, "ctl")
     assert cl.server("e2").memory_bytes == MiB and cl.server("e2").load == 0.5
     assert any("10.00 -> 1.00 MiB" in n for n in notes)
+
+
+def test_replan_after_a_memory_squeeze_drops_and_rehomes_copies():
+    """What a resource_change trigger runs: the observed cluster with a server's squeezed budget."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from runtime_fixtures import tiny_cfg
+    from controller.cluster import cluster_from_dict
+    from controller.plan import single_class
+    from controller.planner import plan
+    from controller.profile import synthetic_profile
+    prof = synthetic_profile(tiny_cfg(), seed=1)
+    cl = cluster_from_dict({"servers": [{"name": n, "memory_mb": 0.2} for n in ("a1", "a2", "a3")],
+                            "links": [{"a": n, "b": "hub", "bw_mbit": 1000, "latency_ms": 0.5}
+                                      for n in ("a1", "a2", "a3")], "nodes": ["hub"]})
+    reqs = single_class("a1")
+    p0 = plan(prof, cl, reqs, "coel")
+    held = sum(1 for row in p0.placement for reps in row if "a3" in reps)
+    assert held > 0
+    squeezed, _ = M.observed_cluster(cl, {"a3": M.ServerObservation(memory_bytes=20_000)})
+    p1 = plan(prof, squeezed, reqs, "coel", current=p0)
+    mem = p1.memory_map()
+    assert mem.get("a3", 0) <= 20_000
+    assert all(reps for row in p1.placement for reps in row)
+    assert any("over its memory" in r for r in p1.reasons), p1.reasons
