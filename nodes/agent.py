@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -584,7 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nodes.agent")
     add_agent_args(ap)
     args = ap.parse_args(argv)
-    return run_agent_process(agent_config_from_args(args), delay_hook_from_env(args.delay_file))
+    from coel_model.errors import CoelError
+    try:
+        return run_agent_process(agent_config_from_args(args), delay_hook_from_env(args.delay_file))
+    except CoelError as exc:  # one clear line, as `coel agent` prints it
+        print(f"nodes.agent: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def delay_hook_from_env(path: str | None = None) -> DelayHook | None:
