@@ -460,6 +460,8 @@ class Controller:
                          memory_used_bytes=p.stats.get("memory_used_bytes"),
                          memory_budget_bytes=p.stats.get("memory_budget_bytes"),
                          cpu_percent=p.stats.get("cpu_percent"), shards=len(self.deployed.get(name, ())),
+                         cgroup_memory_limit_bytes=p.stats.get("cgroup_memory_limit_bytes"),
+                         cgroup_cpu_cores=p.stats.get("cgroup_cpu_cores"),
                          overloaded=name in self.overloaded)
                 agents[name] = d
             else:
@@ -728,6 +730,8 @@ class Controller:
                     if mem != old_mem and (mem is None or old_mem is None or abs(mem - old_mem) > 0.05 * max(old_mem, 1)) \
                             or abs(load - old_load) > 0.1:
                         self.planned_resources[name] = (mem, load)
+                        self._event("resource_change", server=name, memory_bytes=mem, load=load,
+                                    previous_memory_bytes=old_mem, previous_load=old_load)
                         pending.append(M.Trigger("resource_change", now, f"agent {name}: shard memory "
                                                  f"{'as planned' if mem is None else f'{mem / (1 << 20):.2f} MiB'}, "
                                                  f"cpu load {load:.2f} (cgroup limits)", name))
