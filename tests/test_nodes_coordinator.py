@@ -183,3 +183,24 @@ def test_killing_an_agent_mid_request_completes_through_replica():
             assert time.monotonic() - t0 < 20
         finally:
             coord.close()
+
+
+def test_coordinator_holds_replies_for_the_emulated_path_delay(cluster, tmp_path):
+    from coel_model.model import route
+    from nodes.delayqueue import DelayTable, write_delay_file
+    model = tiny_model(5)
+    placement = round_robin_placement(CFG.n_layers, CFG.n_experts, cluster.endpoints)
+    deploy_experts(model, cluster, placement)
+    path = tmp_path / "delays.json"
+    write_delay_file(path, {"mode": "emulated", "peers": {"127.0.0.1": {"delay_ms": 30.0}}})
+    coord = Coordinator(model, placement, delay=DelayTable(path))
+    try:
+        h = torch.randn(3, CFG.d_model)
+        routing = route(model.layers[0].moe.router, h, CFG.top_k, True)
+        t0 = time.monotonic()
+        out = coord(0, routing, h)
+        took = time.monotonic() - t0
+        assert set(out) == set(routing.groups) and 0.030 <= took < 0.5, took
+        assert all(rtt >= 30.0 for rtt in coord.chooser.rtt_ms.values())
+    finally:
+        coord.close()
