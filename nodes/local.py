@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from coel_model.errors import ConfigError
 from coel_model.model import MoEModel
