@@ -286,7 +286,8 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
             name = e["attrs"].get("kind") or e["attrs"].get("trigger") or e["event"]
             axes[0].annotate(str(name), (x, 1), xycoords=("data", "axes fraction"), rotation=90,
                              va="top", ha="right", fontsize=7)
-    axes[0].legend(fontsize=7, loc="upper left")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, loc="upper left")
     axes[1].set_xlabel("time since start (s)")
     fig.suptitle("End-to-end latency over time (dashed: injected faults, dotted: re-deployments)")
     fig.tight_layout()
@@ -306,7 +307,8 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.set_ylabel("CDF")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("Latency CDF by phase")
     fig.tight_layout()
     p = out_dir / "latency_cdf.png"

@@ -326,7 +326,7 @@ class Runner:
             try:
                 last = self.control.call("STATUS", timeout_s=3.0)
             except ControlError:
-                last = last  # not up yet (importing torch, loading the model)
+                pass  # not up yet (importing torch, loading the model): keep the last answer
             if last is not None:
                 if last.get("state") == "serving":
                     return last
@@ -580,6 +580,8 @@ class Runner:
             if self.net is not None:
                 self.net.stop()
             (self.run_dir / "runner.pid").unlink(missing_ok=True)
+            if getattr(self, "control_ep", "").startswith("ipc://"):
+                Path(self.control_ep[len("ipc://"):]).unlink(missing_ok=True)  # the dead controller's socket
             for w in (self.fault_trace, getattr(self.net, "trace", None)):
                 if w is not None:
                     w.close()

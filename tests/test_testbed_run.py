@@ -139,3 +139,39 @@ def test_demo_like_run_writes_the_run_folder(demo_like):
     down = next(f for f in s["fault_responses"] if f["kind"] == "link_down")
     assert down["target"] == "s3-hub" and down["detect_s"] is not None, down
     assert_clean(run_dir)
+
+
+@mininet_test
+def test_ctrl_c_stops_everything_and_still_reports(tmp_path):
+    """`coel run` interrupted in its traffic phase: processes stopped, network gone, report built,
+    outcome 'interrupted', the run folder on the last line."""
+    import signal
+    import subprocess
+    import sys
+    from test_testbed_run_helpers import scenario_text
+    setup = setup_dir(tmp_path)
+    sc = tmp_path / "tb-interrupt.yaml"
+    sc.write_text(scenario_text("tb-interrupt", setup, ["{at_s: 20, kind: server_crash, server: s2}"],
+                                duration_s=40))
+    p = subprocess.Popen([sys.executable, "-m", "coel_model.cli", "run", str(sc), "--out", str(setup["out"])],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and not list(Path(setup["out"]).glob("*/runner.pid")):
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        time.sleep(4.0)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    (run_dir,) = list(Path(setup["out"]).iterdir())
+    assert out.strip().splitlines()[-1] == str(run_dir), (out[-1000:], err[-2000:])
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["outcome"] == "interrupted", meta.get("error")
+    assert (run_dir / "summary.json").exists() and (run_dir / "trace.json").exists()
+    assert not (run_dir / "runner.pid").exists()
+    assert_clean(run_dir)
