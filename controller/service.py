@@ -304,6 +304,7 @@ class Controller:
         self.probe_state: dict[str, M.ProbeState] = {}
         self.overloaded: set[str] = set()
         self.planned_resources: dict[str, tuple[int | None, float]] = {}  # what the last plan assumed
+        self.entries_behind: set[str] = set()  # entries that missed a placement update
         self.requests: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -384,11 +385,11 @@ class Controller:
                 out[name] = int(p.stats["memory_budget_bytes"])
         return out
 
-    def _agent_heard_recently(self, server: str) -> bool:
+    def _agent_heard_recently(self, server: str, role: str = "agent") -> bool:
         """Alive and heard within the liveness window (the main loop may be busy deploying)."""
         mc = self.cfg.monitor
         with self.registry.lock:
-            p = self.registry.peers.get(("agent", server))
+            p = self.registry.peers.get((role, server))
             if p is None or not p.alive:
                 return False
             limit = mc.liveness * M.heartbeat_period_s(p.hb_gaps_s, mc)
@@ -637,6 +638,10 @@ class Controller:
         for (role, name), p in sorted(peers.items()):
             if role != "entry" or not p.alive or (only is not None and name != only):
                 continue
+            if not self._agent_heard_recently(name, "entry"):  # cut off: it gets the placement when it is back
+                out.entries_failed.append((name, "silent"))
+                self.entries_behind.add(name)
+                continue
             problems: list[str] = []
             comp = entry_compression(target, name, servers, self.cfg.compression, problems)
             for why in problems:
@@ -648,10 +653,12 @@ class Controller:
                 try:
                     c.call(P.MsgType.PLACEMENT, body, timeout_s=self.cfg.deploy.placement_timeout_s)
                     out.entries_updated.append(name)
+                    self.entries_behind.discard(name)
                     break
                 except NodeError as exc:
                     if attempt == 2:
                         out.entries_failed.append((name, str(exc)[:200]))
+                        self.entries_behind.add(name)
                         self._event("placement_failed", entry=name, reason=str(exc)[:300])
 
     # ---------------- serving ----------------
@@ -694,6 +701,9 @@ class Controller:
                 elif was_lost or kind == "reregistered":
                     self._resync_agent(name, kind)
                     pending.append(M.Trigger("agent_rejoined", now, f"agent {name} {kind}", name))
+            for name in sorted(self.entries_behind):  # an entry that missed an update gets it once heard again
+                if self._agent_heard_recently(name, "entry"):
+                    self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
             # 3. probes
             while True:
                 try:
