@@ -217,6 +217,8 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
                                                 "detect_s_controller", "replan_s", "migrate_s", "bytes_moved",
                                                 "recovery_s", "actions", "action_kinds", "reasons")})
     per_link = link_bytes(trace)
+    # the controller's own links carry probes, heartbeats and shard loads, not tokens
+    ctl_hosts = {e["host"] for e in trace.events if e["event"] in ("controller_start", "serving")}
     t0 = trace.t0_ns
     return {
         "scenario": meta.get("scenario"),
@@ -231,6 +233,7 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
         "phases": {k: latency_stats(v) for k, v in sorted(by_phase.items(),
                                                         key=lambda kv: ["before", "during", "after"].index(kv[0]))},
         "bytes_on_wire": sum(per_link.values()),
+        "bytes_controller_links": sum(v for k, v in per_link.items() if set(k.split("-")) & ctl_hosts),
         "bytes_per_link": per_link,
         "faults": [{"t_s": (e["t_ns"] - t0) / 1e9, **e["attrs"]} for e in fault_events(trace)],
         "redeployments": redeploys,
@@ -373,8 +376,10 @@ def summary_table(summary: dict[str, Any]) -> str:
             "ttft_ms": summary["ttft_ms"], "tpot_ms": summary["tpot_ms"]})]:
         lines.append(f"{name:<8} {st['requests']:>5} {st['lost']:>5} {_fmt(st['ttft_ms']['p50']):>9} "
                      f"{_fmt(st['ttft_ms']['p95']):>9} {_fmt(st['tpot_ms']['p50']):>8} {_fmt(st['tpot_ms']['p95']):>8}")
+    ctl_b = summary.get("bytes_controller_links") or 0
     lines.append(f"bytes on the wire: {summary['bytes_on_wire'] / 1e6:.2f} MB over "
-                 f"{len(summary['bytes_per_link'])} links")
+                 f"{len(summary['bytes_per_link'])} links (of which {ctl_b / 1e6:.2f} MB on the controller's "
+                 "links: probes, heartbeats, shard loads)")
     rds = summary.get("redeployments", [])
     moved = sum(r.get("bytes_moved") or 0 for r in rds)
     lines.append(f"re-deployments: {len(rds)} ({moved / 1e6:.2f} MB of shards moved)")
