@@ -93,6 +93,12 @@ def recovery_s(reqs: list[dict[str, Any]], event_ns: int, baseline_p50_ms: float
     return None
 
 
+def time_origin(trace: Trace) -> int:
+    """Times in summary.json count from the clients' launch (the runner's traffic_start event,
+    which the scenario's at_s also counts from), else from the first record."""
+    return next((e["t_ns"] for e in trace.events if e["event"] == "traffic_start"), trace.t0_ns)
+
+
 CONTROLLER_REACTIONS = ("agent_lost", "entry_lost", "link_degraded", "link_recovered", "agent_reregistered",
                         "agent_registered", "overload")
 
@@ -154,7 +160,7 @@ def fault_responses(trace: Trace, reqs: list[dict[str, Any]], window_s: float = 
         base = latency_stats(before)["tpot_ms"]["p50"]
         lost = [r for r in reqs if not r["attrs"].get("ok") and r["t1_ns"] >= t and (nxt is None or r["t0_ns"] < nxt)]
         rec = {"kind": a.get("kind"), "target": "-".join(a["link"]) if isinstance(a.get("link"), list)
-               else a.get("server") or a.get("slo_class"), "t_s": (t - trace.t0_ns) / 1e9,
+               else a.get("server") or a.get("slo_class"), "t_s": round((t - time_origin(trace)) / 1e9, 3),
                "detect_s": None if first is None else round((first["t_ns"] - t) / 1e9, 3),
                "detected_by": None if first is None else first["event"] + ("" if named else " (unnamed)"),
                "redeployed": red is not None, "baseline_tpot_p50_ms": base,
@@ -212,14 +218,14 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
                 a["recovery_s"] = resp["recovery_s"]
         if ev_ns is not None and a.get("recovery_s") is None:
             a["recovery_s"] = recovery_s(reqs, int(ev_ns), before_p50)
-        a["t_s"] = (e["t_ns"] - trace.t0_ns) / 1e9
+        a["t_s"] = round((e["t_ns"] - time_origin(trace)) / 1e9, 3)
         redeploys.append({k: a.get(k) for k in ("t_s", "trigger", "fault", "fault_t_s", "detect_s",
                                                 "detect_s_controller", "replan_s", "migrate_s", "bytes_moved",
                                                 "recovery_s", "actions", "action_kinds", "reasons")})
     per_link = link_bytes(trace)
     # the controller's own links carry probes, heartbeats and shard loads, not tokens
     ctl_hosts = {e["host"] for e in trace.events if e["event"] in ("controller_start", "serving")}
-    t0 = trace.t0_ns
+    t0 = time_origin(trace)
     return {
         "scenario": meta.get("scenario"),
         "emulation_mode": meta.get("emulation_mode"),
