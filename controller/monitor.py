@@ -41,9 +41,13 @@ class MonitorConfig:
     probe_timeout_s: float = 1.0
     probe_window: int = 3  # recent samples: the best of them must be beyond the threshold (~1-1.5 s)
     baseline_probes: int = 5  # samples that define "normal" (median), taken back to back at start
-    bw_drop_ratio: float = 0.5  # goodput below this x baseline = bandwidth drop
-    rtt_rise_ratio: float = 2.0  # RTT above this x baseline = delay rise ...
+    # Thresholds: CPU contention on the shared 2-core machine was seen to halve probe goodput and
+    # double probe RTT (+8 ms) for seconds at a time (edge-star-5 demo, 3 entries + 5 agents), so a
+    # "change" must be larger than that: a 10x bandwidth drop or a +10 ms delay still is.
+    bw_drop_ratio: float = 0.3  # goodput below this x baseline = bandwidth drop
+    rtt_rise_ratio: float = 2.5  # RTT above this x baseline = delay rise ...
     rtt_rise_min_ms: float = 5.0  # ... and at least this many ms above it (loopback noise)
+    goodput_cap_factor: float = 1.5  # measurements above this x the path's nominal rate are artifacts
     min_transfer_ms: float = 2.0  # goodput probes faster than this are clamped (sub-ms scheduling noise
     #                               on fast links is not a "drop"; with 64 KiB this caps at ~524 Mbit/s)
     overload_cpu_frac: float = 0.95  # agent cpu use >= this x its cpu share ...

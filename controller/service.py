@@ -341,6 +341,12 @@ class Controller:
                               f"{mc.n_experts} d={mc.d_model} hidden={mc.expert_hidden}")
         return prof, note
 
+    def _cap_goodput(self, name: str, gp: float) -> float:
+        """A probe cannot be faster than its path: shaper bursts and timing artifacts are clipped
+        at goodput_cap_factor x the topology's bottleneck rate."""
+        nominal = self.nominal_mbit.get(name)
+        return min(gp, self.cfg.monitor.goodput_cap_factor * nominal) if nominal else gp
+
     def _nominal_rates(self) -> dict[str, float]:
         """Bottleneck rate (Mbit/s) of the topology path controller -> each server (probe sizing)."""
         from topologies import bottleneck_bw_mbit, shortest_path
@@ -545,7 +551,7 @@ class Controller:
                 except NodeError as exc:
                     self._event("probe_failed", server=name, reason=str(exc)[:200])
                     continue
-                M.add_probe(st, rtt, gp, time.monotonic_ns(), mc)
+                M.add_probe(st, rtt, self._cap_goodput(name, gp), time.monotonic_ns(), mc)
             self._event("baseline", server=name, rtt_ms=st.base_rtt_ms, goodput_mbit=st.base_goodput_mbit)
 
     def _resources(self) -> dict[str, tuple[int | None, float]]:
@@ -713,7 +719,7 @@ class Controller:
                 if err is not None:
                     continue  # a silent agent is judged by its heartbeats
                 st = self.probe_state.setdefault(name, M.ProbeState())
-                M.add_probe(st, rtt, gp, t_ns, mc)
+                M.add_probe(st, rtt, self._cap_goodput(name, gp), t_ns, mc)
                 v = M.probe_verdict(st, mc)
                 if v is not None:
                     kind, why = v
@@ -879,8 +885,8 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-window", type=int, default=3, help="recent probes compared with the baseline")
     p.add_argument("--probe-bytes", type=int, default=64 * 1024,
                    help="goodput probe payload when the path rate is unknown (else ~15 ms at the rate)")
-    p.add_argument("--bw-drop-ratio", type=float, default=0.5, help="goodput below this x baseline triggers")
-    p.add_argument("--rtt-rise-ratio", type=float, default=2.0, help="RTT above this x baseline triggers")
+    p.add_argument("--bw-drop-ratio", type=float, default=0.3, help="goodput below this x baseline triggers")
+    p.add_argument("--rtt-rise-ratio", type=float, default=2.5, help="RTT above this x baseline triggers")
     p.add_argument("--rtt-rise-min-ms", type=float, default=5.0, help="... and at least this many ms above it")
     p.add_argument("--no-compression", action="store_true", help="fp32 passthrough on every link")
     p.add_argument("--register-timeout-s", type=float, default=120.0)
