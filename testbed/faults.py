@@ -87,6 +87,7 @@ class FaultInjector:
         self.trace = trace  # TraceWriter of the testbed (raw/testbed-faults.jsonl)
         self.control = control  # controller.api.ControlClient (only for slo)
         self.history: list[FaultResult] = []
+        self.current_cpu: dict[str, float] = {}  # CPU shares changed by cpu_squeeze
 
     def apply(self, ev: Event, source: str = "scenario") -> FaultResult:
         """Inject one event; failures are recorded (ok=false) and returned, never raised, so a
@@ -174,8 +175,9 @@ class FaultInjector:
         host = self.net.host(server)
         if not hasattr(host, "setCPUFrac"):
             raise ConfigError(f"server {server}: its host has no CPU cgroup (built with cpu_limits off?)")
-        before = getattr(host, "cpu", None)
+        before = self.current_cpu.get(server, self.original.server(server).cpu_share)
         host.setCPUFrac(share, sched="cfs")
+        self.current_cpu[server] = share
         return {"cpu_share_before": before}
 
     def _mem(self, server: str, memory_mb: float) -> dict[str, Any]:

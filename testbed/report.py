@@ -84,6 +84,8 @@ def recovery_s(reqs: list[dict[str, Any]], event_ns: int, baseline_p50_ms: float
     after = sorted((r for r in reqs if r["t1_ns"] >= event_ns and (horizon_ns is None or r["t1_ns"] < horizon_ns)
                     and (not r["attrs"].get("ok") or r["attrs"].get("tpot_ms") is not None)),
                    key=lambda r: r["t1_ns"])
+    if not after:
+        return None  # nothing finished between the event and the horizon: cannot tell
     vals = [r["attrs"]["tpot_ms"] if r["attrs"].get("ok") else math.inf for r in after]
     need = min(window, len(after))
     for i in range(need - 1, len(after)):

@@ -597,8 +597,8 @@ class Runner:
         if any(self.raw.glob("*.jsonl")):
             try:
                 summary = build_report(self.run_dir)
-            except CoelError as exc:
-                error = (error + "; " if error else "") + f"report: {exc}"
+            except Exception as exc:  # the raw traces stay; `coel report` can be re-run after a fix
+                error = (error + "; " if error else "") + f"report: {type(exc).__name__}: {exc}"
         return RunResult(self.run_dir, summary, outcome, error, self.meta)
 
 

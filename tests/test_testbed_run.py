@@ -175,3 +175,39 @@ def test_ctrl_c_stops_everything_and_still_reports(tmp_path):
     assert (run_dir / "summary.json").exists() and (run_dir / "trace.json").exists()
     assert not (run_dir / "runner.pid").exists()
     assert_clean(run_dir)
+
+
+@mininet_test
+def test_every_fault_kind_applies_in_a_run(tmp_path):
+    """Each kind of event is really applied (recorded ok) in a running testbed; a crashed agent is
+    noticed and its restart keeps running; the SLO change reaches the controller."""
+    setup = setup_dir(tmp_path)
+    res, log = run("tb-all-faults", setup, [
+        "{at_s: 2, kind: cpu_squeeze, server: s3, cpu_share: 0.05}",
+        "{at_s: 2.5, kind: mem_squeeze, server: s4, memory_mb: 64}",
+        "{at_s: 3, kind: loss, link: [s4, hub], loss_pct: 1}",
+        "{at_s: 3.5, kind: delay, link: [s4, hub], delay_ms: 3, jitter_ms: 0.5}",
+        "{at_s: 4, kind: bw, link: [s4, hub], bw_mbit: 50}",
+        "{at_s: 5, kind: restore, link: [s4, hub]}",
+        "{at_s: 5.5, kind: slo, slo_class: interactive, slo_tpot_ms: 1500}",
+        "{at_s: 6, kind: server_crash, server: s2, process: agent}",
+        "{at_s: 9, kind: server_restart, server: s2}",
+    ], duration_s=13)
+    assert res.outcome == "completed", (res.outcome, res.error, log[-3000:])
+    ev = events_of(res.run_dir)
+    faults = [e["attrs"] for e in ev if e["event"] == "fault"]
+    assert [f["kind"] for f in faults] == ["cpu_squeeze", "mem_squeeze", "loss", "delay", "bw", "restore", "slo",
+                                           "server_crash", "server_restart"]
+    bad = [f for f in faults if not f["ok"]]
+    assert not bad, bad
+    by = {f["kind"]: f for f in faults}
+    assert sorted(by["restore"]["restored"]) == ["bw", "delay", "loss"]
+    assert by["server_crash"]["killed"] == ["agent"] and by["server_restart"]["started"] == ["agent"]
+    assert by["slo"]["reply"]["ok"] is True
+    assert by["cpu_squeeze"]["cpu_share_before"] == 0.1
+    s2 = res.meta["processes"]["s2-agent"]
+    assert s2["starts"] == 2 and s2["returncode"] in (0, -15), s2  # alive until the runner stopped it
+    names = [(e["event"], e["attrs"].get("name")) for e in ev if e["host"] == "ctl"]
+    assert ("agent_lost", "s2") in names, names
+    assert any(e["event"] in ("redeployment", "replan") and e["attrs"].get("trigger") == "slo_change" for e in ev)
+    assert_clean(res.run_dir)
