@@ -42,5 +42,8 @@ def test_static_detects_but_never_migrates_and_fails_requests_clearly(tmp_path):
             generate_remote(info["entry"], setup["keys"], list(range(3, 40)), 60, timeout_s=30)
         assert time.monotonic() - t0 < 15
         assert not [e for e in read_events(trace) if e["event"] == "redeployment"]
+        with ControlClient(info["control"]) as cc:  # SHUTDOWN answers, then the controller exits cleanly
+            assert cc.call("SHUTDOWN") == {"ok": True}
+        assert procs.procs["controller"].wait(10) == 0
     finally:
         procs.stop_all()
