@@ -35,15 +35,15 @@ SETTINGS = [
     NONE,
     CompressionSettings(act_dtype="fp16"),
     CompressionSettings(act_dtype="int8"),
-    CompressionSettings(prune_beta=0.4, act_dtype="int8"),
+    CompressionSettings(prune_beta=0.1, act_dtype="int8"),
+    CompressionSettings(prune_beta=0.2, act_dtype="int8"),
+    CompressionSettings(prune_beta=0.2, protect_top_frac=0.0, act_dtype="int8"),
     CompressionSettings(prune_beta=0.5, act_dtype="int8"),
-    CompressionSettings(prune_beta=0.5, prune_renorm=False, act_dtype="int8"),
-    CompressionSettings(prune_beta=0.62, act_dtype="int8"),
+    CompressionSettings(prune_beta=0.5, prune_renorm=True, act_dtype="int8"),
+    CompressionSettings(fuse_threshold=0.97, act_dtype="int8"),
     CompressionSettings(fuse_threshold=0.9, act_dtype="int8"),
-    CompressionSettings(fuse_threshold=0.8, act_dtype="int8"),
-    CompressionSettings(prune_beta=0.5, fuse_threshold=0.9, act_dtype="int8"),
-    CompressionSettings(prune_beta=0.5, drop_tokens_frac=0.2, act_dtype="int8"),
-    CompressionSettings(prune_beta=0.5, protect_top_frac=0.0, act_dtype="int8"),
+    CompressionSettings(prune_beta=0.1, fuse_threshold=0.97, act_dtype="int8"),
+    CompressionSettings(prune_beta=0.2, drop_tokens_frac=0.1, act_dtype="int8"),
 ]
 
 

@@ -50,7 +50,7 @@ def make_routing(ids: list[list[int]], weights: list[list[float]], n_experts: in
 def test_settings_header_round_trip_through_msgpack():
     s = CompressionSettings(prune_beta=0.5, protect_top_frac=0.05, drop_tokens_frac=0.1,
                             fuse_threshold=0.9, fuse_max_frac=0.25, act_dtype="int8",
-                            prune_renorm=False)
+                            prune_renorm=True)
     wire = msgpack.unpackb(msgpack.packb(s.to_header()))
     assert CompressionSettings.from_header(wire) == s
     assert NONE.to_header() == {} and CompressionSettings.from_header({}) == NONE
@@ -60,9 +60,9 @@ def test_settings_header_round_trip_through_msgpack():
 
 
 def test_settings_parse_command_line_forms():
-    s = CompressionSettings.parse("act=int8, beta=0.5, fuse=0.9, renorm=false, protect=0.05")
+    s = CompressionSettings.parse("act=int8, beta=0.5, fuse=0.9, renorm=true, protect=0.05")
     assert s == CompressionSettings(act_dtype="int8", prune_beta=0.5, fuse_threshold=0.9,
-                                    prune_renorm=False, protect_top_frac=0.05)
+                                    prune_renorm=True, protect_top_frac=0.05)
     assert CompressionSettings.parse('{"act_dtype": "fp16"}') == CompressionSettings(act_dtype="fp16")
     assert CompressionSettings.parse("none") == NONE and CompressionSettings.parse(None) == NONE
     assert CompressionSettings.from_dict({"act": "fp16", "beta": 0.5}).to_dict() == \
@@ -247,7 +247,7 @@ def test_fusion_merges_near_duplicates_as_their_mean_within_caps():
 def test_beta_rule_prunes_weak_second_experts_except_protected_tokens():
     r = make_routing([[0, 1], [1, 2], [2, 3], [3, 0]],
                      [[0.7, 0.3], [0.55, 0.45], [0.9, 0.1], [0.8, 0.2]])
-    s = CompressionSettings(prune_beta=0.5)
+    s = CompressionSettings(prune_beta=0.5, prune_renorm=True)
     prot = torch.tensor([False, False, False, True])
     p = prune_routing(r, s, protected=prot)
     # token 0: 0.3 < 0.35 pruned; token 1: 0.45 >= 0.275 kept; token 2 pruned; token 3 protected
@@ -255,20 +255,21 @@ def test_beta_rule_prunes_weak_second_experts_except_protected_tokens():
     sent = {e: sorted(zip(t.tolist(), sl.tolist())) for e, (t, sl) in p.groups.items()}
     assert sent == {0: [(0, 0), (3, 1)], 1: [(1, 0)], 2: [(1, 1), (2, 0)], 3: [(3, 0)]}
     assert torch.equal(r.weights[0], torch.tensor([0.7, 0.3]))  # input untouched
-    z = prune_routing(r, CompressionSettings(prune_beta=0.5, prune_renorm=False), protected=prot)
+    z = prune_routing(r, CompressionSettings(prune_beta=0.5), protected=prot)  # default: zeroed
     assert torch.allclose(z.weights, torch.tensor([[0.7, 0.0], [0.55, 0.45], [0.9, 0.0], [0.8, 0.2]]))
 
 
 def test_pruning_touches_only_remote_experts_and_keeps_unnormalised_mass():
     r = make_routing([[0, 1], [2, 3]], [[0.5, 0.1], [0.4, 0.1]])  # norm_topk off: sums < 1
-    p = prune_routing(r, CompressionSettings(prune_beta=0.5), remote={3})
+    p = prune_routing(r, CompressionSettings(prune_beta=0.5, prune_renorm=True), remote={3})
     assert torch.allclose(p.weights, torch.tensor([[0.5, 0.1], [0.5, 0.0]]))  # expert 1 is local
     assert 3 not in p.groups and 1 in p.groups
 
 
 def test_top1_is_never_pruned_and_nothing_to_prune_returns_the_same_routing():
     r = make_routing([[0, 1], [1, 0]], [[0.5, 0.5], [0.6, 0.4]])
-    assert prune_routing(r, CompressionSettings(prune_beta=1.0)).weights[:, 0].tolist() == [0.5, 1.0]
+    p = prune_routing(r, CompressionSettings(prune_beta=1.0))
+    assert torch.allclose(p.weights, torch.tensor([[0.5, 0.5], [0.6, 0.0]]))  # slot 0 always kept
     assert prune_routing(r, NONE) is r
     assert prune_routing(r, CompressionSettings(prune_beta=0.1)) is r
 
