@@ -29,6 +29,7 @@ from coel_model import kernels, quant  # noqa: E402
 from coel_model.model import SwiGLUExpert  # noqa: E402
 
 MIXTRAL = ("mixtral-8x7b", 4096, 14336)
+CACHE_RESIDENT_BYTES = 8 << 20  # below this an expert's weights stay in L2/L3 between calls
 
 
 def bundled_shape() -> tuple[str, int, int]:
@@ -55,16 +56,22 @@ def timeit(fn, reps: int, min_s: float = 0.0) -> dict:
 
 
 def memory_bandwidth(mib: int, reps: int) -> dict:
-    """Read (sum) and copy bandwidth in GB/s over a buffer far larger than the caches."""
+    """Memory bandwidth in GB/s over a buffer far larger than the caches, by several probes, each
+    its best of `reps` (the machine may be shared): float sum, int64 sum, copy (read + write) and an
+    fp32 matrix-vector product (the bandwidth-bound op decode is made of). read_gbs = the highest
+    read probe, so the "% of bandwidth" of the kernels is the conservative figure."""
     n = mib * (1 << 20) // 4
     src = torch.ones(n, dtype=torch.float32)
     dst = torch.empty_like(src)
-    read = timeit(lambda: src.sum(), reps)
-    copy = timeit(lambda: dst.copy_(src), reps)
+    mat = src.view(8192, -1)
+    vec = torch.ones(mat.shape[1])
     nbytes = n * 4
-    return {"buffer_mib": mib, "read_gbs": nbytes / read["median_ms"] / 1e6,
-            "copy_gbs": 2 * nbytes / copy["median_ms"] / 1e6,
-            "read_gbs_best": nbytes / read["min_ms"] / 1e6}
+    probes = {"sum_f32": timeit(lambda: src.sum(), reps), "sum_i64": timeit(lambda: src.view(torch.int64).sum(), reps),
+              "mv_f32": timeit(lambda: torch.mv(mat, vec), reps)}
+    out = {"buffer_mib": mib, **{f"{k}_gbs": nbytes / t["min_ms"] / 1e6 for k, t in probes.items()}}
+    out["copy_gbs"] = 2 * nbytes / timeit(lambda: dst.copy_(src), reps)["min_ms"] / 1e6
+    out["read_gbs"] = max(out[f"{k}_gbs"] for k in probes)
+    return out
 
 
 def random_packed_expert(spec: quant.QuantSpec, d: int, h: int, gen: torch.Generator) -> quant.QuantizedExpert:
@@ -127,7 +134,9 @@ def bench_shape(label: str, d: int, h: int, batches: list[int], bits_list: list[
             rows.append({"shape": label, "d_model": d, "hidden": h, "batch": n, "threads": threads, "format": fmt,
                          "weight_bytes": nbytes, "median_ms": round(t["median_ms"], 4),
                          "min_ms": round(t["min_ms"], 4), "speedup_vs_fp32": base["median_ms"] / t["median_ms"],
-                         "weight_gbs": gbs, "pct_of_read_bw": 100 * gbs / bw_gbs, "max_rel_err": err})
+                         "weight_gbs": gbs, "max_rel_err": err,
+                         # weights that fit the caches are not read from memory: no bandwidth figure
+                         "pct_of_read_bw": 100 * gbs / bw_gbs if nbytes > CACHE_RESIDENT_BYTES else None})
 
         row("fp32 torch", fp_bytes, base)
         xb = x.bfloat16()
@@ -228,9 +237,10 @@ def fmt_table(rows: list[dict]) -> str:
     out = [head, sep]
     for r in rows:
         err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
+        pct = "cache" if r["pct_of_read_bw"] is None else f"{r['pct_of_read_bw']:.0f}"
         out.append(f"| {r['shape']:<22} | {r['batch']:>5} | {r['threads']:>3} | {r['format']:<24} | {r['weight_bytes'] / 1e6:>10.2f} | "
                    f"{r['median_ms']:>11.3f} | {r['speedup_vs_fp32']:>7.2f} | {r['weight_gbs']:>6.1f} | "
-                   f"{r['pct_of_read_bw']:>9.0f} | {err:>11} |")
+                   f"{pct:>9} | {err:>11} |")
     return "\n".join(out)
 
 
@@ -264,14 +274,18 @@ def main(argv: list[str] | None = None) -> int:
         # small experts run single-threaded (as the kernels do below ~1M multiply-adds): torch's
         # 2-thread fork/join on a tiny matmul measures the scheduler, not the matmul
         rows += bench_shape(label, d, h, batches, bits_list, reps * 4, bw["read_gbs"], True, True, 1)
+    bw_mix = None
     if "mixtral" in shapes and not args.quick:
-        rows += bench_shape(MIXTRAL[0], MIXTRAL[1], MIXTRAL[2], batches, bits_list, reps, bw["read_gbs"],
+        torch.set_num_threads(args.threads)
+        bw_mix = memory_bandwidth(512, reps)
+        rows += bench_shape(MIXTRAL[0], MIXTRAL[1], MIXTRAL[2], batches, bits_list, reps, bw_mix["read_gbs"],
                             False, False, args.threads)
     torch.set_num_threads(args.threads)
     bw_end = memory_bandwidth(64 if args.quick else 512, reps)
     errors = None if args.no_errors else method_errors(bits_list)
     result = {"benchmark": "quant_kernels", "kernels": kernels.status(), "threads": args.threads,
-              "torch": torch.__version__, "memory_bandwidth": bw, "memory_bandwidth_end": bw_end,
+              "torch": torch.__version__, "memory_bandwidth": bw, "memory_bandwidth_mixtral": bw_mix,
+              "memory_bandwidth_end": bw_end,
               "load_avg": list(__import__("os").getloadavg()), "seconds": time.perf_counter() - t_start,
               "rows": rows, "method_errors": errors}
     if args.json_out:
@@ -280,11 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
     else:
         print(f"kernels: {result['kernels']}; threads {args.threads}; torch {torch.__version__}")
-        print(f"memory bandwidth (start / end of run): read {bw['read_gbs']:.1f} / {bw_end['read_gbs']:.1f} GB/s, "
-              f"copy {bw['copy_gbs']:.1f} / {bw_end['copy_gbs']:.1f} GB/s; load avg "
-              f"{result['load_avg'][0]:.1f}; run {result['seconds']:.0f} s")
+        def bw_line(name: str, b: dict | None) -> None:
+            if b is not None:
+                print(f"memory bandwidth, {name} ({args.threads} threads, best of {reps}): "
+                      f"read {b['read_gbs']:.1f} GB/s (sum f32 {b['sum_f32_gbs']:.1f}, sum i64 {b['sum_i64_gbs']:.1f}, "
+                      f"mv f32 {b['mv_f32_gbs']:.1f}), copy {b['copy_gbs']:.1f} GB/s")
+        bw_line("start", bw)
+        bw_line("before mixtral", bw_mix)
+        bw_line("end", bw_end)
+        print(f"load avg {result['load_avg'][0]:.1f} at the end; run {result['seconds']:.0f} s")
         print(fmt_table(rows))
-        print("% read BW = packed weight bytes per second / read bandwidth at the start of the run.")
+        print("% read BW = weight bytes per second / the read bandwidth measured just before that shape's rows "
+              "(highest probe); 'cache' = weights small enough to stay cached, no bandwidth figure.")
         if errors is not None:
             print()
             print(fmt_errors(errors))
