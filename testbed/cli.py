@@ -1,7 +1,7 @@
-"""`coel` commands of the testbed room: clean, topo show/validate, net up.
+"""`coel` commands of the testbed room: clean, topo show/validate, net up, run, demo, inject, report.
 
 Each command has its own `_register_<name>(sub)` function listed in REGISTRARS; add a command
-by writing one more registrar and appending it (run, demo, report, inject live elsewhere).
+by writing one more registrar and appending it (run/demo/inject/report call testbed/runner.py).
 """
 from __future__ import annotations
 

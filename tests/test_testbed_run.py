@@ -211,3 +211,20 @@ def test_every_fault_kind_applies_in_a_run(tmp_path):
     assert ("agent_lost", "s2") in names, names
     assert any(e["event"] in ("redeployment", "replan") and e["attrs"].get("trigger") == "slo_change" for e in ev)
     assert_clean(res.run_dir)
+
+
+def test_coel_inject_cli_builds_the_event(monkeypatch, capsys):
+    import testbed.runner as runner
+    from coel_model.cli import main
+    seen = []
+    monkeypatch.setattr(runner, "send_inject", lambda run_dir, ev, wait_s: seen.append((run_dir, ev)) or
+                        {"ok": True, "attrs": {"apply_ms": 1.0}})
+    assert main(["inject", "RUN", "bw", "e5", "hub", "--bw-mbit", "20"]) == 0
+    assert main(["inject", "RUN", "server_crash", "e2", "--process", "agent"]) == 0
+    assert main(["inject", "RUN", "slo", "interactive", "--slo-tpot-ms", "200"]) == 0
+    assert [ev for _, ev in seen] == [
+        {"kind": "bw", "link": ["e5", "hub"], "bw_mbit": 20.0},
+        {"kind": "server_crash", "server": "e2", "process": "agent"},
+        {"kind": "slo", "slo_class": "interactive", "slo_tpot_ms": 200.0}]
+    assert main(["inject", "RUN", "bw", "e5", "--bw-mbit", "20"]) == 2  # a link needs two names
+    assert "needs a link" in capsys.readouterr().err
