@@ -58,11 +58,13 @@ def cmd_serve_local(args: argparse.Namespace) -> int:
 
     from nodes.local import ServeLocalConfig, serve_local
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    import torch
+    torch.set_num_threads(args.threads)  # the coordinator shares the cores with its agents
     cfg = ServeLocalConfig(model_dir=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                            n_agents=args.agents, plan_path=args.plan, bits=args.bits,
                            compression=args.compression, secure=not args.insecure,
                            memory_mb=args.memory_mb, trace_out=args.trace_out, call_timeout_s=args.timeout_s,
-                           replicas=args.replicas)
+                           replicas=args.replicas, threads=args.threads)
     result = serve_local(cfg)
     if args.json:
         print(json.dumps(result))
@@ -88,6 +90,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", required=True, help="prompt text (or comma-separated token ids with --ids)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--agents", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the coordinator and of each agent")
     p.add_argument("--replicas", type=int, default=1, help="holders per expert (round-robin)")
     p.add_argument("--plan", default=None, help="plan JSON with a placement (default: round-robin)")
     p.add_argument("--bits", type=int, default=16, help="expert bits when no plan gives them")

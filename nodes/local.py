@@ -228,6 +228,7 @@ class ServeLocalConfig:
     call_timeout_s: float = 5.0
     replicas: int = 1
     prompt_ids: tuple[int, ...] | None = None  # bypass the tokenizer (tests)
+    threads: int = 1  # torch threads per agent process
 
 
 def _tokenizer(model_dir: str):
@@ -268,7 +269,7 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
             for ep in eps:
                 need[ep] += nb
         mems = [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
-        with LocalCluster(cfg.n_agents, mems, keys_dir) as cluster:
+        with LocalCluster(cfg.n_agents, mems, keys_dir, threads=cfg.threads) as cluster:
             rename = dict(zip(names, cluster.endpoints))
             placement = {k: [rename[e] for e in eps] for k, eps in placement0.items()}
             t0 = time.perf_counter()
