@@ -131,6 +131,10 @@ def test_fp16_overflow_falls_back_to_fp32_and_zero_rows_are_fine():
     assert torch.equal(decode_rows(encode_rows(z, "int8")), z)
     e = torch.zeros(0, 8)
     assert decode_rows(encode_rows(e, "int8")).shape == (0, 8)
+    bad = torch.ones(3, 4)
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"inf/nan \(rows \[2\] of 3\)"):
+        encode_rows(bad, "int8")
 
 
 @pytest.mark.parametrize("act", ["fp32", "fp16", "int8"])
