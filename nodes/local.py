@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from coel_model.errors import ConfigError
 from coel_model.model import MoEModel
@@ -280,6 +281,8 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
                                                   name="serve-local"),
                                 compression={ep: compression for ep in cluster.endpoints} if compression else None)
             coord.strip_remote_experts()
+            threads_before = torch.get_num_threads()
+            torch.set_num_threads(cfg.threads)  # more would spin against the agents on shared cores
             try:
                 stamps: list[int] = []
                 t_start = time.perf_counter_ns()
@@ -287,6 +290,7 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
                                      on_token=lambda s, t: stamps.append(time.perf_counter_ns()))
             finally:
                 coord.close()
+                torch.set_num_threads(threads_before)
     prefill_ms = (stamps[0] - t_start) / 1e6 if stamps else 0.0
     decode_ms = (stamps[-1] - stamps[0]) / 1e6 / (len(stamps) - 1) if len(stamps) > 1 else prefill_ms
     return {"tokens": out, "text": tok.decode(out) if tok is not None else None, "prompt_tokens": prompt,
