@@ -227,3 +227,13 @@ def link_key(a: str, b: str) -> str:
 
 def cost_by_name(costs: Iterable[CompressionCost]) -> dict[str, CompressionCost]:
     return {c.name: c for c in costs}
+
+
+def request_quality_score(request_ms: float, quality_nats: float) -> float:
+    """What link re-negotiation minimises: predicted request time x the perplexity factor
+    exp(quality_nats). Latency and perplexity are traded at equal elasticity (1% slower costs as
+    much as 1% higher perplexity), so the rule has no unit to tune and scales with the model: a
+    setting is worth its quality cost when it saves more than that fraction of the request
+    time. A 10x slower link makes its wire time ~10x larger while the quality cost stays put,
+    which is what tightens the setting; recovery undoes it by the same rule."""
+    return request_ms * math.exp(quality_nats)

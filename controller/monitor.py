@@ -69,8 +69,9 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class Trigger:
-    """A reason to re-plan. kind: agent_lost | agent_rejoined | link_degraded | link_recovered |
-    overload | slo_change | scheduled | forced."""
+    """A reason to re-plan. kind: agent_lost | agent_rejoined | bw | delay (a link's measured
+    bandwidth or delay changed: degraded or recovered) | overload | resource_change | slo_change |
+    scheduled | forced."""
     kind: str
     detected_ns: int
     reason: str
@@ -145,22 +146,29 @@ def probe_verdict(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str] | None:
     baseline beyond the thresholds, else None. Noise only makes probes look worse, so degraded
     needs the BEST sample beyond the threshold and recovered needs the WORST sample back. Pure:
     does not re-base (see rebase)."""
+    ch = probe_change(st, cfg)
+    return None if ch is None else (ch[0], ch[2])
+
+
+def probe_change(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str, str] | None:
+    """probe_verdict plus what changed: (event, "bw" | "delay", reason); the re-deployment
+    record's trigger is "bw" or "delay" (a link change re-negotiates compression)."""
     if st.base_rtt_ms is None or len(st.rtt_ms) < cfg.probe_window:
         return None
     rtts, gps = st.rtt_ms[-cfg.probe_window:], st.goodput_mbit[-cfg.probe_window:]
     b_rtt, b_gp = st.base_rtt_ms, st.base_goodput_mbit
     n = cfg.probe_window
     if max(gps) < cfg.bw_drop_ratio * b_gp:
-        return "link_degraded", (f"goodput <= {max(gps):.1f} Mbit/s in the last {n} probes < {cfg.bw_drop_ratio} x "
+        return "link_degraded", "bw", (f"goodput <= {max(gps):.1f} Mbit/s in the last {n} probes < {cfg.bw_drop_ratio} x "
                                  f"baseline {b_gp:.1f} Mbit/s")
     if min(rtts) > cfg.rtt_rise_ratio * b_rtt and min(rtts) - b_rtt >= cfg.rtt_rise_min_ms:
-        return "link_degraded", (f"RTT >= {min(rtts):.2f} ms in the last {n} probes > {cfg.rtt_rise_ratio} x "
+        return "link_degraded", "delay", (f"RTT >= {min(rtts):.2f} ms in the last {n} probes > {cfg.rtt_rise_ratio} x "
                                  f"baseline {b_rtt:.2f} ms")
     if min(gps) * cfg.bw_drop_ratio > b_gp:
-        return "link_recovered", (f"goodput >= {min(gps):.1f} Mbit/s in the last {n} probes > baseline "
+        return "link_recovered", "bw", (f"goodput >= {min(gps):.1f} Mbit/s in the last {n} probes > baseline "
                                   f"{b_gp:.1f} Mbit/s / {cfg.bw_drop_ratio}")
     if b_rtt > cfg.rtt_rise_ratio * max(rtts) and b_rtt - max(rtts) >= cfg.rtt_rise_min_ms:
-        return "link_recovered", (f"RTT <= {max(rtts):.2f} ms in the last {n} probes < baseline {b_rtt:.2f} ms "
+        return "link_recovered", "delay", (f"RTT <= {max(rtts):.2f} ms in the last {n} probes < baseline {b_rtt:.2f} ms "
                                   f"/ {cfg.rtt_rise_ratio}")
     return None
 

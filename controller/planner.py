@@ -333,3 +333,118 @@ def server_bytes(plan_: Plan, profile: Profile, server: str) -> int:
             if server in reps:
                 tot += int(profile.nbytes[l, e, profile.bit_index(plan_.bits[l][e])])
     return tot
+
+
+# ---------------------------------------------------------------- link re-negotiation (engineer G2)
+
+@dataclass(frozen=True)
+class CompressionChange:
+    link: str  # "a|b" server pair
+    from_name: str | None  # None: the pair carried no traffic before
+    to_name: str
+    request_ms_before: float  # predicted rate-weighted request time with the old setting
+    request_ms_after: float
+    bw_mbit: float  # the pair's path as negotiated on (measured)
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"link": self.link, "from": self.from_name, "to": self.to_name,
+                "request_ms_before": round(self.request_ms_before, 4), "request_ms_after": round(self.request_ms_after, 4),
+                "bw_mbit": round(self.bw_mbit, 4), "latency_ms": round(self.latency_ms, 4)}
+
+
+def changed_pairs(before: Cluster | None, after: Cluster, pairs: list[str], rel_tol: float = 0.02) -> set[str]:
+    """Server pairs ("a|b") whose route's bandwidth or latency differs by more than rel_tol
+    between two clusters (all of them without a `before`)."""
+    if before is None:
+        return set(pairs)
+    out = set()
+    for k in pairs:
+        a, b = k.split("|")
+        p0 = before.path(a, b) if a in before.index and b in before.index else None
+        p1 = after.path(a, b) if a in after.index and b in after.index else None
+        if p0 is None or p1 is None:
+            out.add(k)
+            continue
+        for x0, x1 in ((p0.bw_mbit, p1.bw_mbit), (p0.latency_ms, p1.latency_ms)):
+            if abs(x1 - x0) > rel_tol * max(abs(x0), 1e-9):
+                out.add(k)
+    return out
+
+
+def renegotiate_compression(target: Plan, profile: Profile, cluster: Cluster, requirements: Requirements,
+                            options: PlanOptions | None = None, costs: tuple[CompressionCost, ...] = DEFAULT_COSTS,
+                            current: dict[str, dict] | None = None, changed: set[str] | None = None
+                            ) -> tuple[Plan, list[CompressionChange]]:
+    """Agree the token compression of `target`'s server pairs on `cluster` (the measured one).
+    Pairs not in `changed` that `current` (the compression in force, "a|b" -> settings) covers
+    keep their setting; the others (all when `changed` is None) are negotiated one at a time in
+    sorted order: every setting within the quality budget is evaluated with the cost model
+    (whole plan: every class, prefill and decode, both directions, the pair's measured bandwidth
+    and latency) and the one with the fewest classes missing their SLO, then the lowest
+    rate-weighted request time x exp(quality cost) wins (compression.request_quality_score);
+    ties go to the less lossy setting. Pure and deterministic. Returns the plan with that
+    compression and its predictions recomputed, and the changes against `current`."""
+    from controller.compression import link_key, request_quality_score
+    from controller.costmodel import evaluate
+    opts = options or PlanOptions()
+    current = current or {}
+    lay, _ = layout_from_plan(target, profile, cluster, costs)
+    by_name = {c.name: c for c in costs}
+    pairs = sorted(lay.compression)
+    keys = {p: link_key(cluster.servers[p[0]].name, cluster.servers[p[1]].name) for p in pairs}
+    # routes that changed, and pairs with no setting in force yet (new traffic), are negotiated
+    todo = set(keys.values()) if changed is None else set(changed) | {k for k in keys.values() if k not in current}
+    floor = requirements.max_loss_nats
+    budget = math.inf if not math.isfinite(floor) else max(0.0, floor - float(profile.expert_loss(lay.bits).sum()))
+    # ... and so are pairs whose setting in force no longer fits the quality budget (a new floor)
+    todo |= {k for k in keys.values() if (current.get(k) or {}).get("name") in by_name
+             and by_name[current[k]["name"]].quality_nats > budget and current[k]["name"] != "none"}
+    weights = requirements.weights()
+    new_tokens = {c.name: c.new_tokens for c in requirements.classes}
+    expert_loss = float(profile.expert_loss(lay.bits).sum())
+    ranked = sorted(costs, key=lambda c: (c.quality_nats, c.name))
+
+    def judge(layout: Layout) -> tuple[int, float, float]:
+        """(classes missing their SLO, score, rate-weighted request ms)."""
+        preds = evaluate(profile, cluster, requirements, layout, opts)
+        ms = sum(weights[p.name] * (p.ttft_ms + new_tokens[p.name] * p.token_ms) for p in preds)
+        q = max(p.quality_loss_nats for p in preds) - expert_loss
+        return sum(not p.meets_slo for p in preds), request_quality_score(ms, q), ms
+
+    for pair in pairs:  # unchanged routes keep the setting in force
+        name = (current.get(keys[pair]) or {}).get("name")
+        if name in by_name and keys[pair] not in todo:
+            lay.compression[pair] = by_name[name]
+    changes: list[CompressionChange] = []
+    for pair in pairs:
+        key = keys[pair]
+        if key not in todo:
+            continue
+        old = (current.get(key) or {}).get("name")
+        if old in by_name:
+            lay.compression[pair] = by_name[old]
+        before_ms = judge(lay)[2]
+        best = None
+        for rank, c in enumerate(ranked):
+            if c.quality_nats > budget and c.name != "none":
+                continue
+            lay.compression[pair] = c
+            missed, s, ms = judge(lay)
+            if best is None or (missed, round(s, 9), rank) < best[0]:
+                best = ((missed, round(s, 9), rank), c, ms)
+        lay.compression[pair] = best[1]
+        if best[1].name != old:
+            a, b = key.split("|")
+            ps = cluster.path(a, b)
+            changes.append(CompressionChange(key, old, best[1].name, before_ms, best[2],
+                                             ps.bw_mbit if ps else math.nan, ps.latency_ms if ps else math.nan))
+    agreed = {keys[p]: {"name": c.name, **c.settings_dict} for p, c in lay.compression.items()}
+    if agreed == dict(target.compression_map()):
+        return target, changes
+    notes = [f"compression {ch.link}: {ch.from_name or 'new'} -> {ch.to_name} on {ch.bw_mbit:.3g} Mbit/s, "
+             f"{ch.latency_ms:.3g} ms (predicted request {ch.request_ms_before:.2f} -> {ch.request_ms_after:.2f} ms)"
+             for ch in changes]
+    out = layout_to_plan(profile, cluster, requirements, lay, opts, target.strategy, target.mode, target.model,
+                         list(target.reasons) + notes)
+    return out, changes

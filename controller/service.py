@@ -300,6 +300,7 @@ class Controller:
         self.deployed: dict[str, set[tuple[int, int, int]]] = {}
         self.placement_version = 0
         self.redeployments: list[dict] = []
+        self.negotiated_on = None  # the (measured) cluster the compression in force was agreed on
         self.replans = 0
         self.probe_state: dict[str, M.ProbeState] = {}
         self.overloaded: set[str] = set()
@@ -587,12 +588,14 @@ class Controller:
         return Requirements(keep)
 
     def _initial_deploy(self) -> None:
-        from controller.planner import diff, plan
+        from controller.planner import diff, plan, renegotiate_compression
         from controller.plan import PlanOptions
         t0 = time.monotonic_ns()
         cluster, notes = self._observed()
         reqs = self._requirements_for(cluster)
         target = plan(self.profile, cluster, reqs, self.cfg.strategy, None, PlanOptions())
+        target, _ = renegotiate_compression(target, self.profile, cluster, reqs, PlanOptions())
+        self.negotiated_on = cluster
         t1 = time.monotonic_ns()
         self.state = "deploying"
         actions = diff(None, target)
@@ -720,12 +723,12 @@ class Controller:
                     continue  # a silent agent is judged by its heartbeats
                 st = self.probe_state.setdefault(name, M.ProbeState())
                 M.add_probe(st, rtt, self._cap_goodput(name, gp), t_ns, mc)
-                v = M.probe_verdict(st, mc)
+                v = M.probe_change(st, mc)
                 if v is not None:
-                    kind, why = v
+                    kind, what, why = v  # what: "bw" | "delay" (the re-deployment's trigger)
                     M.rebase(st, mc)
-                    self._event(kind, server=name, reason=why)
-                    pending.append(M.Trigger(kind, t_ns, f"{name}: {why}", name))
+                    self._event(kind, server=name, change=what, reason=why)
+                    pending.append(M.Trigger(what, t_ns, f"{name}: {kind.replace('_', ' ')}: {why}", name))
             # 4. overload
             for (role, name), p in self.registry.snapshot().items():
                 if role != "agent" or not p.alive:
@@ -773,6 +776,20 @@ class Controller:
                                     error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc(limit=4)[-1500:])
                 pending = []
 
+    def _compression_reason(self, ch: Any) -> str:
+        """One line per re-negotiated pair: the route it was agreed on (measured) and the change,
+        naming the degraded link as observed (probe goodput/RTT of its agent)."""
+        a, b = ch.link.split("|")
+        seen = []
+        for s in (a, b):
+            st = self.probe_state.get(s)
+            if st is not None and st.goodput_mbit and st.initial_goodput_mbit:
+                seen.append(f"{s} probe goodput {st.initial_goodput_mbit:.1f} -> {st.base_goodput_mbit:.1f} Mbit/s, "
+                            f"RTT {st.initial_rtt_ms:.2f} -> {st.base_rtt_ms:.2f} ms")
+        return (f"pair {a}-{b}: route now {ch.bw_mbit:.3g} Mbit/s, {ch.latency_ms:.3g} ms one way (measured"
+                + (f": {'; '.join(seen)}" if seen else "") + f"); compression {ch.from_name or 'none in force'} -> "
+                f"{ch.to_name} (predicted request {ch.request_ms_before:.2f} -> {ch.request_ms_after:.2f} ms)")
+
     def _resync_agent(self, name: str, kind: str) -> None:
         """An agent that came back: believe only what it reports holding; drop what no plan names."""
         c = self._agent_client(name)
@@ -793,7 +810,7 @@ class Controller:
     def redeploy(self, triggers: list[M.Trigger]) -> dict | None:
         """Incremental re-plan from the current plan + make-before-break migration; logs the event."""
         from controller.plan import PlanOptions
-        from controller.planner import bytes_loaded, diff, plan, server_bytes
+        from controller.planner import bytes_loaded, changed_pairs, diff, plan, renegotiate_compression, server_bytes
         kind, reasons, detected_ns, detect_s = M.merge_triggers(triggers)
         t0 = time.monotonic_ns()
         self.replans += 1
@@ -825,6 +842,14 @@ class Controller:
                 notes.append(why)
                 if ok:
                     target = replace(full, reasons=(why,) + full.reasons)
+            # token compression: re-negotiated on every pair whose measured route changed (and new
+            # pairs); the others keep the setting in force (the planner's own pass is overridden)
+            current = self.plan.compression_map() if self.plan is not None else {}
+            changed = changed_pairs(self.negotiated_on, cluster, sorted(target.compression_map()))
+            target, comp_changes = renegotiate_compression(target, self.profile, cluster, reqs, opts,
+                                                           current=current, changed=changed)
+            self.negotiated_on = cluster
+            comp_reasons = [self._compression_reason(ch) for ch in comp_changes]
         except CoelError as exc:
             self._event("replan_failed", trigger=kind, reasons=reasons, error=str(exc)[:500])
             return None
@@ -840,8 +865,8 @@ class Controller:
         if not actions and not missing and not routes_stale:
             self.plan = target
             self._event("replan", trigger=kind, detected_ns=detected_ns, replan_s=(t1 - t0) / 1e9, actions=0,
-                        bytes_moved=0, reasons=reasons + notes, **pred)
-            return {"trigger": kind, "actions": 0, "bytes_moved": 0}
+                        bytes_moved=0, reasons=reasons + notes, compression_changes=[], **pred)
+            return {"trigger": kind, "actions": 0, "bytes_moved": 0, "compression_changes": []}
         outcome = self._execute(self.plan, target, actions)
         t2 = time.monotonic_ns()
         self.plan = outcome.effective
@@ -851,7 +876,11 @@ class Controller:
                "unplaced": [list(k) for k in outcome.unplaced[:8]], "entries_updated": outcome.entries_updated,
                "placement_version": self.placement_version,
                "action_kinds": _count(a.kind for a in actions), **pred,
-               "reasons": list(dict.fromkeys(reasons + notes + list(target.reasons)))[:24]}
+               "compression_changes": [{"link": c.link, "from": c.from_name, "to": c.to_name,
+                                        "bw_mbit": round(c.bw_mbit, 3), "latency_ms": round(c.latency_ms, 3),
+                                        "request_ms_before": round(c.request_ms_before, 3),
+                                        "request_ms_after": round(c.request_ms_after, 3)} for c in comp_changes],
+               "reasons": list(dict.fromkeys(reasons + notes + comp_reasons + list(target.reasons)))[:24]}
         self.redeployments.append(rec)
         self._event("redeployment", **rec)
         return rec
