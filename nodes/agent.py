@@ -142,8 +142,12 @@ class ShardStore:
     def used_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards.values())
 
-    def load(self, descs: list[dict], tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
-        """All-or-nothing: build every shard first, check the budget, then swap them in."""
+    def load(self, descs: list[dict], tensors: dict[str, torch.Tensor],
+             replace: bool = True) -> list[tuple[int, int]]:
+        """All-or-nothing: build every shard first, check the budget, then swap them in.
+
+        replace=True swaps a loaded (layer, expert) for the new one (e.g. other bits); False
+        refuses the whole load if any of them is already here."""
         per: list[dict[str, torch.Tensor]] = [{} for _ in descs]
         for name, t in tensors.items():
             idx, _, tname = name.partition("/")
@@ -154,6 +158,10 @@ class ShardStore:
         keys = [(d["layer"], d["expert"]) for d in descs]
         if len(set(keys)) != len(keys):
             raise ShardError(P.ErrorCode.BAD_SHARD, f"duplicate (layer, expert) in one load: {keys}")
+        present = [k for k in keys if k in self.shards]
+        if present and not replace:
+            raise ShardError(P.ErrorCode.BAD_SHARD, f"shard(s) {present[:4]} already loaded and replace=false; "
+                                                    f"nothing was loaded")
         replaced = sum(self.shards[k].nbytes for k in keys if k in self.shards)
         incoming = sum(t.numel() * t.element_size() for t in tensors.values())
         self._check_budget(keys, incoming, replaced)
@@ -426,7 +434,7 @@ class Agent:
         m, T = it.msg, P.MsgType
         if m.type == T.LOAD_SHARD:
             t0 = time.monotonic_ns()
-            keys = self.store.load(m.body["shards"], m.tensors)
+            keys = self.store.load(m.body["shards"], m.tensors, m.body.get("replace", True))
             self.counters["loads"] += len(keys)
             self._ok(it, {"loaded": [list(k) for k in keys], "memory_used_bytes": self.store.used_bytes,
                           "memory_budget_bytes": self.store.budget_bytes,

@@ -102,6 +102,10 @@ def test_over_budget_load_is_refused_atomically(agent):
     assert torch.equal(_call(c, 0, 0, x).tensors["y"], before)  # loaded shards keep serving
     _load(c, [(0, 0)], seed=7)  # replacing a shard counts its old bytes as freed
     assert c.call(P.MsgType.STATUS).body["memory_used_bytes"] == 2 * per
+    t = expert_tensors(_expert(9), 16)
+    with pytest.raises(RemoteError, match="already loaded and replace=false"):
+        c.call(P.MsgType.LOAD_SHARD, {"shards": [{"layer": 0, "expert": 1, "bits": 16, "d_model": D, "hidden": HID}],
+                                      "replace": False}, {f"0/{k}": v for k, v in t.items()})
 
 
 def test_bad_shard_tensors_are_refused(agent):
