@@ -18,7 +18,7 @@ after merging (m <= n).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Sequence
 
 import numpy as np
