@@ -32,15 +32,38 @@ MIXTRAL = ("mixtral-8x7b", 4096, 14336)
 CACHE_RESIDENT_BYTES = 8 << 20  # below this an expert's weights stay in L2/L3 between calls
 
 
+MODEL_DIR = ROOT / "models" / "tiny-moe"  # --model overrides
+
+
 def bundled_shape() -> tuple[str, int, int]:
-    """The bundled model's expert shape: from models/tiny-moe if present, else the training default."""
-    cfg_path = ROOT / "models" / "tiny-moe" / "config.json"
+    """The bundled model's expert shape: from the model folder if present, else the training default."""
+    cfg_path = MODEL_DIR / "config.json"
     if cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
-        return "tiny-moe", int(cfg["d_model"]), int(cfg["expert_hidden"])
+        return MODEL_DIR.name, int(cfg["d_model"]), int(cfg["expert_hidden"])
     from coel_model.train import default_model_config
     cfg = default_model_config()
     return "tiny-moe(default cfg)", cfg.d_model, cfg.expert_hidden
+
+
+def routed_inputs(model, token_ids: list[int], layers: list[int], window: int = 256) -> dict:
+    """(layer, expert) -> the MoE inputs (n, d) of the tokens routed to that expert."""
+    n = len(token_ids) // window * window
+    tokens = torch.tensor(token_ids[:n]).view(-1, window)
+    hs, groups = {}, {}
+    hooks = [model.layers[l].post_attn_norm.register_forward_hook(
+        lambda m, i, o, l=l: hs.__setitem__(l, o.reshape(-1, o.shape[-1]))) for l in layers]
+
+    def observer(layer, routing):
+        if layer in layers:
+            groups[layer] = routing.groups
+    try:
+        with torch.no_grad():
+            model(tokens, observer=observer)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {(l, e): hs[l].index_select(0, tok) for l in layers for e, (tok, _slot) in groups[l].items()}
 
 
 def timeit(fn, reps: int, min_s: float = 0.0) -> dict:
@@ -168,24 +191,28 @@ def bench_shape(label: str, d: int, h: int, batches: list[int], bits_list: list[
 
 def method_errors(bits_list: list[int], seed: int = 0) -> dict:
     """Weight and output reconstruction error of rtn / hqq / gptq on expert weights.
-    Real weights and activations when models/tiny-moe exists (layer-0 experts, MoE inputs of random
-    token ids, calibration and held-out tokens disjoint); otherwise heavy-tailed synthetic weights
-    and correlated activations with outlier channels. Errors are relative Frobenius norms."""
+    With the bundled model (--model, with its tokenizer): real experts of the first and last layer,
+    each fed the tokens the router sends it (calib split to calibrate GPTQ, heldout split to
+    measure); otherwise heavy-tailed synthetic weights and correlated activations with outlier
+    channels. Errors are relative Frobenius norms, averaged over the experts."""
     g = torch.Generator().manual_seed(seed)
-    model_dir = ROOT / "models" / "tiny-moe"
-    if (model_dir / "config.json").exists():
+    model_dir = MODEL_DIR
+    pairs = None
+    if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
         from coel_model.checkpoint import load_model
+        from coel_model.corpus import split_texts
+        from coel_model.tokenizer import Tokenizer
         model = load_model(model_dir)
-        cfg = model.cfg
-        captured = []
-        hook = model.layers[0].post_attn_norm.register_forward_hook(lambda m, i, o: captured.append(o))
-        with torch.no_grad():
-            model(torch.randint(0, cfg.vocab_size, (4, 256), generator=g))
-        hook.remove()
-        h = captured[0].reshape(-1, cfg.d_model)
-        experts = [model.expert(0, e) for e in range(min(4, cfg.n_experts))]
-        source = f"{model_dir.name}: layer-0 experts 0-{len(experts) - 1}, inputs from random token ids"
-    else:
+        tok = Tokenizer.load(model_dir / "tokenizer.json")
+        layers = sorted({0, model.cfg.n_layers - 1})
+        calib = routed_inputs(model, tok.encode_documents(split_texts("calib"))[:8192], layers)
+        held = routed_inputs(model, tok.encode_documents(split_texts("heldout"))[:8192], layers)
+        keys = [(l, e) for l in layers for e in range(min(4, model.cfg.n_experts))
+                if (l, e) in calib and (l, e) in held]
+        pairs = [(model.expert(l, e), calib[(l, e)], held[(l, e)]) for (l, e) in keys]
+        source = (f"{model_dir} (real weights): experts {keys}, inputs = the tokens the router sends "
+                  f"them, calib split for calibration, heldout split for the error")
+    if pairs is None:
         label, d, hid = bundled_shape()
         chan = torch.exp(torch.randn(d, generator=g))
         mix = torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d ** 0.5
@@ -198,13 +225,13 @@ def method_errors(bits_list: list[int], seed: int = 0) -> dict:
                     p.copy_(torch.distributions.StudentT(3.0).sample(p.shape) * 0.02)
             experts.append(e)
         source = f"synthetic {label} shape: Student-t(3) weights, correlated activations with outlier channels"
-    perm = torch.randperm(h.shape[0], generator=g)
-    calib, held = h[perm[: h.shape[0] // 2]], h[perm[h.shape[0] // 2:]]
+        perm = torch.randperm(h.shape[0], generator=g)
+        pairs = [(e, h[perm[: h.shape[0] // 2]], h[perm[h.shape[0] // 2:]]) for e in experts]
     rows = []
     for bits in [b for b in bits_list if b <= 4]:
         for method in ("rtn", "hqq", "gptq"):
             werr, oerr, t = [], [], 0.0
-            for exp in experts:
+            for exp, calib, held in pairs:
                 t0 = time.perf_counter()
                 q = quant.quantize_expert(exp, quant.QuantSpec(bits, 64, method), calib_x=calib)
                 t += time.perf_counter() - t0
@@ -214,7 +241,7 @@ def method_errors(bits_list: list[int], seed: int = 0) -> dict:
                     ref = exp(held)
                     oerr.append(float((q(held) - ref).norm() / ref.norm()))
             rows.append({"bits": bits, "method": method, "weight_rel_err": statistics.mean(werr),
-                         "expert_out_rel_err": statistics.mean(oerr), "quantize_s_per_expert": t / len(experts)})
+                         "expert_out_rel_err": statistics.mean(oerr), "quantize_s_per_expert": t / len(pairs)})
     return {"source": source, "group_size": 64, "rows": rows}
 
 
@@ -245,6 +272,7 @@ def fmt_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MODEL_DIR
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch / kernel threads for the Mixtral shape "
                     "(default 2; the bundled shape always runs on 1)")
@@ -252,11 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--bits", default="2,3,4,8,16")
     ap.add_argument("--shapes", default="bundled,mixtral", help="comma list of bundled, mixtral")
+    ap.add_argument("--model", default=str(MODEL_DIR), help="bundled model folder (shape and method errors)")
     ap.add_argument("--no-errors", action="store_true", help="skip the quantization-method error table")
     ap.add_argument("--quick", action="store_true", help="bundled shape only, fewer reps (smoke test)")
     ap.add_argument("--json-out", help="write the results as JSON to this file")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
+    MODEL_DIR = Path(args.model)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batches = [int(b) for b in args.batches.split(",")]
