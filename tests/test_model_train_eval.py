@@ -205,7 +205,6 @@ def test_popularity_summary_entropy():
     assert st["layers"][1]["max_over_min"] == 1.0
 
 
-@pytest.mark.skipif(not (BUNDLED / "model.safetensors").exists(), reason="bundled model not trained yet")
 def test_bundled_model_beats_half_unigram():
     res = run_eval(BUNDLED, max_tokens=3000)
     assert res["perplexity"] < 0.5 * res["unigram_perplexity"], res
