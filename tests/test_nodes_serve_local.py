@@ -117,3 +117,18 @@ def test_serve_local_with_controller_plan_and_quantized_shards(model_dir, tmp_pa
     want = generate(model, prompt, 8)
     got = serve_local(ServeLocalConfig(str(model_dir), "", 8, n_agents=2, plan_path=str(plan), prompt_ids=tuple(prompt)))
     assert got["tokens"] == want and got["failovers"] == 0
+
+
+def test_bundled_tiny_moe_over_three_agents_equals_local():
+    """The bundled model (fp16 shards over CURVE, round-robin on 3 agents) generates the same tokens."""
+    bundled = ROOT / "models" / "tiny-moe"
+    if not (bundled / "config.json").exists():
+        pytest.skip("models/tiny-moe not present")
+    from coel_model.checkpoint import load_model
+    from coel_model.generate import generate
+    from nodes.local import ServeLocalConfig, serve_local
+    prompt = "Once upon a time"
+    got = serve_local(ServeLocalConfig(str(bundled), prompt, 8, n_agents=3))
+    torch.set_num_threads(1)
+    want = generate(load_model(bundled), got["prompt_tokens"], 8)
+    assert got["tokens"] == want and got["deploy_bytes"] > 0 and got["failovers"] == 0
