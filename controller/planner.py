@@ -445,6 +445,12 @@ def renegotiate_compression(target: Plan, profile: Profile, cluster: Cluster, re
     notes = [f"compression {ch.link}: {ch.from_name or 'new'} -> {ch.to_name} on {ch.bw_mbit:.3g} Mbit/s, "
              f"{ch.latency_ms:.3g} ms (predicted request {ch.request_ms_before:.2f} -> {ch.request_ms_after:.2f} ms)"
              for ch in changes]
+    count: dict[str, int] = {}
+    for c in lay.compression.values():
+        count[c.name] = count.get(c.name, 0) + 1
+    notes.append("token compression per server pair (request time x perplexity): "
+                 + ", ".join(f"{k} x{v}" for k, v in sorted(count.items())) + f" (quality budget {budget:.4g} nats)")
+    kept = [r for r in target.reasons if not r.startswith("token compression per server pair")]  # superseded
     out = layout_to_plan(profile, cluster, requirements, lay, opts, target.strategy, target.mode, target.model,
-                         list(target.reasons) + notes)
+                         kept + notes)
     return out, changes

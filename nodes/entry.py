@@ -133,7 +133,8 @@ class EntryService:
             self._routing_cv.notify_all()
         if self.tracer is not None:
             self.tracer.event("placement", version=int(body["version"]), experts=len(holders),
-                              endpoints=sorted({ep for eps in holders.values() for ep in eps}))
+                              endpoints=sorted({ep for eps in holders.values() for ep in eps}),
+                              compression=comp)  # endpoint -> settings now in force (fp32 where absent)
         return int(body["version"])
 
     @staticmethod

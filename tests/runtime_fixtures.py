@@ -114,7 +114,7 @@ class Procs:
 
 def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_interval_s: float | None = None,
                   extra_ctl: list[str] | None = None, delay_files: dict[str, str] | None = None,
-                  extra_entry: list[str] | None = None) -> dict:
+                  extra_entry: list[str] | None = None, compression: bool = False) -> dict:
     """Controller, agents a1-a3 and an entry on a1. delay_files: server -> nodes.delayqueue file
     its agent reads (COEL_DELAY_FILE), to emulate a slower link into that agent."""
     tmp = setup["tmp"]
@@ -126,7 +126,7 @@ def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_int
             "--profile", setup["profile"], "--strategy", "coel", "--listen", ctl_ep, "--control", control,
             "--keys", setup["keys"], "--expect-agents", ",".join(SERVERS), "--expect-entries", "a1",
             "--heartbeat-s", "0.2", "--trace", str(raw / "ctl-controller.jsonl"), "--register-timeout-s", "60",
-            "--no-compression",
+            *([] if compression else ["--no-compression"]),  # off: entries send fp32 (token-exact tests)
             # loopback on a shared 2-core machine: scheduling hiccups of several ms are not link changes
             "--bw-drop-ratio", "0.05", "--rtt-rise-min-ms", "50"]
     if static:
