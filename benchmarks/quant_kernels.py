@@ -40,10 +40,10 @@ def bundled_shape() -> tuple[str, int, int]:
     cfg_path = MODEL_DIR / "config.json"
     if cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
-        return MODEL_DIR.name, int(cfg["d_model"]), int(cfg["expert_hidden"])
+        return f"bundled {cfg['d_model']}x{cfg['expert_hidden']}", int(cfg["d_model"]), int(cfg["expert_hidden"])
     from coel_model.train import default_model_config
     cfg = default_model_config()
-    return "tiny-moe(default cfg)", cfg.d_model, cfg.expert_hidden
+    return f"bundled {cfg.d_model}x{cfg.expert_hidden}*", cfg.d_model, cfg.expert_hidden
 
 
 def routed_inputs(model, token_ids: list[int], layers: list[int], window: int = 256) -> dict:
@@ -66,7 +66,7 @@ def routed_inputs(model, token_ids: list[int], layers: list[int], window: int = 
     return {(l, e): hs[l].index_select(0, tok) for l in layers for e, (tok, _slot) in groups[l].items()}
 
 
-def timeit(fn, reps: int, min_s: float = 0.0) -> dict:
+def timeit(fn, reps: int, min_s: float = 0.0) -> dict:  # noqa: D103 (used by memory_bandwidth)
     """Median (and min) wall time in ms over `reps` calls after one warm-up call."""
     fn()
     ts = []
@@ -131,8 +131,25 @@ def check_rows(q: quant.QuantizedExpert, x: torch.Tensor, rows: int = 64) -> flo
     return float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
 
 
+def round_robin(fns: dict, reps: int) -> dict:
+    """Median/min ms per callable, timed in interleaved rounds (one call of each per round, after a
+    warm-up round), so load from other processes hits every candidate alike."""
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "reps": len(v)}
+            for k, v in ts.items()}
+
+
 def bench_shape(label: str, d: int, h: int, batches: list[int], bits_list: list[int], reps: int,
-                bw_gbs: float, real_weights: bool, with_fallback: bool, threads: int) -> list[dict]:
+                real_weights: bool, with_fallback: bool, threads: int, probe_mib: int = 0) -> tuple[list[dict], dict]:
+    """One expert forward per candidate format, timed round-robin. With probe_mib, an fp32
+    matrix-vector product over that many MiB joins every round as the bandwidth reference."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     fp = SwiGLUExpert(d, h).eval()
@@ -141,52 +158,66 @@ def bench_shape(label: str, d: int, h: int, batches: list[int], bits_list: list[
     bf = SwiGLUExpert(d, h).eval()
     bf.load_state_dict(fp.state_dict())
     bf = bf.to(torch.bfloat16)
-    fp_bytes = fp.nbytes
     experts = {}
     for bits in bits_list:
         spec = quant.QuantSpec(bits, 64)
         experts[bits] = (quant.quantize_expert(fp, spec) if real_weights
                          else random_packed_expert(spec, d, h, gen))
-    rows = []
+    i8 = {}
+    if hasattr(torch, "_weight_int8pack_mm"):  # torch's own packed CPU kernel (per-channel int8)
+        for p in quant.PROJ_NAMES:
+            o, i = getattr(fp, p).weight.shape
+            i8[p] = (torch.randint(-127, 128, (o, i), generator=gen, dtype=torch.int8),
+                     torch.rand(o, generator=gen) * 1e-3 + 1e-4)
+    probe = None
+    if probe_mib:
+        mat = torch.ones(8192, probe_mib * (1 << 20) // 4 // 8192)
+        vec = torch.ones(mat.shape[1])
+        probe = (mat, vec)
+    rows, bws = [], {}
     for n in batches:
         x = torch.randn(n, d, generator=gen)
-        base = timeit(lambda: fp(x), reps)
-
-        def row(fmt: str, nbytes: int, t: dict, err: float | None = None) -> None:
-            gbs = nbytes / t["median_ms"] / 1e6
-            rows.append({"shape": label, "d_model": d, "hidden": h, "batch": n, "threads": threads, "format": fmt,
-                         "weight_bytes": nbytes, "median_ms": round(t["median_ms"], 4),
-                         "min_ms": round(t["min_ms"], 4), "speedup_vs_fp32": base["median_ms"] / t["median_ms"],
-                         "weight_gbs": gbs, "max_rel_err": err,
-                         # weights that fit the caches are not read from memory: no bandwidth figure
-                         "pct_of_read_bw": 100 * gbs / bw_gbs if nbytes > CACHE_RESIDENT_BYTES else None})
-
-        row("fp32 torch", fp_bytes, base)
         xb = x.bfloat16()
-        row("bf16 torch", fp_bytes // 2, timeit(lambda: bf(xb), reps))
+        cand = {"fp32 torch": (fp.nbytes, lambda: fp(x), None),
+                "bf16 torch": (fp.nbytes // 2, lambda: bf(xb), None)}
         for bits, q in experts.items():
-            err = check_rows(q, x)
             name = "fp16 ours" if bits == 16 else f"int{bits} g64 ours"
-            row(name, q.nbytes, timeit(lambda: q(x), reps), err)
-        if hasattr(torch, "_weight_int8pack_mm"):  # torch's own packed CPU kernel (per-channel int8)
-            i8 = {}
-            for p in quant.PROJ_NAMES:
-                o, i = getattr(fp, p).weight.shape
-                i8[p] = (torch.randint(-127, 128, (o, i), generator=gen, dtype=torch.int8),
-                         torch.rand(o, generator=gen) * 1e-3 + 1e-4)
+            cand[name] = (q.nbytes, (lambda q=q: q(x)), check_rows(q, x))
+        if i8:
             mm8 = torch._weight_int8pack_mm
-            row("int8 torch int8pack_mm", sum(w.numel() + 4 * sc.numel() for w, sc in i8.values()),
-                timeit(lambda: mm8(F.silu(mm8(x, *i8["w_gate"])) * mm8(x, *i8["w_up"]), *i8["w_down"]), reps))
+            cand["int8 torch int8pack_mm"] = (
+                sum(w.numel() + 4 * sc.numel() for w, sc in i8.values()),
+                lambda: mm8(F.silu(mm8(x, *i8["w_gate"])) * mm8(x, *i8["w_up"]), *i8["w_down"]), None)
         if with_fallback and 4 in experts:
-            q = experts[4]
+            q4 = experts[4]
 
             def fallback():
-                t = [getattr(q, p) for p in quant.PROJ_NAMES]
+                t = [getattr(q4, p) for p in quant.PROJ_NAMES]
                 mm = lambda lin, v: kernels.qmatmul(v, lin.tensors(), 4, 64, lin.in_features,  # noqa: E731
                                                     lin.out_features, force="torch")
                 return mm(t[2], F.silu(mm(t[0], x)) * mm(t[1], x))
-            row("int4 g64 torch fallback", q.nbytes, timeit(fallback, max(2, reps // 2)))
-    return rows
+            cand["int4 g64 torch fallback"] = (q4.nbytes, fallback, None)
+        fns = {k: v[1] for k, v in cand.items()}
+        if probe is not None:
+            fns["_probe"] = lambda: torch.mv(*probe)
+        times = round_robin(fns, reps)
+        bw_gbs = None
+        if probe is not None:
+            bw_gbs = probe[0].numel() * 4 / times["_probe"]["median_ms"] / 1e6
+            bws[n] = {"probe": f"fp32 mv over {probe_mib} MiB, same rounds", "read_gbs": bw_gbs,
+                      "read_gbs_best": probe[0].numel() * 4 / times["_probe"]["min_ms"] / 1e6}
+        base = times["fp32 torch"]["median_ms"]
+        for fmt, (nbytes, _fn, err) in cand.items():
+            t = times[fmt]
+            gbs = nbytes / t["median_ms"] / 1e6
+            rows.append({"shape": label, "d_model": d, "hidden": h, "batch": n, "threads": threads, "format": fmt,
+                         "weight_bytes": nbytes, "median_ms": round(t["median_ms"], 4),
+                         "min_ms": round(t["min_ms"], 4), "speedup_vs_fp32": base / t["median_ms"],
+                         "weight_gbs": gbs, "max_rel_err": err,
+                         # weights that fit the caches are not read from memory: no bandwidth figure
+                         "pct_of_read_bw": (100 * gbs / bw_gbs if bw_gbs and nbytes > CACHE_RESIDENT_BYTES
+                                            else None)})
+    return rows, bws
 
 
 def method_errors(bits_list: list[int], seed: int = 0) -> dict:
@@ -303,13 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         label, d, h = bundled_shape()
         # small experts run single-threaded (as the kernels do below ~1M multiply-adds): torch's
         # 2-thread fork/join on a tiny matmul measures the scheduler, not the matmul
-        rows += bench_shape(label, d, h, batches, bits_list, reps * 4, bw["read_gbs"], True, True, 1)
+        rows += bench_shape(label, d, h, batches, bits_list, reps * 4, True, True, 1)[0]
     bw_mix = None
     if "mixtral" in shapes and not args.quick:
         torch.set_num_threads(args.threads)
-        bw_mix = memory_bandwidth(512, reps)
-        rows += bench_shape(MIXTRAL[0], MIXTRAL[1], MIXTRAL[2], batches, bits_list, reps, bw_mix["read_gbs"],
-                            False, False, args.threads)
+        mix_rows, bw_mix = bench_shape(MIXTRAL[0], MIXTRAL[1], MIXTRAL[2], batches, bits_list, reps,
+                                       False, False, args.threads, probe_mib=512)
+        rows += mix_rows
     torch.set_num_threads(args.threads)
     bw_end = memory_bandwidth(64 if args.quick else 512, reps)
     errors = None if args.no_errors else method_errors(bits_list)
@@ -330,12 +361,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"read {b['read_gbs']:.1f} GB/s (sum f32 {b['sum_f32_gbs']:.1f}, sum i64 {b['sum_i64_gbs']:.1f}, "
                       f"mv f32 {b['mv_f32_gbs']:.1f}), copy {b['copy_gbs']:.1f} GB/s")
         bw_line("start", bw)
-        bw_line("before mixtral", bw_mix)
         bw_line("end", bw_end)
+        for n, b in (bw_mix or {}).items():
+            print(f"bandwidth reference for the Mixtral batch-{n} rows: {b['read_gbs']:.1f} GB/s median "
+                  f"({b['read_gbs_best']:.1f} best), {b['probe']}")
         print(f"load avg {result['load_avg'][0]:.1f} at the end; run {result['seconds']:.0f} s")
         print(fmt_table(rows))
-        print("% read BW = weight bytes per second / the read bandwidth measured just before that shape's rows "
-              "(highest probe); 'cache' = weights small enough to stay cached, no bandwidth figure.")
+        print("Candidates are timed round-robin (one call each per round), medians reported. % read BW = weight "
+              "bytes/s / the fp32 mv probe's bytes/s in the same rounds; 'cache' = weights small enough to stay "
+              "cached, no bandwidth figure.")
         if errors is not None:
             print()
             print(fmt_errors(errors))
