@@ -62,15 +62,15 @@ def _progress_printer(total_steps: int, budget_s: float):
     console = Console(stderr=True)
     if console.is_terminal:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-        prog = Progress(TextColumn("step {task.completed}"), BarColumn(), TextColumn("{task.fields[info]}"),
+        prog = Progress(TextColumn("step {task.fields[step]}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), console=console)
-        task = prog.add_task("train", total=total_steps if not budget_s else budget_s, info="")
+        task = prog.add_task("train", total=total_steps if not budget_s else budget_s, info="", step=0)
 
         def on_step(rec: dict) -> None:
             info = f"loss {rec['loss']:.3f} aux {rec['aux']:.3f} lr {rec['lr']:.2e} tok {rec['tokens']:,}"
             if "eval_loss" in rec:
                 info += f" eval {rec['eval_loss']:.3f}"
-            prog.update(task, completed=rec["elapsed_s"] if budget_s else rec["step"], info=info)
+            prog.update(task, completed=rec["elapsed_s"] if budget_s else rec["step"], info=info, step=rec["step"])
         return prog, on_step
 
     def on_step(rec: dict) -> None:
