@@ -53,7 +53,7 @@ def test_bandwidth_drop_tightens_compression_and_recovery_loosens_it(tmp_path):
         c0 = plan0["compression"]["a1|a3"]["name"]
         ctl_trace = info["raw"] / "ctl-controller.jsonl"
         ccfg = ClientConfig(name="u1", entry=info["entry"], rate_rps=3.0, prompt_tokens=8, max_new_tokens=8,
-                            duration_s=9.0, drain_s=30.0, seed=11, keys_dir=setup["keys"],
+                            duration_s=6.0, drain_s=30.0, seed=11, keys_dir=setup["keys"],
                             trace_path=str(info["raw"] / "u1-client.jsonl"), request_timeout_s=30.0)
         out: dict = {}
         th = threading.Thread(target=lambda: out.update(run_client(ccfg, tokenizer=ByteTokenizer())))
@@ -93,7 +93,7 @@ def test_bandwidth_drop_tightens_compression_and_recovery_loosens_it(tmp_path):
         assert back["from"] == tight and back["to"] == c0, rec["compression_changes"]
         th.join(90)
         assert not th.is_alive()
-        assert out["sent"] >= 15 and out["lost"] == 0 and out["ok"] == out["sent"], out
+        assert out["sent"] >= 8 and out["lost"] == 0 and out["ok"] == out["sent"], out
     finally:
         procs.stop_all()
         leftover = [n for n, p in procs.procs.items() if p.poll() is None]
