@@ -161,3 +161,16 @@ def test_request_quality_score_trades_at_equal_elasticity():
     # 1% perplexity (0.01 nats) costs about 1% of the request time
     assert request_quality_score(100.0, 0.01) == pytest.approx(101.005, rel=1e-4)
     assert math.isinf(request_quality_score(math.inf, 0.001))
+
+
+def test_delay_rise_renegotiates_that_pair_deterministically(world):
+    """+20 ms one way on s2-hub: only s1|s2 is re-negotiated; compression cannot shorten a delay, but
+    pruning saves calls, each of which now costs the longer round trip (so it never loosens)."""
+    cl, p0 = world["cl"], world["p0"]
+    far = cl.with_link("s2", "hub", bw_mbit=100.0, latency_ms=21.0)
+    world["cl_prev"] = cl
+    p1, ch, changed = _after(world, far, p0)
+    p1b, chb, _ = _after(world, far, p0)
+    assert changed == {"s1|s2"} and p1 == p1b and ch == chb
+    assert all(c.link == "s1|s2" for c in ch)
+    assert QUALITY[_names(p1)["s1|s2"]] >= QUALITY[_names(p0)["s1|s2"]]
