@@ -11,8 +11,10 @@ Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
               --static, re-plans incrementally (controller.planner.plan with current=) and
               executes the diff make-before-break (controller.deployer).
 Every re-deployment is written to the trace as an event "redeployment" with trigger,
-detected_ns, detect_s, replan_s, migrate_s, bytes_moved, actions and reasons; a re-plan that
-changes nothing is an event "replan" with actions 0.
+detected_ns, detect_s, replan_s, migrate_s, bytes_moved, actions, compression_changes and
+reasons; a re-plan that changes nothing is an event "replan" with actions 0. A link change
+(trigger "bw" or "delay") re-negotiates the token compression of the pairs whose measured route
+changed (controller.planner.renegotiate_compression) and pushes it in the next PLACEMENT.
 """
 from __future__ import annotations
 
