@@ -17,13 +17,19 @@ from coel_model.errors import CheckpointError
 TOKENIZER_FILE = "tokenizer.json"
 
 
+# document separators tried in order when no eos id is given (ours first, then HF conventions)
+EOS_CANDIDATES = (EOS_TEXT, "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
+
+
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, eos_id: int | None = None):
         self.hf = hf
-        eos = hf.token_to_id(EOS_TEXT)
-        if eos is None:
-            raise CheckpointError(f"tokenizer has no {EOS_TEXT!r} token")
-        self.eos_id: int = eos
+        if eos_id is None:
+            found = [hf.token_to_id(t) for t in EOS_CANDIDATES if hf.token_to_id(t) is not None]
+            if not found:
+                raise CheckpointError(f"tokenizer has none of the end-of-text tokens {list(EOS_CANDIDATES)}")
+            eos_id = found[0]
+        self.eos_id: int = eos_id
 
     @property
     def vocab_size(self) -> int:

@@ -83,6 +83,11 @@ def test_tokenizer_round_trip_and_eos(small_tok, tmp_path):
     assert again.encode(text) == ids
     with pytest.raises(CheckpointError, match="not found"):
         Tokenizer.load(tmp_path / "nope.json")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    with pytest.raises(CheckpointError, match="end-of-text"):
+        Tokenizer(HFTokenizer(models.BPE()))
+    assert Tokenizer(HFTokenizer(models.BPE()), eos_id=5).eos_id == 5
 
 
 def test_training_a_few_steps_lowers_loss(small_tok):
