@@ -35,6 +35,7 @@ class DeployConfig:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 2.0
     chunk_bytes: int = 4 << 20  # LOAD_SHARD messages carry at most about this many tensor bytes
+    chunk_max_shards: int = P.MAX_TENSORS // 16  # and at most this many experts (a packed expert is <= 16 tensors)
     load_timeout_s: float = 15.0  # one LOAD_SHARD chunk (4 MB at 5 Mbit/s is ~7 s)
     placement_timeout_s: float = 3.0
     unload_timeout_s: float = 3.0
@@ -228,7 +229,7 @@ class Deployer:
             chunks, cur, nb = [], [], 0
             for k in todo:
                 b = self.source.nbytes(*k)
-                if cur and nb + b > self.cfg.chunk_bytes:
+                if cur and (nb + b > self.cfg.chunk_bytes or len(cur) >= self.cfg.chunk_max_shards):
                     chunks.append(cur)
                     cur, nb = [], 0
                 cur.append(k)

@@ -130,7 +130,8 @@ def requirements_from_topology(topo: Any, default_entry: str | None = None) -> R
             prompt_tokens=int(val("prompt_tokens", 128)),
             new_tokens=int(val("max_new_tokens", 64)),
             ttft_slo_ms=float(val("slo_ttft_ms", math.inf)),
-            token_slo_ms=float(val("slo_tpot_ms", math.inf))))
+            token_slo_ms=float(val("slo_tpot_ms", math.inf)),
+            max_loss_nats=float(val("max_loss_nats", math.inf))))
     if not classes:
         servers = list(_get(topo, "servers") or ())
         if isinstance(_get(topo, "servers"), dict):

@@ -167,7 +167,7 @@ def _workload(doc: _Doc, value: Any, path: Path_) -> Workload:
     if value is None:
         return Workload()
     f = _Fields(doc, value, path, ("rate_rps", "prompt_tokens", "max_new_tokens", "slo_ttft_ms",
-                                   "slo_tpot_ms", "slo_class"), "workload")
+                                   "slo_tpot_ms", "slo_class", "max_loss_nats"), "workload")
     d = Workload()
     return Workload(
         rate_rps=f.num("rate_rps", d.rate_rps, gt=0, unit=" req/s"),
@@ -177,6 +177,7 @@ def _workload(doc: _Doc, value: Any, path: Path_) -> Workload:
         slo_ttft_ms=f.num("slo_ttft_ms", d.slo_ttft_ms, gt=0, unit=" ms"),
         slo_tpot_ms=f.num("slo_tpot_ms", d.slo_tpot_ms, gt=0, unit=" ms"),
         slo_class=f.str("slo_class", d.slo_class),
+        max_loss_nats=f.num("max_loss_nats", d.max_loss_nats, ge=0, nullable=True, unit=" nats/token"),
     )
 
 

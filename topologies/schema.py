@@ -39,6 +39,7 @@ class Workload:
     slo_ttft_ms: float = 2000.0   # time-to-first-token objective (ms)
     slo_tpot_ms: float = 500.0    # time-per-output-token objective (ms)
     slo_class: str = "default"    # name of the SLO class, for reports
+    max_loss_nats: float | None = None  # quality floor: largest predicted loss increase (nats/token); None = any
 
 
 @dataclass(frozen=True)
