@@ -4,10 +4,13 @@ Native path: qmatmul.cpp (AVX2 + FMA + F16C, OpenMP), compiled with the system g
 use into a cache dir (COEL_KERNEL_CACHE, default ~/.cache/coel/kernels) under a name that hashes
 the source and flags, and loaded with ctypes (a plain C ABI: no torch headers, ~4 s to build).
 It shares torch's OpenMP runtime (libgomp.so.1 is already loaded by torch).
-  batch < GEMM_MIN_BATCH: fused unpack + dequant + dot over the packed weight (read once per
-      8 rows of x), K-blocked so the slice of x stays in L1; AVX-512 variant where the CPU has it;
-  batch >= GEMM_MIN_BATCH: dequantize row tiles (cache sized) in C, multiply with torch.mm.
+  small batches: fused unpack + dequant + dot over the packed weight (read once per 8 rows of
+      x), K-blocked so the slice of x stays in L1; AVX-512 variant where the CPU has it; a whole
+      expert (gate, up, SiLU, down) in one call (qexpert);
+  larger batches (use_gemm): dequantize in C (row tiles, or a small expert whole) + torch GEMMs.
 Fallback (no compiler, no AVX2, or COEL_KERNELS=off): the same tiling in pure torch.
+Threads: torch.get_num_threads() (set 1 where processes share cores: a descheduled helper thread
+stalls every parallel region).
 """
 from __future__ import annotations
 
