@@ -5,6 +5,7 @@ For each average bit width (default 2.5, 3, 3.5, 4, 16) the same byte budget is 
                   fractional averages; popularity-agnostic)
   mixed-mcmoe     ILP on freq^1 * weight^1.5 * measured loss_increase (MC-MoE's cost)
   mixed-measured  ILP on the measured loss_increase alone
+  mixed-kl        ILP on the measured output KL alone (needs a profile made with --kl)
   greedy-mcmoe    the fast hull greedy on MC-MoE's cost (how far the heuristic is from the ILP)
 and each quantized model (real packed experts, run through the quant kernels) is evaluated on the
 held-out split against the fp32 model: perplexity, its increase over fp32, top-1 agreement.
@@ -34,7 +35,7 @@ from coel_model.checkpoint import load_model  # noqa: E402
 from coel_model.profile import load_profile  # noqa: E402
 from coel_model.quant import QuantSpec, quantize_expert  # noqa: E402
 
-STRATEGIES = ("uniform", "mixed-mcmoe", "mixed-measured", "greedy-mcmoe")
+STRATEGIES = ("uniform", "mixed-mcmoe", "mixed-measured", "mixed-kl", "greedy-mcmoe")
 
 
 @torch.inference_mode()
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=("rtn", "hqq"), default="rtn")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-out", help="write the results as JSON to this file")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="subset to run (uniform is always run)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = {"uniform": costs_from_profile(profile, "mcmoe"),
               "mixed-mcmoe": costs_from_profile(profile, "mcmoe"),
               "mixed-measured": costs_from_profile(profile, "measured"),
+              "mixed-kl": costs_from_profile(profile, "kl"),
               "greedy-mcmoe": costs_from_profile(profile, "mcmoe")}
     tok = evaluate.find_tokenizer(args.model)
     ids = evaluate.eval_token_ids(tok, "heldout", args.max_tokens + 1)
@@ -87,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     n_params = cfg.n_layers * cfg.n_experts * cfg.expert_params()
     for avg in [float(b) for b in args.bits.split(",")]:
         budget = budget_bytes_for_avg_bits(tables["uniform"], avg)
-        for strategy in STRATEGIES:
+        wanted = ["uniform"] + [x for x in args.strategies.split(",") if x and x != "uniform"]
+        unknown = [x for x in wanted if x not in STRATEGIES]
+        if unknown:
+            raise SystemExit(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+        for strategy in wanted:
             table = tables[strategy]
             t0 = time.monotonic()
             if strategy == "uniform":
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     at3 = {r["strategy"]: r for r in rows if r["avg_bits"] == 3.0}
     goal = None
     if at3 and at3["uniform"]["ppl_increase"] > 0:
-        goal = {s: at3[s]["ppl_increase"] <= 0.5 * at3["uniform"]["ppl_increase"] for s in STRATEGIES[1:]}
+        goal = {s: at3[s]["ppl_increase"] <= 0.5 * at3["uniform"]["ppl_increase"] for s in at3 if s != "uniform"}
     result = {"benchmark": "quant_quality", "model": args.model, "profile": str(prof_path),
               "method": args.method, "group_size": group, "heldout_tokens": n_tokens,
               "calibration_tokens": profile["calibration"]["tokens"],

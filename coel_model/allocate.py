@@ -3,8 +3,10 @@
 Every routed expert (layer, expert) gets one bit width from the profile's list (2, 3, 4, 8, 16).
 Giving expert i the width b costs `cost[i, b]` in predicted quality loss and `bytes[i, b]` in
 packed memory; we minimise the summed cost subject to the summed bytes <= budget. The cost is
-MC-MoE's `freq^alpha * weight^beta * loss_increase(b)` ("mcmoe") or the measured
-`loss_increase(b)` alone ("measured", which already reflects how often the expert is used).
+MC-MoE's `freq^alpha * weight^beta * loss_increase(b)` ("mcmoe"), the measured
+`loss_increase(b)` alone ("measured", which already reflects how often the expert is used), or
+the measured output KL(fp || quantized) alone ("kl": always >= 0 and far less noisy than a
+signed loss difference at 3-8 bits, where single-expert loss changes drown in noise).
 
 Budgets are bytes, or an average bit width: `budget_bytes_for_avg_bits` turns "3.0 bits" into
 what quantizing every expert uniformly at 3 bits takes (scales and zeros included), linearly
@@ -22,7 +24,7 @@ import numpy as np
 
 from coel_model.errors import ConfigError, InfeasibleError
 
-WEIGHTINGS = ("mcmoe", "measured")
+WEIGHTINGS = ("mcmoe", "measured", "kl")
 SOLVERS = ("ilp", "greedy")
 DEFAULT_ALPHA = 1.0  # exponent on routing frequency (MC-MoE)
 DEFAULT_BETA = 1.5  # exponent on mean routing weight (MC-MoE)
@@ -115,7 +117,13 @@ def costs_from_profile(profile: Mapping[str, Any], weighting: str = "mcmoe", alp
         scale = 1.0
         if weighting == "mcmoe":
             scale = float(x["popularity"]) ** alpha * float(x["mean_weight"]) ** beta
-        raw = [float(x["loss_increase"][str(b)]) for b in widths]
+        if weighting == "kl":
+            if "output_kl" not in x:
+                raise ConfigError(f"weighting 'kl' needs output_kl in the profile (layer {x['layer']}, expert "
+                                  f"{x['expert']} has none; run `coel profile --kl`)")
+            raw = [float(x["output_kl"][str(b)]) for b in widths]
+        else:
+            raw = [float(x["loss_increase"][str(b)]) for b in widths]
         if monotone:
             running = 0.0
             for j in range(len(widths) - 1, -1, -1):

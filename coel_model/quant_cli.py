@@ -46,8 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-bytes", type=int, help="packed bytes for all routed experts together")
     p.add_argument("--strategy", choices=("mixed", "uniform"), default="mixed")
     p.add_argument("--solver", choices=("ilp", "greedy"), default="ilp", help="mixed strategy only")
-    p.add_argument("--weighting", choices=("mcmoe", "measured"), default="mcmoe",
-                   help="cost = freq^a * weight^b * loss (mcmoe) or the measured loss alone")
+    p.add_argument("--weighting", choices=("mcmoe", "measured", "kl"), default="mcmoe",
+                   help="cost = freq^a * weight^b * loss (mcmoe), the measured loss alone, or the measured "
+                        "output KL alone (kl: needs a profile made with --kl; best on tiny-moe, see "
+                        "docs/bench/quant_quality.md)")
     p.add_argument("--alpha", type=float, default=1.0, help="exponent on popularity (mcmoe)")
     p.add_argument("--beta", type=float, default=1.5, help="exponent on mean routing weight (mcmoe)")
     p.add_argument("--bits", default="", help="allowed widths, e.g. 2,3,4 (default: all in the profile)")

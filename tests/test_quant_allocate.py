@@ -166,6 +166,14 @@ def test_costs_from_profile_weighting_and_monotone():
     m = costs_from_profile(prof)  # mcmoe: freq^1 * weight^1.5
     assert m.cost[0, 0] == pytest.approx(1.5 * 0.75 ** 1.5 * 0.3)
     assert m.cost[1, 0] == pytest.approx(0.5 * 0.25 ** 1.5 * 0.4)
+    for x, kl in zip(experts, ([0.3, 0.1, 0.05, 0.001, 0.0], [0.2, 0.2, 0.1, 0.0, 0.0])):
+        x["output_kl"] = dict(zip(map(str, bits), kl))
+    k = costs_from_profile(prof, weighting="kl")
+    assert k.cost[0].tolist() == pytest.approx([0.2, 0.2, 0.1, 0.0, 0.0])
+    assert k.cost[1].tolist() == pytest.approx([0.3, 0.1, 0.05, 0.001, 0.0])
+    del experts[0]["output_kl"]
+    with pytest.raises(ConfigError, match="needs output_kl"):
+        costs_from_profile(prof, weighting="kl")
     sub = costs_from_profile(prof, bits=[2, 4])
     assert sub.bits == (2, 4) and sub.nbytes.shape == (2, 2)
     with pytest.raises(ConfigError, match="not in the profile"):

@@ -181,6 +181,9 @@ def test_profile_and_quantize_commands(model_dir, capsys):
                         "--solver", "greedy", "--weighting", "measured", "--out", str(model_dir / "qg")], capsys)
     assert rc == 0, err
     assert "bytes:" in out and "greedy" in out
+    rc, out, err = run(["quantize", "--model", str(fp), "--profile", str(prof), "--budget-bits", "3",
+                        "--weighting", "kl", "--out", str(model_dir / "qk")], capsys)
+    assert rc == 2 and "coel profile --kl" in err  # this profile was made without --kl
 
 
 def test_quantize_errors_are_one_line(model_dir, capsys):
