@@ -1,14 +1,20 @@
 """Per-hop overhead: one expert call carrying one token vs a raw pyzmq REQ/REP of the same bytes.
 
-All in one run, two processes each, interleaved rounds (so load from other processes hits every
-variant alike), medians reported:
-  raw      REQ/REP echo server (no protocol, no decode), request and reply of d*2 bytes (fp16 token)
-  probe    our agent, PROBE carrying the same fp16 token back (header + validation, no compute)
-  call     our agent, EXPERT_CALL on a small fp16 expert (hidden=--hidden), fp16 token in and out
-Each is measured plain and with CURVE (raw REQ/REP gets CURVE too). The ratio call/raw is the
-number the goal (<= 1.5x) is about; call - compute isolates what the protocol adds.
+Same process layout for every variant: the benchmark process is the client; each server is a
+child started the same way (multiprocessing spawn), all unpinned, or all servers pinned to one
+CPU and the client to another with --pin. After a warm-up, R rounds run the variants back to
+back, interleaved (so load from other processes hits every variant alike):
+  raw       REQ/REP echo server (no protocol, no decode): request and reply of d*2 bytes
+  probe     our agent, PROBE carrying the same fp16 token back (header + validation, no compute)
+  identity  our agent, EXPERT_CALL on an identity shard: the whole expert-call path (decode,
+            batching, activation decode/encode, reply) without expert compute
+  call      our agent, EXPERT_CALL on a small fp16 expert (hidden=--hidden)
+Each is measured plain and with CURVE (raw REQ/REP gets CURVE too). Per round: ratio of medians
+and ratio of 10th percentiles against raw; the table gives the median of those per-round ratios
+(and their range) plus absolute microseconds over all rounds. Tracing is off in the timed rounds;
+a separate traced pass splits an EXPERT_CALL into its steps from the agent's spans.
 
-    .venv/bin/python benchmarks/hop_overhead.py [--d 4096] [--n 400] [--rounds 5] [--json-out F]
+    .venv/bin/python benchmarks/hop_overhead.py [--d 4096] [--n 150] [--rounds 8] [--pin] [--json-out F]
 """
 from __future__ import annotations
 
@@ -28,12 +34,22 @@ import torch  # noqa: E402
 import zmq  # noqa: E402
 
 from nodes import protocol as P  # noqa: E402
-from nodes.local import LocalCluster, free_port  # noqa: E402
+from nodes.local import free_port  # noqa: E402
 from nodes.security import load_keys, make_keys, secure_client, secure_server, start_authenticator  # noqa: E402
 from nodes.transport import AgentClient  # noqa: E402
 
+VARIANTS = ("raw", "probe", "identity", "call")
+IDENTITY_KEY = (0, 1)  # (layer, expert) of the identity shard
+EXPERT_KEY = (0, 0)
 
-def raw_echo_server(endpoint: str, keys_dir: str | None, ready) -> None:
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def raw_echo_server(endpoint: str, keys_dir: str | None, cpu: int | None, ready) -> None:
+    _pin(cpu)
     ctx = zmq.Context()
     auth = None
     keys = load_keys(keys_dir) if keys_dir else None
@@ -57,6 +73,39 @@ def raw_echo_server(endpoint: str, keys_dir: str | None, ready) -> None:
         ctx.term()
 
 
+class _Identity(torch.nn.Module):
+    nbytes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def agent_server(endpoint: str, keys_dir: str | None, cpu: int | None, mem_bytes: int, d: int,
+                 trace_path: str, ready) -> None:
+    """The real Agent (same code as `coel agent`), plus an identity shard put straight into its store
+    (there is no wire format for 'no compute'); the fp16 expert arrives by LOAD_SHARD as usual."""
+    _pin(cpu)
+    from nodes.agent import Agent, AgentConfig, Shard
+    torch.set_num_threads(1)
+    cfg = AgentConfig(endpoint=endpoint, memory_budget_bytes=mem_bytes, keys_dir=keys_dir, name="agent0",
+                      fp16_kernel="fast", trace_path=trace_path)
+    agent = Agent(cfg)
+    agent.store.shards[IDENTITY_KEY] = Shard(IDENTITY_KEY[0], IDENTITY_KEY[1], 16, _Identity(), 0, d)
+    ready.set()
+    agent.run()
+
+
+def _spawn(target, args) -> mp.Process:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=target, args=args + (ready,), daemon=True)
+    p.start()
+    if not ready.wait(60):
+        p.kill()
+        raise RuntimeError(f"{target.__name__} did not start within 60 s")
+    return p
+
+
 def time_raw(sock: zmq.Socket, payload: bytes, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -70,11 +119,12 @@ def time_raw(sock: zmq.Socket, payload: bytes, n: int) -> list[float]:
 def time_agent(c: AgentClient, mtype: P.MsgType, body: dict, x: torch.Tensor, n: int,
                stamps: dict | None = None) -> tuple[list[float], list[float]]:
     rtts, computes = [], []
-    for i in range(n):
+    for _ in range(n):
         trace = f"h{len(stamps)}" if stamps is not None else None
         t0 = time.perf_counter_ns()
         m0 = time.monotonic_ns()
         r = c.call(mtype, body, {"x": x}, timeout_s=10, trace=trace)
+        r.tensors  # a real caller uses the reply tensor: count making its torch view
         m1 = time.monotonic_ns()
         rtts.append((time.perf_counter_ns() - t0) / 1e3)
         computes.append(r.body.get("compute_ns", 0) / 1e3)
@@ -86,9 +136,11 @@ def time_agent(c: AgentClient, mtype: P.MsgType, body: dict, x: torch.Tensor, n:
 def decompose(stamps: dict, trace_file: Path) -> dict:
     """Medians of where an EXPERT_CALL's time goes, from the agent's spans (shared monotonic clock)."""
     spans: dict[str, dict] = {}
-    for line in trace_file.read_text().splitlines():
-        rec = json.loads(line)
-        spans.setdefault(rec["trace_id"], {})[rec["span"]] = (rec["t0_ns"], rec["t1_ns"])
+    if trace_file.exists():
+        for line in trace_file.read_text().splitlines():
+            rec = json.loads(line)
+            if "trace_id" in rec:
+                spans.setdefault(rec["trace_id"], {})[rec["span"]] = (rec["t0_ns"], rec["t1_ns"])
     parts: dict[str, list[float]] = {k: [] for k in ("client_send_to_agent_recv", "agent_decode_dispatch",
                                                        "agent_compute", "agent_encode_send",
                                                        "agent_send_to_client_return")}
@@ -107,91 +159,123 @@ def decompose(stamps: dict, trace_file: Path) -> dict:
     return {k: statistics.median(v) for k, v in parts.items() if v}
 
 
-def run(d: int, hidden: int, n: int, rounds: int) -> dict:
+def p10(v: list[float]) -> float:
+    return statistics.quantiles(v, n=10)[0]
+
+
+def summarize(per_round: list[dict[str, list[float]]], computes: dict[str, list[float]]) -> dict:
+    """Absolute us over all rounds, and per-round ratios vs raw (median and range over rounds)."""
+    out: dict = {}
+    for v in VARIANTS:
+        allv = [x for r in per_round for x in r[v]]
+        out[v] = {"median_us": statistics.median(allv), "p10_us": p10(allv), "p90_us": statistics.quantiles(allv, n=10)[-1],
+                  "samples": len(allv)}
+        if v in computes:
+            out[v]["agent_compute_median_us"] = statistics.median(computes[v])
+        if v != "raw":
+            rm = [statistics.median(r[v]) / statistics.median(r["raw"]) for r in per_round]
+            rp = [p10(r[v]) / p10(r["raw"]) for r in per_round]
+            out[v].update({"ratio_median": statistics.median(rm), "ratio_median_range": [min(rm), max(rm)],
+                           "ratio_p10": statistics.median(rp), "ratio_p10_range": [min(rp), max(rp)]})
+    return out
+
+
+def run(d: int, hidden: int, n: int, rounds: int, pin: bool, modes: tuple[str, ...] = ("plain", "curve")) -> dict:
     torch.set_num_threads(1)
+    client_cpu, server_cpu = (0, 1) if pin else (None, None)
+    _pin(client_cpu)
     x = torch.randn(1, d).half()
     payload = bytes(P.tensor_frame(x))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         keys_dir = str(make_keys(Path(tmp) / "keys"))
-        for secure in (False, True):
-            kd = keys_dir if secure else None
+        for tag in modes:
+            kd = keys_dir if tag == "curve" else None
             keys = load_keys(kd) if kd else None
-            ep = f"tcp://127.0.0.1:{free_port()}"
-            ready = mp.get_context("spawn").Event()
-            srv = mp.get_context("spawn").Process(target=raw_echo_server, args=(ep, kd, ready), daemon=True)
-            srv.start()
-            ready.wait(30)
+            raw_ep, agent_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+            trace_path = Path(tmp) / f"agent-{tag}.jsonl"
+            mem = 3 * d * hidden * 2 + (1 << 20)
+            procs = [_spawn(raw_echo_server, (raw_ep, kd, server_cpu)),
+                     _spawn(agent_server, (agent_ep, kd, server_cpu, mem, d, str(trace_path)))]
             ctx = zmq.Context()
             req = ctx.socket(zmq.REQ)
             req.linger = 0
             secure_client(req, keys)
-            req.connect(ep)
-            mem_mb = 3 * d * hidden * 2 / 2**20 + 1
-            trace_dir = Path(tmp) / f"trace-{int(secure)}"
-            trace_dir.mkdir()
-            stamps: dict = {}
-            with LocalCluster(1, mem_mb, kd, extra_args=["--fp16-kernel", "fast"], trace_dir=str(trace_dir)) as lc:
-                c = lc.clients[0]
-                w = {"0/w_gate": torch.randn(hidden, d).half() * 0.02, "0/w_up": torch.randn(hidden, d).half() * 0.02,
-                     "0/w_down": torch.randn(d, hidden).half() * 0.02}
-                c.call(P.MsgType.LOAD_SHARD, {"shards": [{"layer": 0, "expert": 0, "bits": 16, "d_model": d,
-                                                          "hidden": hidden}]}, w)
-                raw, probe, call, comp = [], [], [], []
-                time_raw(req, payload, 50)  # warm-up
-                time_agent(c, P.MsgType.EXPERT_CALL, {"layer": 0, "expert": 0}, x, 50)
-                time_agent(c, P.MsgType.PROBE, {}, x, 50)
+            req.connect(raw_ep)
+            c = AgentClient(agent_ep, keys, ctx=ctx, name="bench")
+            try:
+                g = torch.Generator().manual_seed(0)
+                w = {f"0/{k}": (torch.randn(*s, generator=g) * 0.02).half()
+                     for k, s in (("w_gate", (hidden, d)), ("w_up", (hidden, d)), ("w_down", (d, hidden)))}
+                c.call(P.MsgType.LOAD_SHARD, {"shards": [{"layer": EXPERT_KEY[0], "expert": EXPERT_KEY[1], "bits": 16,
+                                                          "d_model": d, "hidden": hidden}]}, w)
+                bodies = {"identity": {"layer": IDENTITY_KEY[0], "expert": IDENTITY_KEY[1]},
+                          "call": {"layer": EXPERT_KEY[0], "expert": EXPERT_KEY[1]}}
+                # the identity shard must really be the identity: the reply equals the request
+                y = c.call(P.MsgType.EXPERT_CALL, bodies["identity"], {"x": x}).tensors["y"]
+                assert torch.equal(y, x), "identity shard changed the token"
+
+                def one_round(k: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                    r, comp = {"raw": time_raw(req, payload, k)}, {}
+                    r["probe"] = time_agent(c, P.MsgType.PROBE, {}, x, k)[0]
+                    for v in ("identity", "call"):
+                        r[v], comp[v] = time_agent(c, P.MsgType.EXPERT_CALL, bodies[v], x, k)
+                    return r, comp
+
+                one_round(100)  # warm-up: connections, allocator, caches
+                per_round, computes = [], {"identity": [], "call": []}
                 for _ in range(rounds):
-                    raw += time_raw(req, payload, n)
-                    probe += time_agent(c, P.MsgType.PROBE, {}, x, n)[0]
-                    r, cc = time_agent(c, P.MsgType.EXPERT_CALL, {"layer": 0, "expert": 0}, x, n, stamps)
-                    call += r
-                    comp += cc
-                req_frames = P.encode(P.MsgType.EXPERT_CALL, 1, {"layer": 0, "expert": 0}, {"x": x})
-            req.send(b"")
-            req.recv()
-            req.close(0)
-            ctx.term()
-            srv.join(5)
-            med = statistics.median
-            tag = "curve" if secure else "plain"
-            results[tag] = {
-                "raw_us": med(raw), "probe_us": med(probe), "call_us": med(call), "compute_us": med(comp),
-                "call_minus_compute_us": med([a - b for a, b in zip(call, comp)]),
-                "ratio_call_vs_raw": med(call) / med(raw), "ratio_probe_vs_raw": med(probe) / med(raw),
-                "ratio_call_minus_compute_vs_raw": med([a - b for a, b in zip(call, comp)]) / med(raw),
-                "p10_raw_us": statistics.quantiles(raw, n=10)[0],
-                "p10_probe_us": statistics.quantiles(probe, n=10)[0],
-                "p10_call_us": statistics.quantiles(call, n=10)[0],
-                "p10_compute_us": statistics.quantiles(comp, n=10)[0],
-                "ratio_p10_call_vs_raw": statistics.quantiles(call, n=10)[0] / statistics.quantiles(raw, n=10)[0],
-                "ratio_p10_probe_vs_raw": statistics.quantiles(probe, n=10)[0] / statistics.quantiles(raw, n=10)[0],
-                "p90_raw_us": statistics.quantiles(raw, n=10)[-1],
-                "p90_call_us": statistics.quantiles(call, n=10)[-1],
-                "payload_bytes": len(payload), "call_request_bytes": P.frames_nbytes(req_frames),
-                "samples": len(raw), "call_decomposition_us": decompose(stamps, trace_dir / "agent0.jsonl")}
+                    r, comp = one_round(n)
+                    per_round.append(r)
+                    for v in comp:
+                        computes[v] += comp[v]
+                stamps: dict = {}
+                time_agent(c, P.MsgType.EXPERT_CALL, bodies["identity"], x, n, stamps)
+                time.sleep(0.2)  # the agent writes its spans after each reply
+                res = summarize(per_round, computes)
+                res["identity_decomposition_us"] = decompose(stamps, trace_path)
+                req_frames = P.encode(P.MsgType.EXPERT_CALL, 1, bodies["call"], {"x": x})
+                res["payload_bytes"] = len(payload)
+                res["call_request_bytes"] = P.frames_nbytes(req_frames)
+                results[tag] = res
+                c.call(P.MsgType.SHUTDOWN, {})
+                req.send(b"")
+                req.recv()
+            finally:
+                c.close()
+                req.close(0)
+                ctx.term()
+                for p in procs:
+                    p.join(5)
+                    if p.is_alive():
+                        p.kill()
     return {"benchmark": "hop_overhead", "d_model": d, "expert_hidden": hidden, "dtype": "float16",
-            "n_per_round": n, "rounds": rounds, "cpu_count": os.cpu_count(),
-            "load1_at_end": os.getloadavg()[0], "results": results}
+            "n_per_round": n, "rounds": rounds, "pinned": pin, "cpu_count": os.cpu_count(),
+            "load1_at_start_end": [None, os.getloadavg()[0]], "results": results}
 
 
 def table(res: dict) -> str:
-    lines = [f"per-hop overhead, one token d={res['d_model']} fp16 ({res['results']['plain']['payload_bytes']} B), "
-             f"expert hidden={res['expert_hidden']}, medians of {res['results']['plain']['samples']} calls",
-             f"{'mode':6} {'raw REQ/REP us':>15} {'PROBE us':>9} {'EXPERT_CALL us':>15} {'compute us':>11} "
-             f"{'call/raw':>9} {'(call-compute)/raw':>19} {'probe/raw':>10}"]
+    any_r = next(iter(res["results"].values()))
+    lines = [f"per-hop overhead, one token d={res['d_model']} fp16 ({any_r['payload_bytes']} B; EXPERT_CALL request "
+             f"{any_r['call_request_bytes']} B), expert hidden={res['expert_hidden']}, {res['rounds']} interleaved "
+             f"rounds x {res['n_per_round']} calls, pinned={res['pinned']}, load1 {res['load1_at_start_end']}",
+             f"{'mode':6} {'variant':9} {'median us':>10} {'p10 us':>8} {'p90 us':>8} {'compute us':>11} "
+             f"{'ratio med':>10} {'(range)':>13} {'ratio p10':>10} {'(range)':>13}"]
     for tag, r in res["results"].items():
-        lines.append(f"{tag:6} {r['raw_us']:15.1f} {r['probe_us']:9.1f} {r['call_us']:15.1f} {r['compute_us']:11.1f} "
-                     f"{r['ratio_call_vs_raw']:9.2f} {r['ratio_call_minus_compute_vs_raw']:19.2f} "
-                     f"{r['ratio_probe_vs_raw']:10.2f}")
+        for v in VARIANTS:
+            s = r[v]
+            comp = f"{s['agent_compute_median_us']:11.1f}" if "agent_compute_median_us" in s else f"{'':11}"
+            if v == "raw":
+                rat = f"{'1.00':>10} {'':13} {'1.00':>10} {'':13}"
+            else:
+                a, b = s["ratio_median_range"]
+                c, e = s["ratio_p10_range"]
+                rat = (f"{s['ratio_median']:10.2f} {f'({a:.2f}-{b:.2f})':>13} {s['ratio_p10']:10.2f} "
+                       f"{f'({c:.2f}-{e:.2f})':>13}")
+            lines.append(f"{tag:6} {v:9} {s['median_us']:10.1f} {s['p10_us']:8.1f} {s['p90_us']:8.1f} {comp} {rat}")
     for tag, r in res["results"].items():
-        lines.append(f"{tag} EXPERT_CALL decomposition (medians, us): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in r["call_decomposition_us"].items()))
-    lines.append("10th percentiles (least disturbed by other processes on the 2 shared cores):")
-    for tag, r in res["results"].items():
-        lines.append(f"{tag:6} {r['p10_raw_us']:15.1f} {r['p10_probe_us']:9.1f} {r['p10_call_us']:15.1f} "
-                     f"{r['p10_compute_us']:11.1f} {r['ratio_p10_call_vs_raw']:9.2f} {'':19} "
-                     f"{r['ratio_p10_probe_vs_raw']:10.2f}")
+        lines.append(f"{tag} identity EXPERT_CALL decomposition (medians, us): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in r["identity_decomposition_us"].items()))
     return "\n".join(lines)
 
 
@@ -199,12 +283,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=64, help="expert hidden width (small: isolate overhead)")
-    ap.add_argument("--n", type=int, default=300, help="calls per variant per round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--n", type=int, default=150, help="calls per variant per round")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--pin", action="store_true", help="servers on CPU 1, client on CPU 0 (default: unpinned)")
+    ap.add_argument("--modes", default="plain,curve", help="comma list of plain,curve")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-    res = run(args.d, args.hidden, args.n, args.rounds)
+    load0 = os.getloadavg()[0]
+    res = run(args.d, args.hidden, args.n, args.rounds, args.pin, tuple(args.modes.split(",")))
+    res["load1_at_start_end"][0] = load0
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2) if args.json else table(res))

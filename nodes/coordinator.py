@@ -168,6 +168,7 @@ class Coordinator:
         self.pruned_assignments = 0
         self.chooser = ReplicaChooser(self.cfg.ewma_alpha, self.cfg.ban_s, self.cfg.default_rtt_ms)
         self.socks: dict[str, zmq.Socket] = {}
+        self._by_sock: dict[zmq.Socket, str] = {}  # socket -> endpoint, kept with self.socks
         self.poller = zmq.Poller()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -212,12 +213,14 @@ class Coordinator:
             secure_client(s, self.keys)
             s.connect(ep)
             self.socks[ep] = s
+            self._by_sock[s] = ep
             self.poller.register(s, zmq.POLLIN)
         return s
 
     def _reset_sock(self, ep: str) -> None:
         s = self.socks.pop(ep, None)
         if s is not None:
+            self._by_sock.pop(s, None)
             self.poller.unregister(s)
             s.close(linger=0)
 
@@ -365,7 +368,8 @@ class Coordinator:
         self.bytes_sent += send_frames(self._sock(ep), frames)
         self.raw_bytes += 2 * call.x.shape[0] * call.x.shape[1] * 4
         self.calls += 1
-        self._span("encode", t0, t1, layer=layer, expert=call.expert, endpoint=ep, tokens=int(call.x.shape[0]))
+        if self.tracer is not None:  # no span arguments built when tracing is off
+            self._span("encode", t0, t1, layer=layer, expert=call.expert, endpoint=ep, tokens=int(call.x.shape[0]))
         call.endpoint, call.req_id, call.t_send_ns = ep, rid, t1
         call.deadline = min(time.monotonic() + self.cfg.call_timeout_s, layer_deadline)
         self.chooser.inflight[ep] = self.chooser.inflight.get(ep, 0) + 1
@@ -387,9 +391,9 @@ class Coordinator:
         out = [(ep, m) for ep, m in self.inbox.pop_ready()]
         if out:
             return out
-        events = dict(self.poller.poll(self.inbox.timeout_ms(wait_s * 1e3)))
-        by_sock = {s: ep for ep, s in self.socks.items()}
-        for s in events:
+        events = self.poller.poll(self.inbox.timeout_ms(wait_s * 1e3))
+        by_sock = self._by_sock
+        for s, _ in events:
             ep = by_sock.get(s)
             if ep is None:
                 continue
@@ -418,10 +422,11 @@ class Coordinator:
         rtt_ns = t_recv - call.t_send_ns
         q, c = msg.body["queue_ns"], msg.body["compute_ns"]
         self.chooser.observe(call.endpoint, rtt_ns / 1e6)
-        self._span("wire", call.t_send_ns, t_recv, layer=layer, expert=call.expert, endpoint=call.endpoint,
-                   rtt_ns=rtt_ns, remote_queue_ns=q, remote_compute_ns=c, net_ns=rtt_ns - q - c,
-                   batch=msg.body.get("batch", 1), attempt=len(call.tried) + 1)
-        self._span("decode", t0, t1, layer=layer, expert=call.expert)
+        if self.tracer is not None:
+            self._span("wire", call.t_send_ns, t_recv, layer=layer, expert=call.expert, endpoint=call.endpoint,
+                       rtt_ns=rtt_ns, remote_queue_ns=q, remote_compute_ns=c, net_ns=rtt_ns - q - c,
+                       batch=msg.body.get("batch", 1), attempt=len(call.tried) + 1)
+            self._span("decode", t0, t1, layer=layer, expert=call.expert)
         if y.shape != call.x.shape:
             raise RemoteExpertError(f"layer {layer} expert {call.expert}: {call.endpoint} returned "
                                     f"{tuple(y.shape)}, expected {tuple(call.x.shape)}")

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import msgpack
 import numpy as np
 import torch
+import zmq
 
 PROTOCOL_VERSION = 1
 
@@ -158,22 +159,48 @@ SHARD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 VALID_BITS = (2, 3, 4, 8, 16, 32)
 
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int8": np.int8,
+              "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64}
+_NP_NAMES = {np.dtype(v): k for k, v in _NP_DTYPES.items() if k != "bfloat16"}
+_NP_DT = {k: np.dtype(v) for k, v in _NP_DTYPES.items()}
 
-@dataclass
+
 class Message:
-    """A decoded (validated) message; tensors share memory with the received frames."""
-    type: MsgType
-    req_id: int = 0
-    body: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    trace: str | None = None
-    sent_ns: int = 0
-    src: str = ""
-    nbytes: int = 0  # header + tensor bytes as received
+    """A decoded (validated) message; tensors share memory with the received frames.
+
+    `arrays` holds the numpy views of the tensor frames ({name: (ndarray, dtype name)}; bfloat16
+    as int16 bits); the torch views in `tensors` are made on first access, so a receiver that
+    works on the numpy views (the agent's fp16/fp32 activation path) pays no torch call for them.
+    """
+    __slots__ = ("type", "req_id", "body", "_tensors", "arrays", "trace", "sent_ns", "src", "nbytes")
+
+    def __init__(self, type: MsgType, req_id: int = 0, body: dict[str, Any] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None, trace: str | None = None, sent_ns: int = 0,
+                 src: str = "", nbytes: int = 0, arrays: dict[str, tuple[np.ndarray, str]] | None = None):
+        self.type, self.req_id, self.trace, self.sent_ns, self.src, self.nbytes = type, req_id, trace, sent_ns, src, nbytes
+        self.body = {} if body is None else body
+        self.arrays = {} if arrays is None else arrays
+        self._tensors = tensors if tensors is not None or arrays is not None else {}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = {name: _as_tensor(a, dt) for name, (a, dt) in self.arrays.items()}
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, value: dict[str, torch.Tensor]) -> None:
+        self._tensors = value
+
+    def __repr__(self) -> str:
+        return (f"Message({self.type.name}, id={self.req_id}, src={self.src!r}, body={self.body!r}, "
+                f"tensors={ {k: (dt, a.shape) for k, (a, dt) in self.arrays.items()} }, trace={self.trace!r})")
 
 
-def tensor_frame(t: torch.Tensor) -> memoryview:
+def tensor_frame(t: torch.Tensor | np.ndarray) -> memoryview:
     """Raw bytes of a contiguous CPU tensor without copying (bfloat16 via an int16 view)."""
+    if type(t) is np.ndarray:
+        return memoryview(np.ascontiguousarray(t)).cast("B") if t.size else memoryview(b"")
     if t.requires_grad:
         t = t.detach()
     if t.device.type != "cpu":
@@ -187,20 +214,48 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+def _tensor_spec(name: str, t: torch.Tensor | np.ndarray) -> tuple[list, memoryview]:
+    """[name, dtype, shape] and the frame of one tensor (or numpy array: no torch call at all).
+
+    Fast path: one `t.numpy()` call gives dtype, shape and buffer (torch calls are the costly part
+    of a message once other processes have evicted the caches); requires_grad, non-CPU, bfloat16 or
+    non-contiguous tensors take the general path."""
+    if type(t) is not np.ndarray:
+        try:
+            a = t.numpy()
+        except (RuntimeError, TypeError):  # requires grad, not on the CPU, or bfloat16
+            if t.dtype not in DTYPE_NAMES:
+                raise ProtocolError(f"tensor {name!r}: dtype {t.dtype} is not sendable") from None
+            return [name, DTYPE_NAMES[t.dtype], list(t.shape)], tensor_frame(t)
+    else:
+        a = t
+    dt = _NP_NAMES.get(a.dtype)
+    if dt is None:
+        raise ProtocolError(f"tensor {name!r}: dtype {getattr(t, 'dtype', a.dtype)} is not sendable")
+    if a.size == 0:
+        return [name, dt, list(a.shape)], memoryview(b"")
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return [name, dt, list(a.shape)], memoryview(a).cast("B")
+
+
 def encode(mtype: MsgType, req_id: int = 0, body: dict[str, Any] | None = None,
-           tensors: dict[str, torch.Tensor] | None = None, trace: str | None = None,
+           tensors: dict[str, torch.Tensor | np.ndarray] | None = None, trace: str | None = None,
            src: str = "", sent_ns: int | None = None) -> list[Any]:
-    """Message -> frames ready for `socket.send_multipart(frames, copy=False)`."""
+    """Message -> frames ready for `socket.send_multipart(frames, copy=False)`.
+
+    Tensors may be torch tensors or numpy arrays (numpy has no bfloat16: int16 arrays go as int16)."""
     specs, frames = [], []
-    for name, t in (tensors or {}).items():
-        if t.dtype not in DTYPE_NAMES:
-            raise ProtocolError(f"tensor {name!r}: dtype {t.dtype} is not sendable")
-        specs.append([name, DTYPE_NAMES[t.dtype], list(t.shape)])
-        frames.append(tensor_frame(t))
+    if tensors:
+        for name, t in tensors.items():
+            spec, frame = _tensor_spec(name, t)
+            specs.append(spec)
+            frames.append(frame)
     header = {"v": PROTOCOL_VERSION, "t": int(mtype), "id": int(req_id),
-              "sent_ns": int(time.monotonic_ns() if sent_ns is None else sent_ns),
+              "sent_ns": time.monotonic_ns() if sent_ns is None else int(sent_ns),
               "src": src, "trace": trace, "body": body or {}, "tensors": specs}
-    return [msgpack.packb(header, use_bin_type=True)] + frames
+    frames.insert(0, msgpack.packb(header, use_bin_type=True))
+    return frames
 
 
 def error_frames(req_id: int, code: ErrorCode | str, reason: str, src: str = "") -> list[Any]:
@@ -259,9 +314,34 @@ def validate_shard_desc(i: int, s: Any, req_id: int = 0) -> None:
             raise ProtocolError(f"shards[{i}]: {k}={s[k]} out of range", req_id)
 
 
+_I62 = 1 << 62
+
+
+def _fast_body_ok(mtype: MsgType, body: dict) -> bool:
+    """True when `body` is the common, uncompressed shape of an expert call / reply / probe and
+    passes every check `_check_fields` makes on it (exact key set, exact int types: no bools, ranges);
+    False means: let the generic check decide (and word the error)."""
+    n = len(body)
+    if mtype is MsgType.EXPERT_CALL:
+        if n != 2:
+            return False
+        layer, expert = body.get("layer"), body.get("expert")
+        return type(layer) is int and type(expert) is int and 0 <= layer < _I62 and 0 <= expert < _I62
+    if mtype is MsgType.EXPERT_REPLY:
+        if n != 3:
+            return False
+        q, c, b = body.get("queue_ns"), body.get("compute_ns"), body.get("batch")
+        return (type(q) is int and type(c) is int and type(b) is int and -_I62 <= q <= _I62
+                and -_I62 <= c <= _I62 and -_I62 <= b <= _I62)
+    if mtype is MsgType.PROBE:
+        return n == 0
+    return False
+
+
 def _validate_body(mtype: MsgType, body: dict, tensors: dict[str, tuple[str, tuple[int, ...]]],
                    req_id: int) -> None:
-    _check_fields(f"{mtype.name} body", body, BODY_SCHEMAS[mtype], mtype in OPEN_BODIES, req_id)
+    if not _fast_body_ok(mtype, body):
+        _check_fields(f"{mtype.name} body", body, BODY_SCHEMAS[mtype], mtype in OPEN_BODIES, req_id)
     if mtype == MsgType.EXPERT_CALL:
         if not (0 <= body["layer"] < 1 << 20 and 0 <= body["expert"] < 1 << 20):
             raise ProtocolError(f"EXPERT_CALL: layer/expert out of range", req_id)
@@ -364,46 +444,46 @@ def decode(frames: list[Any]) -> Message:
     if len(frames) != 1 + len(specs):
         raise ProtocolError(f"header lists {len(specs)} tensors but {len(frames) - 1} frames follow", req_id)
     metas: dict[str, tuple[str, tuple[int, ...]]] = {}
-    bufs = []
+    arrays: dict[str, tuple[np.ndarray, str]] = {}
     total = 0
     for i, spec in enumerate(specs):
-        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)
-                and isinstance(spec[1], str) and isinstance(spec[2], list)):
+        if not (type(spec) is list and len(spec) == 3 and type(spec[0]) is str
+                and type(spec[1]) is str and type(spec[2]) is list):
             raise ProtocolError(f"tensor spec {i} must be [name, dtype, shape]", req_id)
         name, dt, shape = spec
         if not name or len(name) > MAX_NAME_CHARS or name in metas:
             raise ProtocolError(f"tensor {i}: bad or duplicate name {name[:40]!r}", req_id)
-        if dt not in DTYPES:
+        npdt = _NP_DT.get(dt)
+        if npdt is None:
             raise ProtocolError(f"tensor {name!r}: dtype {dt[:20]!r} not in {sorted(DTYPES)}", req_id)
         if len(shape) > MAX_TENSOR_DIMS:
             raise ProtocolError(f"tensor {name!r}: bad shape {shape[:8]}", req_id)
+        nbytes = npdt.itemsize
         for dim in shape:
             if type(dim) is not int or not 0 <= dim < 1 << 31:
                 raise ProtocolError(f"tensor {name!r}: bad shape {shape[:8]}", req_id)
-        nbytes = math.prod(shape) * _ITEMSIZE[dt]
-        buf = _frame_buffer(frames[1 + i])
+            nbytes *= dim
+        frame = frames[1 + i]
+        buf = frame.buffer if type(frame) is zmq.Frame else _frame_buffer(frame)
         if nbytes != len(buf):
             raise ProtocolError(f"tensor {name!r}: shape {shape} {dt} needs {nbytes} bytes, frame has "
                                 f"{len(buf)}", req_id)
         total += nbytes
         if total > MAX_MESSAGE_BYTES:
             raise ProtocolError(f"tensor data {total} bytes > limit {MAX_MESSAGE_BYTES}", req_id)
-        metas[name] = (dt, tuple(shape))
-        bufs.append(buf)
+        shape = tuple(shape)
+        metas[name] = (dt, shape)
+        # a numpy view of the frame (no copy, no torch call); torch views are made on demand
+        arrays[name] = (np.frombuffer(buf, npdt).reshape(shape) if nbytes else np.empty(shape, npdt), dt)
     _validate_body(mtype, body, metas, req_id)
-    tensors = {name: _as_tensor(buf, *metas[name]) for name, buf in zip(metas, bufs)}
-    return Message(mtype, req_id, body, tensors, trace, sent, src, len(hbuf) + total)
+    return Message(mtype, req_id, body, None, trace, sent, src, len(hbuf) + total, arrays)
 
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int8": np.int8,
-              "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64}
-
-
-def _as_tensor(buf: memoryview, dt: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor view of a received frame (numpy path: ~3x cheaper than torch.frombuffer + view)."""
-    if math.prod(shape) == 0:
-        return torch.empty(shape, dtype=DTYPES[dt])
-    t = torch.from_numpy(np.frombuffer(buf, _NP_DTYPES[dt]).reshape(shape))
+def _as_tensor(a: np.ndarray, dt: str) -> torch.Tensor:
+    """A torch view of a received frame's numpy view (numpy path: ~3x cheaper than torch.frombuffer)."""
+    if a.size == 0:
+        return torch.empty(a.shape, dtype=DTYPES[dt])
+    t = torch.from_numpy(a)
     if dt == "bfloat16":
         t = t.view(torch.bfloat16)
     return t

@@ -123,6 +123,7 @@ class AgentClient:
         self.keys = keys
         self.server_public = server_public
         self.inbox = HeldInbox(delay)
+        self._host = endpoint_host(endpoint)
         self._open()
 
     def _open(self) -> None:
@@ -144,28 +145,30 @@ class AgentClient:
     def recv(self, timeout_ms: float) -> P.Message | None:
         """Next decoded message within timeout_ms (after any emulated delay), else None."""
         deadline = time.monotonic() + timeout_ms / 1e3
-        host = endpoint_host(self.endpoint)
+        inbox = self.inbox
         while True:
-            ready = self.inbox.pop_ready()
-            if ready:
-                return ready[0]
+            if len(inbox):
+                ready = inbox.pop_ready()
+                if ready:
+                    return ready[0]
             left_ms = (deadline - time.monotonic()) * 1e3
             if left_ms <= 0:
                 return None
-            if self.poller.poll(self.inbox.timeout_ms(left_ms)):
+            if self.poller.poll(inbox.timeout_ms(left_ms)):
                 frames = self.sock.recv_multipart(copy=False)
                 try:
                     msg = P.decode(frames)
                 except P.ProtocolError:
                     continue  # garbage from a peer never becomes a reply
-                if self.inbox.admit(msg, lambda: peer_address(frames[0], host), msg.sent_ns, msg.nbytes):
+                if inbox.hook is None or inbox.admit(msg, lambda: peer_address(frames[0], self._host),
+                                                     msg.sent_ns, msg.nbytes):
                     return msg
 
     def call(self, mtype: P.MsgType, body: dict | None = None, tensors: dict | None = None,
              timeout_s: float = 10.0, trace: str | None = None) -> P.Message:
         """Send one request and wait for its reply; ERROR -> RemoteError, silence -> NodeTimeout."""
         rid = next_req_id()
-        self.send(P.encode(mtype, rid, body, tensors, trace=trace, src=self.name))
+        self.sock.send_multipart(P.encode(mtype, rid, body, tensors, trace=trace, src=self.name), copy=False)
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
