@@ -16,6 +16,8 @@ whose loss clients would notice); `held` says how many experts the initial plan 
         [--duration-s 30] [--topologies edge-star-5,metro-ring-8] [--events link,bw,crash]
     sudo .venv/bin/python benchmarks/redeploy.py --static-vs-adaptive [--plot FILE]
         (the same failure schedule with `--static` and adaptive: docs/evaluation.md)
+    sudo .venv/bin/python benchmarks/redeploy.py --static-vs-adaptive --scenario demo [--plot FILE]
+        (a bundled scenario with its own schedule, static then adaptive, with a per-phase table)
 """
 from __future__ import annotations
 
@@ -142,12 +144,56 @@ def one(topo_name: str, model: str, event: str, duration_s: float, at_s: float, 
         row[k] = resp.get(k)
     row["lost"] = s.get("lost_requests")
     row["requests"] = s.get("requests")
+    _fill_outcome(row, s)
+    return row
+
+
+def _fill_outcome(row: dict, s: dict) -> None:
+    """Per-phase latency/loss and the wire totals of one run's summary.json."""
     row["phases"] = {p: {"tpot_p50": v["tpot_ms"]["p50"], "tpot_p95": v["tpot_ms"]["p95"],
-                         "ttft_p50": v["ttft_ms"]["p50"], "lost": v["lost"], "requests": v["requests"]}
+                         "ttft_p50": v["ttft_ms"]["p50"], "ttft_p95": v["ttft_ms"]["p95"],
+                         "lost": v["lost"], "requests": v["requests"]}
                      for p, v in (s.get("phases") or {}).items()}
     row["emulation_mode"] = s.get("emulation_mode")
     row["bytes_on_wire"] = s.get("bytes_on_wire")
+
+
+def one_scenario(name: str, out: Path, static: bool, model: str | None = None) -> dict:
+    """One run of a bundled scenario (e.g. demo: its own failure schedule), static or adaptive."""
+    from testbed.scenario import load_scenario
+    sc = load_scenario(name)
+    log = io.StringIO()
+    t0 = time.monotonic()
+    res = run_scenario(sc, RunOptions(out_dir=out, static=static, model=model, live_progress=False), stream=log)
+    s = res.summary or {}
+    plan = res.meta.get("initial_plan") or {}
+    resps = s.get("fault_responses") or []
+    first = next(iter(resps), {})
+    row = {"topology": sc.topology, "scenario": name, "event": first.get("kind"), "target": first.get("target"),
+           "static": static, "run_dir": str(res.run_dir), "outcome": res.outcome, "error": res.error,
+           "wall_s": round(time.monotonic() - t0, 1), "plan_mode": plan.get("mode"),
+           "lost": s.get("lost_requests"), "requests": s.get("requests"), "fault_responses": resps,
+           "redeployments": s.get("redeployments") or []}
+    for k in ("detect_s", "detected_by", "redeployed", "trigger", "replan_s", "migrate_s", "recovery_s"):
+        row[k] = first.get(k)
+    moved = [r.get("bytes_moved") for r in row["redeployments"] if r.get("bytes_moved") is not None]
+    row["bytes_moved"] = sum(moved) if moved else None
+    row["redeployed"] = bool(row["redeployments"]) or bool(first.get("redeployed"))
+    _fill_outcome(row, s)
     return row
+
+
+def phase_table(rows: list[dict]) -> str:
+    """Requests, lost, TTFT and per-token p50/p95 per phase (before / during / after the faults)."""
+    head = (f"{'mode':<9} {'phase':<7} {'reqs':>4} {'lost':>4} {'TTFT p50':>9} {'TTFT p95':>9} "
+            f"{'tok p50':>8} {'tok p95':>8}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        for ph, v in r["phases"].items():
+            out.append(f"{'static' if r['static'] else 'adaptive':<9} {ph:<7} {_f(v['requests']):>4} "
+                       f"{_f(v['lost']):>4} {_f(v['ttft_p50'], 0):>9} {_f(v.get('ttft_p95'), 0):>9} "
+                       f"{_f(v['tpot_p50'], 1):>8} {_f(v['tpot_p95'], 1):>8}")
+    return "\n".join(out)
 
 
 def _f(x, nd=2) -> str:
@@ -232,6 +278,8 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/coel-bench-runs", help="parent of the run folders")
     ap.add_argument("--static-vs-adaptive", action="store_true",
                     help="run one schedule (--topologies' first, --events' first) static and adaptive")
+    ap.add_argument("--scenario", default=None, help="with --static-vs-adaptive: run this bundled scenario "
+                    "(e.g. demo, with its own failure schedule) instead of a one-event scenario")
     ap.add_argument("--plot", default=None, help="with --static-vs-adaptive: write the comparison plot here")
     ap.add_argument("--replot", default=None, help="redraw --plot from this --json-out file (no runs)")
     ap.add_argument("--json-out", default=None)
@@ -241,6 +289,19 @@ def main() -> int:
         plot_compare(json.loads(Path(a.replot).read_text())["rows"], Path(a.plot or "static_vs_adaptive.png"))
         return 0
     model = a.model
+    if a.static_vs_adaptive and a.scenario:
+        rows = []
+        for static in (True, False):
+            rows.append(one_scenario(a.scenario, Path(a.out), static, a.model))
+            print(f"{'static' if static else 'adaptive'}: {rows[-1]['outcome']} {rows[-1]['run_dir']}",
+                  file=sys.stderr, flush=True)
+        if a.plot:
+            plot_compare(rows, Path(a.plot))
+        doc = {"scenario": a.scenario, "model": a.model, "rows": rows}
+        print(json.dumps(doc, indent=2) if a.json else compare_table(rows) + "\n\n" + phase_table(rows))
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(doc, indent=2) + "\n")
+        return 0
     if a.static_vs_adaptive and a.topologies is None:
         # the tight topology, whose budgets force an inter-server plan, with the tests' small model
         a.topologies = str(TIGHT_TOPOLOGY)
