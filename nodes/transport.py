@@ -124,6 +124,7 @@ class AgentClient:
         self.server_public = server_public
         self.inbox = HeldInbox(delay)
         self._host = endpoint_host(endpoint)
+        self._ready: list[P.Message] = []  # released by the delay queue, not yet returned
         self._open()
 
     def _open(self) -> None:
@@ -136,6 +137,7 @@ class AgentClient:
 
     def reconnect(self) -> None:
         """Drop the socket (and anything queued in it) and connect afresh (Lazy Pirate)."""
+        self._ready.clear()
         self.sock.close(linger=0)
         self._open()
 
@@ -147,9 +149,12 @@ class AgentClient:
         deadline = time.monotonic() + timeout_ms / 1e3
         inbox = self.inbox
         while True:
+            if self._ready:
+                return self._ready.pop(0)
             if len(inbox):
                 ready = inbox.pop_ready()
-                if ready:
+                if ready:  # several may come due at once: keep the rest for the next recv
+                    self._ready.extend(ready[1:])
                     return ready[0]
             left_ms = (deadline - time.monotonic()) * 1e3
             if left_ms <= 0:
