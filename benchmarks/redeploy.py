@@ -229,40 +229,47 @@ def compare_table(rows: list[dict]) -> str:
 
 
 def plot_compare(rows: list[dict], path: Path) -> None:
-    """Per-token latency over time of both runs, with the fault marked."""
+    """Per-token latency and TTFT of every request over time, one row per run, faults marked: a
+    static plan can keep per-token latency while requests stall for seconds before their first
+    token, so both are shown."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from testbed.traces import merge
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for ax, r in zip(axes, rows):
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 3.2 * len(rows)), sharex=True, squeeze=False)
+    for (ax, ax_t), r in zip(axes, rows):
         run = Path(r["run_dir"])
         tr = merge(sorted((run / "raw").glob("*.jsonl")))
         start = next((e["t_ns"] for e in tr.events if e["event"] == "traffic_start"), tr.t0_ns)
         reqs = tr.requests()
-        ok = [((q["t0_ns"] - start) / 1e9, q["attrs"]["tpot_ms"]) for q in reqs
-              if q["attrs"].get("ok") and q["attrs"].get("tpot_ms") is not None]
+        done = [q for q in reqs if q["attrs"].get("ok")]
         lost = [(q["t0_ns"] - start) / 1e9 for q in reqs if not q["attrs"].get("ok")]
-        if ok:
-            ax.scatter(*zip(*ok), s=12, label="ok (per-token latency)")
-        if lost:
-            ax.scatter(lost, [0] * len(lost), marker="x", color="black", s=30, label=f"lost ({len(lost)})")
-        for e in tr.events:
-            if e["event"] == "fault":
-                ax.axvline((e["t_ns"] - start) / 1e9, color="red", ls="--", lw=1)
-            elif e["event"] == "redeployment" and e["t_ns"] > start:
-                ax.axvline((e["t_ns"] - start) / 1e9, color="purple", ls=":", lw=1)
-        ax.set_title(f"{'static (--static)' if r['static'] else 'adaptive (CoEL re-deployment)'}: "
-                     f"{r['topology']}, {r['event']} of {r['target']}", fontsize=9)
-        ax.set_ylabel("ms/token")
+        for a, key, unit in ((ax, "tpot_ms", "per-token latency (ms)"), (ax_t, "ttft_ms", "TTFT (ms, log)")):
+            pts = [((q["t0_ns"] - start) / 1e9, q["attrs"][key]) for q in done if q["attrs"].get(key) is not None]
+            if pts:
+                a.scatter(*zip(*pts), s=12, label=f"ok ({len(pts)})")
+            floor = 0 if key == "tpot_ms" else 50
+            if lost:
+                a.scatter(lost, [floor] * len(lost), marker="x", color="black", s=30, label=f"lost ({len(lost)})")
+            for e in tr.events:
+                if e["event"] == "fault":
+                    a.axvline((e["t_ns"] - start) / 1e9, color="red", ls="--", lw=1)
+                elif e["event"] == "redeployment" and e["t_ns"] > start:
+                    a.axvline((e["t_ns"] - start) / 1e9, color="purple", ls=":", lw=1)
+            a.set_ylabel(unit)
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7, loc="upper left")
         ax.set_ylim(bottom=-2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    axes[-1].set_xlabel("request submit time since traffic start (s); x at 0: lost; red dashed: fault, "
-                        "purple dotted: re-deployment")
+        ax_t.set_yscale("log")
+        what = r.get("scenario") or f"{r['event']} of {r['target']}"
+        ax.set_title(f"{'static (--static)' if r['static'] else 'adaptive (CoEL re-deployment)'}: "
+                     f"{r['topology']}, {what}", fontsize=9)
+    for a in axes[-1]:
+        a.set_xlabel("request submit time since traffic start (s)")
+    fig.suptitle("x: lost request; red dashed: fault; purple dotted: re-deployment", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
