@@ -42,8 +42,15 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] && "$VENV/bin/python" -c "i
   exit 0
 fi
 log "installing Python packages into $VENV (torch pinned to 2.13.0, CPU)"
-"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
-"$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e "$HERE[test]"
+PIP_LOG="$VENV/pip-install.log"
+pip_install() {  # quiet on success; the whole log on failure
+  if ! "$VENV/bin/python" -m pip install -q "$@" >>"$PIP_LOG" 2>&1; then
+    cat "$PIP_LOG" >&2; log "pip install $* failed (log: $PIP_LOG)"; exit 1
+  fi
+}
+: > "$PIP_LOG"
+pip_install --upgrade pip setuptools wheel
+pip_install "torch==2.13.0"
+pip_install -e "$HERE[test]"
 echo "$want" > "$STAMP"
 log "done: $("$VENV/bin/python" -c 'import torch,sys; print("python", sys.version.split()[0], "torch", torch.__version__)')"
