@@ -120,7 +120,7 @@ def costs_from_profile(profile: Mapping[str, Any], weighting: str = "mcmoe", alp
         if weighting == "kl":
             if "output_kl" not in x:
                 raise ConfigError(f"weighting 'kl' needs output_kl in the profile (layer {x['layer']}, expert "
-                                  f"{x['expert']} has none; run `coel profile --kl`)")
+                                  f"{x['expert']} has none; re-run `coel profile` without --no-kl)")
             raw = [float(x["output_kl"][str(b)]) for b in widths]
         else:
             raw = [float(x["loss_increase"][str(b)]) for b in widths]

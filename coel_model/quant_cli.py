@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("rtn", "hqq"), default="rtn",
                    help="quantizer used for the measurement (use the one you will deploy)")
     p.add_argument("--window", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--kl", action="store_true", help="also record output KL(fp || quantized) per expert")
+    p.add_argument("--no-kl", dest="kl", action="store_false",
+                   help="skip the output KL(fp || quantized) per expert (recorded by default: it is the "
+                        "best allocation signal measured on tiny-moe)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_profile)
@@ -46,10 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-bytes", type=int, help="packed bytes for all routed experts together")
     p.add_argument("--strategy", choices=("mixed", "uniform"), default="mixed")
     p.add_argument("--solver", choices=("ilp", "greedy"), default="ilp", help="mixed strategy only")
-    p.add_argument("--weighting", choices=("mcmoe", "measured", "kl"), default="mcmoe",
+    p.add_argument("--weighting", choices=("auto", "mcmoe", "measured", "kl"), default="auto",
                    help="cost = freq^a * weight^b * loss (mcmoe), the measured loss alone, or the measured "
-                        "output KL alone (kl: needs a profile made with --kl; best on tiny-moe, see "
-                        "docs/bench/quant_quality.md)")
+                        "output KL alone (kl: best on tiny-moe, see docs/bench/quant_quality.md); auto = kl "
+                        "when the profile has output_kl, else mcmoe")
     p.add_argument("--alpha", type=float, default=1.0, help="exponent on popularity (mcmoe)")
     p.add_argument("--beta", type=float, default=1.5, help="exponent on mean routing weight (mcmoe)")
     p.add_argument("--bits", default="", help="allowed widths, e.g. 2,3,4 (default: all in the profile)")
@@ -172,6 +174,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         diff = sorted(k for k in cfg.to_dict() if profile["model_config"].get(k) != cfg.to_dict()[k])
         raise ConfigError(f"{args.profile} profiles a different model than {args.model} "
                           f"(fields differ: {diff}); run `coel profile` on this model")
+    if args.weighting == "auto":
+        args.weighting = "kl" if all("output_kl" in x for x in profile["experts"]) else "mcmoe"
     table = costs_from_profile(profile, weighting=args.weighting, alpha=args.alpha, beta=args.beta,
                                bits=_parse_bits(args.bits, "--bits") or None)
     group = int(profile["group_size"])

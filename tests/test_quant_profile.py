@@ -152,7 +152,7 @@ def run(argv, capsys):
 def test_profile_and_quantize_commands(model_dir, capsys):
     fp, prof = model_dir / "fp", model_dir / "profile.json"
     rc, out, err = run(["profile", "--model", str(fp), "--json-out", str(prof), "--max-tokens", "256",
-                        "--window", "128", "--threads", "1", "--quiet"], capsys)
+                        "--window", "128", "--threads", "1", "--quiet", "--no-kl"], capsys)
     assert rc == 0, err
     validate_profile(json.loads(prof.read_text()))
     sizes = {}
@@ -163,6 +163,7 @@ def test_profile_and_quantize_commands(model_dir, capsys):
                                 "--strategy", strategy, "--out", str(out_dir), "--json"], capsys)
             assert rc == 0, err
             summary = json.loads(out)
+            assert summary["weighting"] == "mcmoe"  # auto: no output_kl in this profile
             assert summary["expert_bytes"] <= summary["budget_bytes"]
             q = load_model(out_dir)
             assert q.expert_bytes() == summary["expert_bytes"]
@@ -183,7 +184,15 @@ def test_profile_and_quantize_commands(model_dir, capsys):
     assert "bytes:" in out and "greedy" in out
     rc, out, err = run(["quantize", "--model", str(fp), "--profile", str(prof), "--budget-bits", "3",
                         "--weighting", "kl", "--out", str(model_dir / "qk")], capsys)
-    assert rc == 2 and "coel profile --kl" in err  # this profile was made without --kl
+    assert rc == 2 and "without --no-kl" in err  # this profile was made with --no-kl
+    prof_kl = model_dir / "profile_kl.json"
+    rc, out, err = run(["profile", "--model", str(fp), "--json-out", str(prof_kl), "--max-tokens", "128",
+                        "--window", "128", "--threads", "1", "--quiet"], capsys)
+    assert rc == 0, err
+    rc, out, err = run(["quantize", "--model", str(fp), "--profile", str(prof_kl), "--budget-bits", "3",
+                        "--out", str(model_dir / "qk"), "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["weighting"] == "kl"  # auto picks the KL when the profile has it
 
 
 def test_quantize_errors_are_one_line(model_dir, capsys):
