@@ -23,7 +23,6 @@ import enum
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import msgpack
