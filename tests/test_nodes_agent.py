@@ -283,7 +283,7 @@ def test_rss_growth_tracks_accounted_bytes():
         for i in range(4):  # serving adds only transient working memory (one expert upcast to fp32)
             c.call(P.MsgType.EXPERT_CALL, {"layer": 0, "expert": i}, {"x": torch.randn(1, d)}, timeout_s=10)
         growth = c.call(P.MsgType.STATUS).body["stats"]["rss_bytes"] - st0["stats"]["rss_bytes"]
-        assert growth < accounted + 2 * 3 * d * hid * 4 + 2 * MB, (growth, accounted)
+        assert growth < accounted + 2 * 3 * d * hid * 4 + 4 * MB, (growth, accounted)  # allocator slack
         with pytest.raises(RemoteError, match="over_budget"):  # 48 MiB + 24 MiB > 64 MiB
             c.call(P.MsgType.LOAD_SHARD, {"shards": [{"layer": 9, "expert": i, "bits": 16, "d_model": d,
                                                        "hidden": hid} for i in range(2)]},
