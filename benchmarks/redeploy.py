@@ -9,8 +9,9 @@ with that single event: the controller is never told what was injected. From the
   bytes_moved shard bytes loaded onto servers by the migration
   recovery_s  fault -> per-token latency back within 20% of its pre-event p50 (goal <= 5 s)
   lost        requests lost after the fault (goal 0)
-The target is the non-entry server with the most memory (the one most likely to hold experts
-whose loss clients would notice); `held` says how many experts the initial plan gave it.
+Targets come from the CoEL plan (`choose_targets`): the non-entry server holding the most
+experts, or, when the plan is intra-server, the fallbacks described there; `held` says how many
+experts the initial plan gave the target.
 
     sudo .venv/bin/python benchmarks/redeploy.py [--model DIR] [--json-out FILE | --json]
         [--duration-s 30] [--topologies edge-star-5,metro-ring-8] [--events link,bw,crash]
