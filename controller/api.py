@@ -13,43 +13,29 @@ gives it; `ControlClient` is what the runner, `coel inject` and tests use.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 import zmq
 
 from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
+from nodes.background import ThreadedLoop
 
 
 class ControlError(CoelError):
     """The controller answered ERROR, or did not answer in time."""
 
 
-class ControlServer:
+class ControlServer(ThreadedLoop):
     """REP socket on `endpoint`; handler(op, args) -> result (raise ConfigError for bad args)."""
+
+    thread_name = "control-api"
 
     def __init__(self, endpoint: str, handler: Callable[[str, dict], Any], ctx: zmq.Context | None = None):
         self.endpoint = endpoint
         self.handler = handler
         self.ctx = ctx or zmq.Context.instance()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-
-    def start(self) -> "ControlServer":
-        self._thread = threading.Thread(target=self._run, name="control-api", daemon=True)
-        self._thread.start()
-        self.ready.wait(10)
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        super().__init__()
 
     def _run(self) -> None:
         sock = self.ctx.socket(zmq.REP)

@@ -32,6 +32,8 @@ from typing import Any
 
 import zmq
 
+from nodes.background import ThreadedLoop
+
 from coel_model.errors import CoelError, ConfigError, InfeasibleError
 from controller import monitor as M
 from controller.deployer import (DeployConfig, DeployOutcome, Deployer, ShardSource, effective_plan,
@@ -90,9 +92,11 @@ class Peer:
     registers: int = 0
 
 
-class Registry:
+class Registry(ThreadedLoop):
     """ROUTER thread: registrations and heartbeats. Shared state under `lock`; notable changes
     (registered, rejoined) go to `notices` for the main thread."""
+
+    thread_name = "registry"
 
     def __init__(self, listen: str, keys: KeyDir | None, ctx: zmq.Context, delay: Any = None):
         self.listen, self.keys, self.ctx = listen, keys, ctx
@@ -100,23 +104,7 @@ class Registry:
         self.lock = threading.Lock()
         self.peers: dict[tuple[str, str], Peer] = {}
         self.notices: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "Registry":
-        self._thread = threading.Thread(target=self._run, name="registry", daemon=True)
-        self._thread.start()
-        self.ready.wait(10)
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        super().__init__()
 
     def _run(self) -> None:
         sock = self.ctx.socket(zmq.ROUTER)

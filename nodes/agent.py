@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import zmq
 
+from nodes.background import start_in_thread
+
 from coel_model.errors import ConfigError
 from nodes import protocol as P
 from nodes.cgroups import cgroup_limits
@@ -600,21 +602,7 @@ class Agent:
 def serve_in_thread(cfg: AgentConfig, delay: DelayHook | None = None) -> tuple[Agent, threading.Thread]:
     """Start an agent in a daemon thread (in-process transport for tests); waits until bound."""
     agent = Agent(cfg, delay)
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            agent.run()
-        except BaseException as exc:
-            errors.append(exc)
-            agent.ready.set()
-
-    th = threading.Thread(target=target, name=f"agent-{agent.name}", daemon=True)
-    th.start()
-    agent.ready.wait(10)
-    if errors:
-        raise errors[0]
-    return agent, th
+    return agent, start_in_thread(agent.run, agent.ready, f"agent-{agent.name}", timeout_s=10)
 
 
 def run_agent_process(cfg: AgentConfig, delay: DelayHook | None = None) -> int:

@@ -31,6 +31,8 @@ import psutil
 import torch
 import zmq
 
+from nodes.background import start_in_thread
+
 from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
 from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
@@ -499,21 +501,7 @@ class EntryService:
 def serve_in_thread(cfg: EntryConfig, delay_factory=None) -> tuple[EntryService, threading.Thread]:
     """Start an entry service in a daemon thread (tests); waits until bound."""
     svc = EntryService(cfg, delay_factory)
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            svc.run()
-        except BaseException as exc:
-            errors.append(exc)
-            svc.ready.set()
-
-    th = threading.Thread(target=target, name=f"entry-{cfg.name}", daemon=True)
-    th.start()
-    svc.ready.wait(30)
-    if errors:
-        raise errors[0]
-    return svc, th
+    return svc, start_in_thread(svc.run, svc.ready, f"entry-{cfg.name}", timeout_s=30)
 
 
 def add_entry_args(p: argparse.ArgumentParser) -> None:
