@@ -251,7 +251,7 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
 
 def write_csv(trace: Trace, path: Path) -> None:
     ph = phases_of(trace)
-    t0 = trace.t0_ns
+    t0 = time_origin(trace)
     cols = ["trace_id", "client", "class", "t_submit_s", "phase", "ok", "ttft_ms", "tpot_ms",
             "prompt_tokens", "new_tokens", "error"]
     with open(path, "w", newline="") as fh:
@@ -270,7 +270,7 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t0 = trace.t0_ns
+    t0 = time_origin(trace)
     reqs = trace.requests()
     ph = phases_of(trace)
     paths = []
@@ -299,7 +299,7 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
                              va="top", ha="right", fontsize=7)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7, loc="upper left")
-    axes[1].set_xlabel("time since start (s)")
+    axes[1].set_xlabel("time since traffic start (s)")
     fig.suptitle("End-to-end latency over time (dashed: injected faults, dotted: re-deployments)")
     fig.tight_layout()
     p = out_dir / "latency_over_time.png"
@@ -337,7 +337,7 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
         ax.plot([t for t, _ in pts], [(v - base) / 1e6 for _, v in pts], label=name)
     for e in fault_events(trace):
         ax.axvline((e["t_ns"] - t0) / 1e9, color="red", ls="--", lw=1)
-    ax.set_xlabel("time since start (s)")
+    ax.set_xlabel("time since traffic start (s)")
     ax.set_ylabel("cumulative MB carried")
     ax.set_title("Bytes per link")
     ax.grid(alpha=0.3)
