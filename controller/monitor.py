@@ -5,14 +5,21 @@ threshold is unit-tested; controller/service.py runs the thin loop around it.
 The controller is never told what the testbed injected. It sees:
   * heartbeats (agent/entry -> controller every heartbeat_s): silence for `liveness` intervals
     = the peer is lost (a crash, or a link down that isolates it);
-  * probes (controller -> agent, every probe_interval_s): a small PROBE gives the RTT, a PROBE
-    carrying a payload both ways gives the goodput. The payload is sized to occupy the path for
-    about probe_transfer_ms at its last measured (or nominal) rate, so it stays a few % of the
-    link and is large enough that shaper bursts do not dominate. CPU contention on a shared
-    machine only ever makes a probe look WORSE (later, slower), so a link is called degraded only
-    when even the best of the last `probe_window` samples is beyond the threshold (max goodput <
-    bw_drop_ratio x baseline, or min RTT > rtt_rise_ratio x baseline and rtt_rise_min_ms more),
-    and recovered only when even the worst sample is back; the baseline (median of the first
+  * probes (controller -> agent, every probe_interval_s): a small PROBE gives the RTT and a
+    quick PROBE with a small payload (quick_probe_bytes, echoed) a rough goodput, compared only
+    with its own baseline (small payloads partly slip through the shaper in one burst, so their
+    absolute rate is meaningless, but a bandwidth drop still slows them several-fold). Only when
+    the quick sample is suspect (quick_suspect), or the link is degraded, does a full goodput
+    PROBE follow at once (probe_bytes; the quick one drained the shaper's burst, so this one
+    is timed at the real rate: a packet-train estimate), whose goodput feeds the verdicts. A full sample that looks changed (probe_suspect) makes the prober
+    re-probe that agent after probe_recheck_s instead of probe_interval_s, so the confirmation
+    costs ~0.2 s, not another interval. CPU contention
+    on a shared machine only ever makes a probe look WORSE (later, slower), so a link is called
+    bandwidth-degraded only when even the best of the last `probe_confirm` samples is below
+    bw_drop_ratio x baseline (two probes ~0.05-0.2 s apart both 3x slow: a lone late probe is
+    not enough), delay-degraded when the best of the last `probe_window` RTTs is beyond the
+    threshold (rtt_rise_ratio x baseline and rtt_rise_min_ms more), and recovered only when even
+    the worst of the last `probe_window` samples is back; the baseline (median of the first
     samples) then moves to the new level, so one change triggers once;
   * resource reports in the heartbeats (agent cpu_percent vs its share) = overloaded server.
 `observed_cluster` turns the observations into the planner's cluster: lost servers removed,
@@ -34,12 +41,18 @@ class MonitorConfig:
     heartbeat_s: float = 0.2  # expected heartbeat period of agents and entries
     liveness: int = 4  # missed heartbeats before a peer is declared lost (0.8 s at 0.2 s)
     probe_interval_s: float = 0.5  # one RTT + goodput probe per agent per interval
-    probe_bytes: int = 64 * 1024  # goodput probe payload when no rate is known (echoed back: 2x on the wire)
-    probe_transfer_ms: float = 15.0  # later payloads: this long at the last measured rate ...
+    probe_bytes: int = 32 * 1024  # full goodput probe payload (echoed back: 2x on the wire). It follows the
+    #                               quick probe at once, which has drained the shaper's burst, so it is timed
+    #                               at the link's real rate although it is small
+    probe_transfer_ms: float = 0.0  # > 0: size full payloads to last this long at the last measured rate ...
     probe_min_bytes: int = 16 * 1024  # ... within these bounds
     probe_max_bytes: int = 256 * 1024
+    quick_probe_bytes: int = 48 * 1024  # the every-interval payload; a full probe follows only when it is suspect
+    quick_suspect_ratio: float = 0.5  # quick goodput below this x its own baseline = suspect (run a full probe)
     probe_timeout_s: float = 1.0
-    probe_window: int = 3  # recent samples: the best of them must be beyond the threshold (~1-1.5 s)
+    probe_window: int = 3  # recent samples for delay changes and recoveries: the best/worst must be beyond
+    probe_confirm: int = 2  # consecutive low-goodput samples that declare a bandwidth drop
+    probe_recheck_s: float = 0.05  # a suspect agent is probed again after this, not after probe_interval_s
     baseline_probes: int = 5  # samples that define "normal" (median), taken back to back at start
     # Thresholds: CPU contention on the shared 2-core machine was seen to halve probe goodput and
     # double probe RTT (+8 ms) for seconds at a time (edge-star-5 demo, 3 entries + 5 agents), so a
@@ -48,8 +61,8 @@ class MonitorConfig:
     rtt_rise_ratio: float = 2.5  # RTT above this x baseline = delay rise ...
     rtt_rise_min_ms: float = 5.0  # ... and at least this many ms above it (loopback noise)
     goodput_cap_factor: float = 1.5  # measurements above this x the path's nominal rate are artifacts
-    min_transfer_ms: float = 2.0  # goodput probes faster than this are clamped (sub-ms scheduling noise
-    #                               on fast links is not a "drop"; with 64 KiB this caps at ~524 Mbit/s)
+    min_transfer_ms: float = 1.0  # goodput probes faster than this are clamped (sub-ms scheduling noise
+    #                               on fast links is not a "drop"; with 32 KiB this caps at ~524 Mbit/s)
     overload_cpu_frac: float = 0.95  # agent cpu use >= this x its cpu share ...
     overload_beats: int = 15  # ... for this many consecutive heartbeats = overloaded
 
@@ -61,6 +74,12 @@ class MonitorConfig:
                               f"rtt_rise_ratio > 1 (got {self.rtt_rise_ratio})")
         if self.probe_window < 1 or self.baseline_probes < 1 or self.probe_bytes < 1024:
             raise ConfigError("monitor: probe_window >= 1, baseline_probes >= 1, probe_bytes >= 1024 required")
+        if not 0 < self.quick_suspect_ratio < 1 or self.quick_probe_bytes < 1024:
+            raise ConfigError(f"monitor: need 0 < quick_suspect_ratio < 1 (got {self.quick_suspect_ratio}) and "
+                              f"quick_probe_bytes >= 1024 (got {self.quick_probe_bytes})")
+        if not 1 <= self.probe_confirm or self.probe_recheck_s <= 0 or self.probe_transfer_ms < 0:
+            raise ConfigError(f"monitor: need probe_confirm >= 1 (got {self.probe_confirm}), probe_recheck_s > 0 "
+                              f"(got {self.probe_recheck_s}) and probe_transfer_ms >= 0 (got {self.probe_transfer_ms})")
 
     @property
     def lost_after_s(self) -> float:
@@ -84,6 +103,8 @@ class ProbeState:
     """Probe history of one agent (mutable record; the decisions on it are pure functions)."""
     rtt_ms: list[float] = field(default_factory=list)
     goodput_mbit: list[float] = field(default_factory=list)
+    quick_mbit: list[float] = field(default_factory=list)  # quick-probe goodput (relative use only)
+    base_quick_mbit: float | None = None
     initial_rtt_ms: float | None = None
     initial_goodput_mbit: float | None = None
     base_rtt_ms: float | None = None
@@ -121,13 +142,55 @@ def lost_peers(last_seen_ns: dict[str, int], alive: dict[str, bool], now_ns: int
 
 
 def probe_payload_bytes(st: ProbeState | None, nominal_mbit: float | None, cfg: MonitorConfig) -> int:
-    """Goodput payload for the next probe: ~probe_transfer_ms at the best recent rate (else the
-    nominal path rate, else probe_bytes), clamped to [probe_min_bytes, probe_max_bytes]."""
+    """Goodput payload for the next probe: probe_bytes when probe_transfer_ms is 0 (the default);
+    else ~probe_transfer_ms at the best recent rate (else the nominal path rate, else
+    probe_bytes), clamped to [probe_min_bytes, probe_max_bytes]."""
+    if cfg.probe_transfer_ms <= 0:
+        return cfg.probe_bytes
     rate = max(st.goodput_mbit[-cfg.probe_window:]) if st is not None and st.goodput_mbit else nominal_mbit
     if not rate or not math.isfinite(rate):
         return cfg.probe_bytes
     nb = int(rate * 1e6 / 8 * cfg.probe_transfer_ms / 1e3)
     return max(cfg.probe_min_bytes, min(cfg.probe_max_bytes, nb))
+
+
+def probe_suspect(st: ProbeState | None, rtt_ms: float, gp_mbit: float, cfg: MonitorConfig) -> bool:
+    """Whether a fresh sample departs from the baseline beyond a threshold (low goodput, or an
+    RTT rise), so the agent should be re-probed soon to confirm or clear it. No baseline yet:
+    False. Cheap insurance: one extra probe per suspicion, none while nothing changes."""
+    if st is None or st.base_rtt_ms is None or st.base_goodput_mbit is None:
+        return False
+    if gp_mbit < cfg.bw_drop_ratio * st.base_goodput_mbit or gp_mbit * cfg.bw_drop_ratio > st.base_goodput_mbit:
+        return True
+    return (rtt_ms > cfg.rtt_rise_ratio * st.base_rtt_ms and rtt_ms - st.base_rtt_ms >= cfg.rtt_rise_min_ms) or \
+        (st.base_rtt_ms > cfg.rtt_rise_ratio * rtt_ms and st.base_rtt_ms - rtt_ms >= cfg.rtt_rise_min_ms)
+
+
+def add_quick(st: ProbeState, rtt_ms: float, quick_mbit: float, now_ns: int, cfg: MonitorConfig,
+              full: bool) -> None:
+    """Record a quick sample (its RTT joins the RTT series unless a full probe of the same round
+    records it); the first baseline_probes quick samples define the quick baseline (median)."""
+    keep = max(cfg.probe_window, cfg.baseline_probes) * 4
+    st.quick_mbit = (st.quick_mbit + [quick_mbit])[-keep:]
+    if st.base_quick_mbit is None and len(st.quick_mbit) >= cfg.baseline_probes:
+        st.base_quick_mbit = statistics.median(st.quick_mbit[-cfg.baseline_probes:])
+    if not full:
+        st.rtt_ms = (st.rtt_ms + [rtt_ms])[-keep:]
+        st.last_ok_ns = now_ns
+
+
+def quick_suspect(st: ProbeState | None, rtt_ms: float, quick_mbit: float, cfg: MonitorConfig) -> bool:
+    """Whether a quick sample warrants a full goodput probe now: no baselines yet, the link is
+    degraded (a recovery needs full samples), the quick goodput fell below quick_suspect_ratio x
+    the median of its recent samples, or the RTT moved beyond the delay thresholds."""
+    if st is None or st.base_rtt_ms is None or st.base_quick_mbit is None or st.degraded:
+        return True
+    # rolling reference: the median of the recent quick samples (start-up samples taken under CPU load
+    # read low, and a slow drift is not an event), so one sudden fall stands out against it
+    ref = statistics.median(st.quick_mbit[-2 * cfg.baseline_probes:])
+    if quick_mbit < cfg.quick_suspect_ratio * ref:
+        return True
+    return probe_suspect(st, rtt_ms, st.base_goodput_mbit or 0.0, cfg)
 
 
 def add_probe(st: ProbeState, rtt_ms: float, gp_mbit: float, now_ns: int, cfg: MonitorConfig) -> None:
@@ -153,14 +216,18 @@ def probe_verdict(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str] | None:
 def probe_change(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str, str] | None:
     """probe_verdict plus what changed: (event, "bw" | "delay", reason); the re-deployment
     record's trigger is "bw" or "delay" (a link change re-negotiates compression)."""
-    if st.base_rtt_ms is None or len(st.rtt_ms) < cfg.probe_window:
+    if st.base_rtt_ms is None:
+        return None
+    b_rtt, b_gp = st.base_rtt_ms, st.base_goodput_mbit
+    nc = cfg.probe_confirm
+    if len(st.goodput_mbit) >= nc and max(st.goodput_mbit[-nc:]) < cfg.bw_drop_ratio * b_gp:
+        best = max(st.goodput_mbit[-nc:])
+        return "link_degraded", "bw", (f"goodput <= {best:.1f} Mbit/s in the last {nc} probes < {cfg.bw_drop_ratio} x "
+                                       f"baseline {b_gp:.1f} Mbit/s")
+    if len(st.rtt_ms) < cfg.probe_window:
         return None
     rtts, gps = st.rtt_ms[-cfg.probe_window:], st.goodput_mbit[-cfg.probe_window:]
-    b_rtt, b_gp = st.base_rtt_ms, st.base_goodput_mbit
     n = cfg.probe_window
-    if max(gps) < cfg.bw_drop_ratio * b_gp:
-        return "link_degraded", "bw", (f"goodput <= {max(gps):.1f} Mbit/s in the last {n} probes < {cfg.bw_drop_ratio} x "
-                                 f"baseline {b_gp:.1f} Mbit/s")
     if min(rtts) > cfg.rtt_rise_ratio * b_rtt and min(rtts) - b_rtt >= cfg.rtt_rise_min_ms:
         return "link_degraded", "delay", (f"RTT >= {min(rtts):.2f} ms in the last {n} probes > {cfg.rtt_rise_ratio} x "
                                  f"baseline {b_rtt:.2f} ms")
@@ -173,13 +240,21 @@ def probe_change(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str, str] | N
     return None
 
 
-def rebase(st: ProbeState, cfg: MonitorConfig) -> None:
-    """After a trigger, the new level is the baseline (so one change triggers once): the best
-    recent sample (max goodput, min RTT), the robust estimate under one-sided noise."""
-    st.base_rtt_ms = min(st.rtt_ms[-cfg.probe_window:])
-    st.base_goodput_mbit = max(st.goodput_mbit[-cfg.probe_window:])
+def rebase(st: ProbeState, cfg: MonitorConfig, n_samples: int | None = None) -> None:
+    """After a trigger, the new level is the baseline (so one change triggers once): the best of
+    the samples that made the verdict (max goodput, min RTT), the robust estimate under
+    one-sided noise. n_samples: how many made it (default probe_window; probe_confirm for a
+    bandwidth drop, see verdict_samples), so a pre-drop sample never becomes the new level."""
+    n = n_samples or cfg.probe_window
+    st.base_rtt_ms = min(st.rtt_ms[-n:])
+    st.base_goodput_mbit = max(st.goodput_mbit[-n:])
     st.degraded = (st.base_goodput_mbit < cfg.bw_drop_ratio * (st.initial_goodput_mbit or math.inf)
                    or st.base_rtt_ms > cfg.rtt_rise_ratio * (st.initial_rtt_ms or 0.0))
+
+
+def verdict_samples(event: str, what: str, cfg: MonitorConfig) -> int:
+    """How many recent samples a probe_change verdict rests on (for rebase)."""
+    return cfg.probe_confirm if (event, what) == ("link_degraded", "bw") else cfg.probe_window
 
 
 def overloaded(cpu_history: list[float], cpu_share_cores: float, cfg: MonitorConfig) -> bool:

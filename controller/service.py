@@ -4,7 +4,8 @@ monitoring and re-deployment of one CoEL run (contract: /tmp/tasks/runtime_contr
 Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
   registry    ROUTER on --listen (CURVE): REGISTER/HEARTBEAT of agents and entries, answered at
               once (their liveness depends on it); records last-seen times and stats.
-  prober      PROBE round trips to every live agent (RTT, then goodput with a payload).
+  prober      PROBE round trips to every live agent (RTT and a quick payload; a full goodput
+              payload only when the quick one looks changed: controller.monitor).
   control     REP on --control (controller.api): STATUS, PLAN, SET_SLO, REPLAN, SHUTDOWN.
   main        the state machine: waiting -> probing -> planning -> deploying -> serving; each
               tick turns observations into triggers (controller.monitor, pure) and, unless
@@ -192,13 +193,21 @@ class Registry(ThreadedLoop):
 
 
 class Prober:
-    """Thread: RTT and goodput probes to every live agent; results go to `results`."""
+    """Thread: adaptive probes to every live agent; results (name, t_ns, rtt_ms, full goodput or
+    None, error, quick goodput) go to `results`. Each round: RTT + a quick payload; a full
+    goodput payload follows only when `need_full(name, rtt, quick)` says so. Each agent has its
+    own due time: probe_interval_s after its last round, or only probe_recheck_s when
+    `suspect(name, rtt, goodput)` says the full sample looks changed (the confirmation of a
+    drop comes ~0.2 s later; nothing extra is sent while nothing changes)."""
 
     def __init__(self, registry: Registry, keys: KeyDir | None, cfg: M.MonitorConfig, ctx: zmq.Context,
-                 delay_factory: Any, payload_for: Any = None):
+                 delay_factory: Any, payload_for: Any = None, suspect: Any = None, need_full: Any = None):
         self.registry, self.keys, self.cfg, self.ctx = registry, keys, cfg, ctx
         self.delay_factory = delay_factory
         self.payload_for = payload_for or (lambda name: None)  # agent -> goodput payload bytes
+        self.suspect = suspect or (lambda name, rtt, gp: False)  # agent, full sample -> re-probe soon?
+        self.need_full = need_full or (lambda name, rtt, quick: True)  # agent, quick sample -> full probe now?
+        self.bytes_sent = 0  # probe payload bytes sent (each is echoed back: 2x on the wire)
         self.results: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self.paused = threading.Event()
@@ -216,33 +225,41 @@ class Prober:
 
     def probe_once(self, client: AgentClient, payload_bytes: int | None = None) -> tuple[float, float]:
         """(RTT ms, goodput Mbit/s) of one small and one payload-carrying PROBE."""
-        import torch
-        nb = payload_bytes or self.cfg.probe_bytes
         t0 = time.monotonic_ns()
         client.call(P.MsgType.PROBE, {"echo": 1}, timeout_s=self.cfg.probe_timeout_s)
-        t1 = time.monotonic_ns()
+        rtt = (time.monotonic_ns() - t0) / 1e6
+        return rtt, self.payload_once(client, rtt, payload_bytes)
+
+    def payload_once(self, client: AgentClient, rtt: float, payload_bytes: int | None = None) -> float:
+        """Goodput (Mbit/s) of one PROBE carrying payload_bytes each way, given the small RTT."""
+        import torch
+        nb = payload_bytes or self.cfg.probe_bytes
         payload = torch.zeros(nb, dtype=torch.uint8)
-        rtt = (t1 - t0) / 1e6
+        self.bytes_sent += nb
+        t1 = time.monotonic_ns()
         try:
             client.call(P.MsgType.PROBE, {"echo": 2}, {"payload": payload}, timeout_s=self.cfg.probe_timeout_s)
         except NodeTimeout:
             # the agent answers small probes but not this payload in time: the path is at most this fast
             # (recording it lets the window fill, so the next payload is sized down instead of timing out again)
-            return rtt, M.goodput_mbit(0.0, self.cfg.probe_timeout_s * 1e3, nb, self.cfg.min_transfer_ms)
+            return M.goodput_mbit(0.0, self.cfg.probe_timeout_s * 1e3, nb, self.cfg.min_transfer_ms)
         t2 = time.monotonic_ns()
-        return rtt, M.goodput_mbit(rtt, (t2 - t1) / 1e6, nb, self.cfg.min_transfer_ms)
+        return M.goodput_mbit(rtt, (t2 - t1) / 1e6, nb, self.cfg.min_transfer_ms)
 
     def _run(self) -> None:
         clients: dict[str, AgentClient] = {}
+        due: dict[str, float] = {}  # agent -> monotonic time of its next probe
+        rechecks: dict[str, int] = {}  # agent -> quick re-probes in a row
         try:
-            next_round = time.monotonic()
             while not self._stop.is_set():
-                if time.monotonic() < next_round or self.paused.is_set():
-                    self._stop.wait(0.02)
+                now = time.monotonic()
+                peers = [p for p in self.registry.snapshot().values() if p.role == "agent" and p.alive
+                         and due.get(p.name, now) <= now]
+                if not peers or self.paused.is_set():
+                    self._stop.wait(0.01)
                     continue
-                next_round = time.monotonic() + self.cfg.probe_interval_s
-                peers = [p for p in self.registry.snapshot().values() if p.role == "agent" and p.alive]
-                for p in peers:
+                for p in sorted(peers, key=lambda p: due.get(p.name, now)):
+                    due[p.name] = time.monotonic() + self.cfg.probe_interval_s
                     c = clients.get(p.name)
                     if c is None or c.endpoint != p.endpoint:
                         if c is not None:
@@ -250,10 +267,21 @@ class Prober:
                         c = clients[p.name] = AgentClient(p.endpoint, self.keys, self.ctx, name="controller",
                                                           delay=self.delay_factory())
                     try:
-                        rtt, gp = self.probe_once(c, self.payload_for(p.name))
-                        self.results.put((p.name, time.monotonic_ns(), rtt, gp, None))
+                        rtt, quick = self.probe_once(c, self.cfg.quick_probe_bytes)
+                        gp = None
+                        if rechecks.get(p.name, 0) or self.need_full(p.name, rtt, quick):
+                            gp = self.payload_once(c, rtt, self.payload_for(p.name))
+                        self.results.put((p.name, time.monotonic_ns(), rtt, gp, None, quick))
+                        # at most probe_window quick re-probes in a row: a link that keeps looking odd
+                        # without a verdict (hovering at a threshold) goes back to the normal pace
+                        if gp is not None and self.suspect(p.name, rtt, gp) and \
+                                rechecks.get(p.name, 0) < self.cfg.probe_window:
+                            rechecks[p.name] = rechecks.get(p.name, 0) + 1
+                            due[p.name] = time.monotonic() + self.cfg.probe_recheck_s
+                        else:
+                            rechecks[p.name] = 0
                     except NodeError as exc:
-                        self.results.put((p.name, time.monotonic_ns(), None, None, str(exc)))
+                        self.results.put((p.name, time.monotonic_ns(), None, None, str(exc), None))
         finally:
             for c in clients.values():
                 c.close()
@@ -307,7 +335,11 @@ class Controller:
         self.nominal_mbit = self._nominal_rates()
         self.prober = Prober(self.registry, self.keys, cfg.monitor, self.ctx, self.delay_factory,
                              lambda name: M.probe_payload_bytes(self.probe_state.get(name), self.nominal_mbit.get(name),
-                                                                cfg.monitor))
+                                                                cfg.monitor),
+                             lambda name, rtt, gp: M.probe_suspect(self.probe_state.get(name), rtt,
+                                                                   self._cap_goodput(name, gp), cfg.monitor),
+                             lambda name, rtt, quick: M.quick_suspect(self.probe_state.get(name), rtt, quick,
+                                                                      cfg.monitor))
         self.api = None
         dt = self.delay_factory()
         self.emulation_mode = getattr(dt, "mode", "none") if dt is not None else "none"
@@ -505,6 +537,7 @@ class Controller:
             raise
         finally:
             self.prober.stop()
+            self._event("probe_bytes", payload_bytes=self.prober.bytes_sent, on_wire_bytes=2 * self.prober.bytes_sent)
             self.registry.stop()
             if self.api is not None:
                 self.api.stop()
@@ -538,10 +571,12 @@ class Controller:
             c = self._agent_client(name)
             for _ in range(mc.baseline_probes):
                 try:
-                    rtt, gp = self.prober.probe_once(c, M.probe_payload_bytes(None, self.nominal_mbit.get(name), mc))
+                    rtt, quick = self.prober.probe_once(c, mc.quick_probe_bytes)
+                    gp = self.prober.payload_once(c, rtt, M.probe_payload_bytes(None, self.nominal_mbit.get(name), mc))
                 except NodeError as exc:
                     self._event("probe_failed", server=name, reason=str(exc)[:200])
                     continue
+                M.add_quick(st, rtt, quick, time.monotonic_ns(), mc, full=True)
                 M.add_probe(st, rtt, self._cap_goodput(name, gp), time.monotonic_ns(), mc)
             self._event("baseline", server=name, rtt_ms=st.base_rtt_ms, goodput_mbit=st.base_goodput_mbit)
 
@@ -706,17 +741,19 @@ class Controller:
             # 3. probes
             while True:
                 try:
-                    name, t_ns, rtt, gp, err = self.prober.results.get_nowait()
+                    name, t_ns, rtt, gp, err, quick = self.prober.results.get_nowait()
                 except queue.Empty:
                     break
                 if err is not None:
                     continue  # a silent agent is judged by its heartbeats
                 st = self.probe_state.setdefault(name, M.ProbeState())
-                M.add_probe(st, rtt, self._cap_goodput(name, gp), t_ns, mc)
+                M.add_quick(st, rtt, quick, t_ns, mc, full=gp is not None)
+                if gp is not None:
+                    M.add_probe(st, rtt, self._cap_goodput(name, gp), t_ns, mc)
                 v = M.probe_change(st, mc)
                 if v is not None:
                     kind, what, why = v  # what: "bw" | "delay" (the re-deployment's trigger)
-                    M.rebase(st, mc)
+                    M.rebase(st, mc, M.verdict_samples(kind, what, mc))
                     self._event(kind, server=name, change=what, reason=why)
                     pending.append(M.Trigger(what, t_ns, f"{name}: {kind.replace('_', ' ')}: {why}", name))
             # 4. overload
@@ -901,9 +938,16 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-s", type=float, default=0.2, help="expected heartbeat period of agents/entries")
     p.add_argument("--liveness", type=int, default=4, help="missed heartbeats before a peer is lost")
     p.add_argument("--probe-interval-s", type=float, default=0.5, help="RTT + goodput probe period per agent")
-    p.add_argument("--probe-window", type=int, default=3, help="recent probes compared with the baseline")
-    p.add_argument("--probe-bytes", type=int, default=64 * 1024,
-                   help="goodput probe payload when the path rate is unknown (else ~15 ms at the rate)")
+    p.add_argument("--probe-window", type=int, default=3, help="recent probes compared with the baseline "
+                   "(delay changes, recoveries)")
+    p.add_argument("--probe-confirm", type=int, default=2, help="consecutive low-goodput probes that declare a "
+                   "bandwidth drop (a suspect agent is re-probed after --probe-recheck-s)")
+    p.add_argument("--probe-recheck-s", type=float, default=0.05, help="re-probe delay for an agent whose last "
+                   "probe looked changed")
+    p.add_argument("--probe-bytes", type=int, default=32 * 1024,
+                   help="full goodput probe payload (echoed back; sent only when the quick probe looks changed)")
+    p.add_argument("--quick-probe-bytes", type=int, default=48 * 1024,
+                   help="payload of the every-interval quick probe (echoed back)")
     p.add_argument("--bw-drop-ratio", type=float, default=0.3, help="goodput below this x baseline triggers")
     p.add_argument("--rtt-rise-ratio", type=float, default=2.5, help="RTT above this x baseline triggers")
     p.add_argument("--rtt-rise-min-ms", type=float, default=5.0, help="... and at least this many ms above it")
@@ -917,6 +961,8 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     split = lambda s: tuple(x.strip() for x in (s or "").split(",") if x.strip())  # noqa: E731
     mon = M.MonitorConfig(heartbeat_s=args.heartbeat_s, liveness=args.liveness, probe_interval_s=args.probe_interval_s,
                           probe_bytes=args.probe_bytes, probe_window=args.probe_window,
+                          probe_confirm=args.probe_confirm, probe_recheck_s=args.probe_recheck_s,
+                          quick_probe_bytes=args.quick_probe_bytes,
                           bw_drop_ratio=args.bw_drop_ratio,
                           rtt_rise_ratio=args.rtt_rise_ratio, rtt_rise_min_ms=args.rtt_rise_min_ms)
     return ControllerConfig(topology=args.topology, model_dir=args.model, listen=args.listen, control=args.control,
