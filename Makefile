@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 OUT := runs/bench
 
-.PHONY: install test demo bench bench-quick clean
+.PHONY: install test demo bench clean
 
 install:
 	bash install.sh
