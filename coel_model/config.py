@@ -10,6 +10,17 @@ from typing import Any
 from coel_model.errors import ConfigError
 
 
+def read_json(path: str | Path, missing: str) -> Any:
+    """Parse a JSON file; a missing file raises ConfigError "<path>: <missing>", bad JSON names the line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     vocab_size: int  # tokens in the vocabulary
@@ -108,10 +119,4 @@ class MoEConfig:
     @classmethod
     def load(cls, path: str | Path) -> "MoEConfig":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "config file not found"), source=str(path))

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from coel_model.config import MoEConfig
+from coel_model.config import MoEConfig, read_json
 from coel_model.errors import ConfigError
 from coel_model.model import MoEModel, Routing
 
@@ -177,13 +177,7 @@ def _check_matrices(mats: Any, n: int, E: int, name: str, fail) -> None:
 
 def load_profile(path: str | Path) -> dict:
     """Read and validate a profile file."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: profile not found (make one with `coel profile`)") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    doc = read_json(path, "profile not found (make one with `coel profile`)")
     validate_profile(doc, source=str(path))
     return doc
 
