@@ -91,12 +91,16 @@ def is_own_format(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
-def _check_version(path: Path) -> None:
-    """Refuse files written by a newer format than this code understands."""
-    version = json.loads((path / "config.json").read_text()).get("version", FORMAT_VERSION)
+def _own_config(path: Path) -> MoEConfig:
+    """The config of an own-format checkpoint; refuses files written by a newer format than this
+    code understands."""
+    cfg_path = path / "config.json"
+    data = json.loads(cfg_path.read_text())
+    version = data.get("version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path / 'config.json'}: {FORMAT_NAME} format version {version} is not "
+        raise CheckpointError(f"{cfg_path}: {FORMAT_NAME} format version {version} is not "
                               f"supported (this code reads version {FORMAT_VERSION})")
+    return MoEConfig.from_dict(data, source=str(cfg_path))
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEModel:
@@ -109,8 +113,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoE
     if not is_own_format(path):
         from coel_model import hf
         return hf.load_hf_model(path, dtype=dtype)
-    _check_version(path)
-    cfg = MoEConfig.load(path / "config.json")
+    cfg = _own_config(path)
     model = MoEModel(cfg)
     quantized = (path / "quant.json").exists()
     weights = path / "model.safetensors"
