@@ -159,30 +159,26 @@ class Cluster:
     def reachable(self, a: str, b: str) -> bool:
         return (a, b) in self._paths
 
+    def _path_matrix(self, attr: str, unreachable: float) -> np.ndarray:
+        """(S, S) of PathStats.`attr`; `unreachable` where there is no path."""
+        n = len(self.servers)
+        m = np.full((n, n), unreachable)
+        for (a, b), ps in self._paths.items():
+            m[self.index[a], self.index[b]] = getattr(ps, attr)
+        return m
+
     @cached_property
     def latency_matrix_ms(self) -> np.ndarray:
         """(S, S) one-way latency; inf when unreachable."""
-        n = len(self.servers)
-        m = np.full((n, n), np.inf)
-        for (a, b), ps in self._paths.items():
-            m[self.index[a], self.index[b]] = ps.latency_ms
-        return m
+        return self._path_matrix("latency_ms", np.inf)
 
     @cached_property
     def bw_matrix_mbit(self) -> np.ndarray:
-        n = len(self.servers)
-        m = np.zeros((n, n))
-        for (a, b), ps in self._paths.items():
-            m[self.index[a], self.index[b]] = ps.bw_mbit
-        return m
+        return self._path_matrix("bw_mbit", 0.0)
 
     @cached_property
     def loss_matrix_pct(self) -> np.ndarray:
-        n = len(self.servers)
-        m = np.zeros((n, n))
-        for (a, b), ps in self._paths.items():
-            m[self.index[a], self.index[b]] = ps.loss_pct
-        return m
+        return self._path_matrix("loss_pct", 0.0)
 
     # ---- derived clusters (pure) ----
     def without_server(self, name: str) -> "Cluster":
