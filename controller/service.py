@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -353,7 +354,7 @@ class Controller:
             prof = load_profile(path)
             note = f"profile {path}"
         else:
-            bb = mc.param_counts()["backbone"] if "backbone" in mc.param_counts() else None
+            bb = mc.param_counts().get("backbone")
             prof = synthetic_profile(mc, backbone_params=bb, source=f"synthetic for {self.cfg.model_dir}")
             note = f"no profile at {path}: synthetic statistics (measured ones come from `coel profile`)"
         pc = prof.cfg
@@ -902,7 +903,7 @@ class Controller:
                "loads": len(outcome.loaded), "drops": len(outcome.dropped), "failed_loads": len(outcome.failed),
                "unplaced": [list(k) for k in outcome.unplaced[:8]], "entries_updated": outcome.entries_updated,
                "placement_version": self.placement_version,
-               "action_kinds": _count(a.kind for a in actions), **pred,
+               "action_kinds": dict(Counter(a.kind for a in actions)), **pred,
                "compression_changes": [{"link": c.link, "from": c.from_name, "to": c.to_name,
                                         "bw_mbit": round(c.bw_mbit, 3), "latency_ms": round(c.latency_ms, 3),
                                         "request_ms_before": round(c.request_ms_before, 3),
@@ -911,13 +912,6 @@ class Controller:
         self.redeployments.append(rec)
         self._event("redeployment", **rec)
         return rec
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
 # ---------------------------------------------------------------- command line
