@@ -266,6 +266,13 @@ def _load_all(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _edit_config(d: Path, **changes) -> None:
+    """Overwrite keys of d/config.json (to make the config disagree with the weights)."""
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 # --------------------------------------------------------------------------------------- errors
 
 def test_truncated_file_is_named(tmp_path):
@@ -321,9 +328,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_wrong_shape_is_named_with_numbers(tmp_path):
     d, _ = handwritten(tmp_path, "mixtral")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["intermediate_size"] = 20  # config now disagrees with the weights (24)
-    (d / "config.json").write_text(json.dumps(cfg))
+    _edit_config(d, intermediate_size=20)  # config now disagrees with the weights (24)
     with pytest.raises(CheckpointError) as ei:
         load_model(d)
     msg = str(ei.value)
@@ -333,9 +338,7 @@ def test_wrong_shape_is_named_with_numbers(tmp_path):
 
 def test_wrong_fused_shape_is_named(tmp_path):
     d, _ = handwritten(tmp_path, "olmoe", fused=True)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["intermediate_size"] = 16
-    (d / "config.json").write_text(json.dumps(cfg))
+    _edit_config(d, intermediate_size=16)
     with pytest.raises(CheckpointError) as ei:
         load_model(d)
     msg = str(ei.value)
@@ -344,9 +347,7 @@ def test_wrong_fused_shape_is_named(tmp_path):
 
 def test_fused_with_more_experts_than_config(tmp_path):
     d, _ = handwritten(tmp_path, "qwen3_moe", fused=True)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["num_experts"] = 3  # the fused expert weights hold 4 ...
-    (d / "config.json").write_text(json.dumps(cfg))
+    _edit_config(d, num_experts=3)  # the fused expert weights hold 4 ...
     state = _load_all(d)
     for i in range(2):  # ... while the routers agree with the config
         state[f"model.layers.{i}.mlp.gate.weight"] = state[f"model.layers.{i}.mlp.gate.weight"][:3].clone()
@@ -368,9 +369,7 @@ def test_unused_tensor_means_mismatch(tmp_path):
 
 def test_too_few_layers_in_weights(tmp_path):
     d, _ = handwritten(tmp_path, "olmoe")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (d / "config.json").write_text(json.dumps(cfg))
+    _edit_config(d, num_hidden_layers=3)
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\."):
         load_model(d)
 
