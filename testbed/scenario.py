@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coel_model.errors import ConfigError
-from topologies.loader import _Doc, _Fields  # the YAML-with-line-numbers reader topologies use
+from topologies.loader import Doc, Fields, resolve_named_yaml  # the YAML-with-line-numbers reader topologies use
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 DEFAULT_SCENARIO = "demo"
@@ -100,14 +100,14 @@ _TOP_KEYS = ("name", "description", "topology", "model", "profile", "strategy", 
              "seed", "static", "replan_interval_s", "emulation", "workload", "events")
 
 
-def _event(doc: _Doc, value: Any, path: tuple) -> Event:
+def _event(doc: Doc, value: Any, path: tuple) -> Event:
     if not isinstance(value, dict):
         raise doc.err(path, "an event must be a mapping with at_s and kind")
     kind = value.get("kind")
     if kind not in EVENT_FIELDS:
         raise doc.err(path + ("kind",), f"unknown event kind {kind!r} (known: {', '.join(EVENT_FIELDS)})")
     req, opt = EVENT_FIELDS[kind]
-    f = _Fields(doc, value, path, ("at_s", "kind") + req + opt, f"{kind} event")
+    f = Fields(doc, value, path, ("at_s", "kind") + req + opt, f"{kind} event")
     kw: dict[str, Any] = {"at_s": f.num("at_s", ge=0, unit=" s"), "kind": kind}
     for name in req + opt:
         default = _REQUIRED_MARK if name in req else None
@@ -140,8 +140,8 @@ def _event(doc: _Doc, value: Any, path: tuple) -> Event:
 _REQUIRED_MARK = object()
 
 
-def build_scenario(doc: _Doc) -> Scenario:
-    f = _Fields(doc, doc.data, (), _TOP_KEYS, "scenario")
+def build_scenario(doc: Doc) -> Scenario:
+    f = Fields(doc, doc.data, (), _TOP_KEYS, "scenario")
     kw: dict[str, Any] = {
         "name": f.name("name"),
         "topology": f.str("topology", "edge-star-5"),
@@ -158,7 +158,7 @@ def build_scenario(doc: _Doc) -> Scenario:
     if kw["emulation"] not in ("auto", "netem", "emulated"):
         raise doc.err(("emulation",), f"must be auto, netem or emulated, got {kw['emulation']!r}")
     if f.has("workload"):
-        w = _Fields(doc, doc.data["workload"], ("workload",), ("rate_scale", "prompt_tokens", "max_new_tokens"),
+        w = Fields(doc, doc.data["workload"], ("workload",), ("rate_scale", "prompt_tokens", "max_new_tokens"),
                     "workload")
         kw["workload"] = WorkloadOverride(
             rate_scale=w.num("rate_scale", 1.0, gt=0),
@@ -191,20 +191,11 @@ def check_against_topology(sc: Scenario, topo: Any, source: str) -> None:
 
 
 def parse_scenario(text: str, source: str = "<string>") -> Scenario:
-    return build_scenario(_Doc(source, text=text))
+    return build_scenario(Doc(source, text=text))
 
 
 def resolve_scenario_path(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise ConfigError(f"{p}: scenario file not found")
-        return p
-    cand = SCENARIO_DIR / f"{name_or_path}.yaml"
-    if not cand.exists():
-        known = sorted(x.stem for x in SCENARIO_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown scenario {name_or_path!r}; bundled: {', '.join(known)}")
-    return cand
+    return resolve_named_yaml(name_or_path, SCENARIO_DIR, "scenario")
 
 
 def load_scenario(name_or_path: str | Path = DEFAULT_SCENARIO) -> Scenario:

@@ -24,7 +24,7 @@ _REQUIRED = object()
 Path_ = tuple  # a field path like ("links", 3, "bw_mbit")
 
 
-class _Doc:
+class Doc:
     """Plain values plus the line of every mapping key/value, addressed by field path."""
 
     def __init__(self, source: str, text: str | None = None, data: Any = None):
@@ -81,10 +81,10 @@ def _fmt(path: Path_) -> str:
     return out
 
 
-class _Fields:
+class Fields:
     """Typed reads from one mapping; unknown keys are rejected on their own line."""
 
-    def __init__(self, doc: _Doc, value: Any, path: Path_, allowed: tuple[str, ...], what: str):
+    def __init__(self, doc: Doc, value: Any, path: Path_, allowed: tuple[str, ...], what: str):
         if not isinstance(value, dict):
             raise doc.err(path, f"{what} must be a mapping, got {type(value).__name__}")
         self.doc, self.m, self.path = doc, value, path
@@ -151,7 +151,7 @@ class _Fields:
 _LINK_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts")
 
 
-def _link_params(f: _Fields, defaults: dict[str, Any]) -> dict[str, Any]:
+def _link_params(f: Fields, defaults: dict[str, Any]) -> dict[str, Any]:
     return {
         "bw_mbit": f.num("bw_mbit", defaults.get("bw_mbit", 100.0), gt=0, nullable=True,
                          unit=" Mbit/s"),
@@ -163,10 +163,10 @@ def _link_params(f: _Fields, defaults: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _workload(doc: _Doc, value: Any, path: Path_) -> Workload:
+def _workload(doc: Doc, value: Any, path: Path_) -> Workload:
     if value is None:
         return Workload()
-    f = _Fields(doc, value, path, ("rate_rps", "prompt_tokens", "max_new_tokens", "slo_ttft_ms",
+    f = Fields(doc, value, path, ("rate_rps", "prompt_tokens", "max_new_tokens", "slo_ttft_ms",
                                    "slo_tpot_ms", "slo_class", "max_loss_nats"), "workload")
     d = Workload()
     return Workload(
@@ -181,19 +181,19 @@ def _workload(doc: _Doc, value: Any, path: Path_) -> Workload:
     )
 
 
-def _cpu(f: _Fields, default: Any) -> Any:
+def _cpu(f: Fields, default: Any) -> Any:
     return f.num("cpu_share", default, gt=0, le=1, nullable=True, unit=" (fraction of all cores)")
 
 
-def build_topology(doc: _Doc) -> Topology:
+def build_topology(doc: Doc) -> Topology:
     """Validate a parsed document and build the frozen Topology (raises ConfigError)."""
-    top = _Fields(doc, doc.data, (), ("name", "description", "agent_overhead_mb", "convergence_ms",
+    top = Fields(doc, doc.data, (), ("name", "description", "agent_overhead_mb", "convergence_ms",
                                       "link_defaults", "sites", "servers", "clients", "routers",
                                       "switches", "controller", "links"), "topology")
     name = top.name("name")
     defaults: dict[str, Any] = {}
     if top.has("link_defaults"):
-        fd = _Fields(doc, top.m["link_defaults"], ("link_defaults",), _LINK_KEYS, "link_defaults")
+        fd = Fields(doc, top.m["link_defaults"], ("link_defaults",), _LINK_KEYS, "link_defaults")
         defaults = _link_params(fd, {})
     where: dict[str, Path_] = {}  # node/site name -> path where it was defined
 
@@ -207,7 +207,7 @@ def build_topology(doc: _Doc) -> Topology:
     site_where: dict[str, Path_] = {}
     for i, v in enumerate(top.list("sites")):
         p = ("sites", i)
-        f = _Fields(doc, v, p, ("name", "kind", "description"), "site")
+        f = Fields(doc, v, p, ("name", "kind", "description"), "site")
         kind = f.str("kind", "edge")
         if kind not in SITE_KINDS:
             raise doc.err(p + ("kind",), f"unknown site kind {kind!r} (valid: {', '.join(SITE_KINDS)})")
@@ -215,7 +215,7 @@ def build_topology(doc: _Doc) -> Topology:
         define(s.name, p, site_where, "site")
         sites.append(s)
 
-    def site_ref(f: _Fields, required: bool = False) -> str:
+    def site_ref(f: Fields, required: bool = False) -> str:
         s = f.name("site", _REQUIRED if required else "")
         if s and sites and s not in site_where:
             raise doc.err(f.path + ("site",), f"unknown site {s!r} (sites: {', '.join(site_where)})")
@@ -224,7 +224,7 @@ def build_topology(doc: _Doc) -> Topology:
     servers = []
     for i, v in enumerate(top.list("servers")):
         p = ("servers", i)
-        f = _Fields(doc, v, p, ("name", "site", "memory_mb", "cpu_share", "compute_class"), "server")
+        f = Fields(doc, v, p, ("name", "site", "memory_mb", "cpu_share", "compute_class"), "server")
         n = f.name()
         if not f.has("memory_mb"):
             raise doc.err(p, f"server {n!r} has no memory_mb (its model-shard memory budget, MiB)")
@@ -242,14 +242,14 @@ def build_topology(doc: _Doc) -> Topology:
 
     if not top.has("controller"):
         raise doc.err((), "missing required field 'controller' (the controller's host)")
-    f = _Fields(doc, top.m["controller"], ("controller",), ("name", "site", "cpu_share"), "controller")
+    f = Fields(doc, top.m["controller"], ("controller",), ("name", "site", "cpu_share"), "controller")
     ctl = Controller(f.name("name", "ctl"), site_ref(f), _cpu(f, None))
     define(ctl.name, ("controller",), where, "node")
 
     clients = []
     for i, v in enumerate(top.list("clients")):
         p = ("clients", i)
-        f = _Fields(doc, v, p, ("name", "site", "entry", "workload", "cpu_share"), "client")
+        f = Fields(doc, v, p, ("name", "site", "entry", "workload", "cpu_share"), "client")
         c = Client(f.name(), f.name("entry"), site_ref(f), _workload(doc, f.m.get("workload"),
                    p + ("workload",)), _cpu(f, None))
         define(c.name, p, where, "node")
@@ -264,7 +264,7 @@ def build_topology(doc: _Doc) -> Topology:
     for key, cls, out in (("routers", Router, routers), ("switches", Switch, switches)):
         for i, v in enumerate(top.list(key)):
             p = (key, i)
-            f = _Fields(doc, v, p, ("name", "site"), key[:-1])
+            f = Fields(doc, v, p, ("name", "site"), key[:-1])
             obj = cls(f.name(), site_ref(f))
             define(obj.name, p, where, "node")
             out.append(obj)
@@ -273,7 +273,7 @@ def build_topology(doc: _Doc) -> Topology:
     seen: dict[frozenset, int] = {}
     for i, v in enumerate(top.list("links")):
         p = ("links", i)
-        f = _Fields(doc, v, p, ("a", "b", "up") + _LINK_KEYS, "link")
+        f = Fields(doc, v, p, ("a", "b", "up") + _LINK_KEYS, "link")
         a, b = f.name("a"), f.name("b")
         for end, n in (("a", a), ("b", b)):
             if n not in where:
@@ -302,7 +302,7 @@ def build_topology(doc: _Doc) -> Topology:
     return topo
 
 
-def _check_structure(topo: Topology, doc: _Doc, where: dict[str, Path_]) -> None:
+def _check_structure(topo: Topology, doc: Doc, where: dict[str, Path_]) -> None:
     """No L2 loops, no host twice on one L2 segment, every node connected to the controller."""
     sw = {s.name for s in topo.switches}
     l2 = nx.Graph()
@@ -337,30 +337,36 @@ def _check_structure(topo: Topology, doc: _Doc, where: dict[str, Path_]) -> None
 
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:
-    return build_topology(_Doc(source, text=text))
+    return build_topology(Doc(source, text=text))
 
 
 def topology_from_dict(data: dict, source: str = "<dict>") -> Topology:
     """Validate plain data (e.g. a scenario's inline topology); errors carry no line numbers."""
-    return build_topology(_Doc(source, data=data))
+    return build_topology(Doc(source, data=data))
 
 
 def bundled_topologies() -> list[str]:
     return sorted(p.stem for p in BUNDLED_DIR.glob("*.yaml"))
 
 
-def resolve_topology_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or the name of a bundled topology."""
+def resolve_named_yaml(name_or_path: str | Path, directory: Path, what: str) -> Path:
+    """A path to a YAML file, or the name of a bundled `what` (a `<name>.yaml` in `directory`)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise ConfigError(f"{p}: topology file not found")
+            raise ConfigError(f"{p}: {what} file not found")
         return p
-    cand = BUNDLED_DIR / f"{name_or_path}.yaml"
+    cand = directory / f"{name_or_path}.yaml"
     if not cand.is_file():
-        raise ConfigError(f"unknown topology {str(name_or_path)!r}: not a file, and not a bundled "
-                          f"topology (bundled: {', '.join(bundled_topologies())})")
+        known = sorted(x.stem for x in directory.glob("*.yaml"))
+        raise ConfigError(f"unknown {what} {str(name_or_path)!r}: not a file, and not a bundled "
+                          f"{what} (bundled: {', '.join(known)})")
     return cand
+
+
+def resolve_topology_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a bundled topology."""
+    return resolve_named_yaml(name_or_path, BUNDLED_DIR, "topology")
 
 
 def load_topology(name_or_path: str | Path = DEFAULT_TOPOLOGY) -> Topology:
