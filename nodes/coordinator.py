@@ -26,7 +26,7 @@ import torch.nn as nn
 import zmq
 
 from coel_model.errors import ConfigError
-from coel_model.generate import sample_next
+from coel_model.generate import generate
 from coel_model.model import KVCache, MoEModel, Routing, combine, expert_inputs, route
 from nodes import protocol as P
 from nodes.security import KeyDir, secure_client
@@ -480,20 +480,26 @@ class Coordinator:
                               f"max_seq_len ({cfg.max_seq_len})")
         self.trace_id = trace_id or uuid.uuid4().hex[:16]
         t_req = time.monotonic_ns()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = KVCache(cfg, batch=1, max_len=len(prompt) + max_new_tokens)
-        out: list[int] = []
+        out: list[int] = []  # filled as tokens come, so a failed request's span counts what it produced
+
+        def produced(step: int, tok: int) -> None:
+            out.append(tok)
+            if on_token is not None:
+                on_token(step, tok)
         try:
-            logits = self.forward(torch.tensor([prompt]), cache)[0, -1]
-            for step in range(max_new_tokens):
-                tok = sample_next(logits, temperature, top_k, top_p, gen)
-                out.append(tok)
-                if on_token is not None:
-                    on_token(step, tok)
-                if stop_at_eos and cfg.eos_token_id >= 0 and tok == cfg.eos_token_id:
-                    break
-                if step + 1 < max_new_tokens:
-                    logits = self.forward(torch.tensor([[tok]]), cache)[0, -1]
+            generate(_SpannedModel(self), prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, on_token=produced)
         finally:
             self._span("request", t_req, time.monotonic_ns(), prompt_tokens=len(prompt), new_tokens=len(out))
         return out
+
+
+class _SpannedModel:
+    """What coel_model.generate.generate needs of a model (cfg, __call__), backed by Coordinator.forward."""
+
+    def __init__(self, coord: Coordinator):
+        self.cfg = coord.model.cfg
+        self._forward = coord.forward
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache | None = None, executor=None) -> torch.Tensor:
+        return self._forward(tokens, cache)
