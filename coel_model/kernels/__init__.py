@@ -155,12 +155,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _dequant_rows_torch(t: dict[str, torch.Tensor], bits: int, gs: int, o0: int, o1: int) -> torch.Tensor:
-    from coel_model.quant import unpack_codes
+    """Rows o0:o1 of the packed weight as fp32 (o1 - o0, padded in) (the reference dequantize)."""
+    from coel_model.quant import QuantSpec, dequantize_weight
     part = {k: v[o0:o1] for k, v in t.items()}
-    q = unpack_codes(part, bits).float()
-    n, kp = q.shape
-    w = (q.view(n, kp // gs, gs) - part["zeros"].float().unsqueeze(-1)) * part["scales"].float().unsqueeze(-1)
-    return w.view(n, kp)
+    return dequantize_weight(part, QuantSpec(bits, gs), part["scales"].shape[1] * gs)
 
 
 def qmatmul(x: torch.Tensor, t: dict[str, torch.Tensor], bits: int, group_size: int,
