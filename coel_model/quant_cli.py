@@ -108,6 +108,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.model}: tokenizer produced id {max(ids)} >= vocab_size "
                               f"{model.cfg.vocab_size}")
     source = f"{args.split} split (data/{args.split}.txt), first {len(ids) - 1} predicted tokens"
+
+    def run(progress) -> dict:
+        return profile_model(model, ids, tuple(bits), args.group_size, args.method, args.window,
+                             args.kl, source, progress)
     if args.quiet or not sys.stderr.isatty():
         last = [0.0]
 
@@ -116,8 +120,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             if not args.quiet and (now - last[0] > 10 or done == total):
                 print(f"profile: {done}/{total} measurements ({what})", file=sys.stderr, flush=True)
                 last[0] = now
-        doc = profile_model(model, ids, tuple(bits), args.group_size, args.method, args.window,
-                            args.kl, source, progress)
+        doc = run(progress)
     else:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         with Progress(TextColumn("profile"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -127,8 +130,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
             def progress(done: int, total: int, what: str) -> None:
                 bar.update(task, completed=done, total=total, description=what)
-            doc = profile_model(model, ids, tuple(bits), args.group_size, args.method, args.window,
-                                args.kl, source, progress)
+            doc = run(progress)
     out = write_profile(doc, args.json_out)
     _print_profile_summary(doc, out)
     return 0
@@ -170,8 +172,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _require_float_model(args.model)
     profile = load_profile(args.profile)
     cfg = load_config(args.model)
-    if profile["model_config"] != cfg.to_dict():
-        diff = sorted(k for k in cfg.to_dict() if profile["model_config"].get(k) != cfg.to_dict()[k])
+    cfg_dict = cfg.to_dict()
+    if profile["model_config"] != cfg_dict:
+        diff = sorted(k for k in cfg_dict if profile["model_config"].get(k) != cfg_dict[k])
         raise ConfigError(f"{args.profile} profiles a different model than {args.model} "
                           f"(fields differ: {diff}); run `coel profile` on this model")
     if args.weighting == "auto":
