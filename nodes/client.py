@@ -29,7 +29,7 @@ import zmq
 from coel_model.errors import ConfigError
 from nodes import protocol as P
 from nodes.security import load_keys, secure_client
-from nodes.transport import HeldInbox, endpoint_host, peer_address
+from nodes.transport import HeldInbox, endpoint_host, peer_address, recv_decoded
 
 
 @dataclass(frozen=True)
@@ -187,15 +187,7 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
             wake = t_start + arrivals[i] if i < len(arrivals) else hard_end
             timeout_ms = max(0.0, min(100.0, (wake - now) * 1e3))
             if sock.poll(inbox.timeout_ms(timeout_ms)):
-                while True:
-                    try:
-                        frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = P.decode(frames)
-                    except P.ProtocolError:
-                        continue
+                for frames, msg in recv_decoded(sock):
                     if inbox.admit(msg, peer_address(frames[0], host), msg.sent_ns, msg.nbytes):
                         _on_message(msg, outstanding, finish)
             for msg in inbox.pop_ready():

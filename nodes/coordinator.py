@@ -31,7 +31,7 @@ from coel_model.model import KVCache, MoEModel, Routing, combine, expert_inputs,
 from nodes import protocol as P
 from nodes.security import KeyDir, secure_client
 from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations, send_frames,
-                             endpoint_host, peer_address)
+                             endpoint_host, peer_address, recv_decoded)
 
 LOCAL = "local"  # placement entry meaning "run on this server"
 
@@ -397,15 +397,7 @@ class Coordinator:
             ep = by_sock.get(s)
             if ep is None:
                 continue
-            while True:
-                try:
-                    frames = s.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    msg = P.decode(frames)
-                except P.ProtocolError:
-                    continue
+            for frames, msg in recv_decoded(s):
                 self.bytes_received += msg.nbytes
                 if self.inbox.admit((ep, msg), lambda: peer_address(frames[0], endpoint_host(ep)), msg.sent_ns,
                                     msg.nbytes):

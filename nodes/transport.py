@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import zmq
@@ -59,6 +59,21 @@ def send_frames(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> int:
     itself, cheaply, and sends larger ones zero-copy (copy=True on a memoryview is ~3x slower)."""
     sock.send_multipart(frames, copy=False, flags=flags)
     return P.frames_nbytes(frames)
+
+
+def recv_decoded(sock: zmq.Socket) -> Iterator[tuple[list[Any], P.Message]]:
+    """Every message already waiting on `sock` (non-blocking) with its frames, decoded; a message
+    that does not decode is skipped (garbage from a peer never becomes a reply)."""
+    while True:
+        try:
+            frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = P.decode(frames)
+        except P.ProtocolError:
+            continue
+        yield frames, msg
 
 
 class HeldInbox:
