@@ -581,9 +581,10 @@ class Controller:
                 M.add_probe(st, rtt, self._cap_goodput(name, gp), time.monotonic_ns(), mc)
             self._event("baseline", server=name, rtt_ms=st.base_rtt_ms, goodput_mbit=st.base_goodput_mbit)
 
-    def _resources(self) -> dict[str, tuple[int | None, float]]:
-        """Per server (memory_bytes, load) from its agent's reported cgroup limits."""
-        peers = self.registry.snapshot()
+    def _resources(self, peers: dict | None = None) -> dict[str, tuple[int | None, float]]:
+        """Per server (memory_bytes, load) from its agent's reported cgroup limits (`peers`: a
+        registry snapshot already taken, else a fresh one)."""
+        peers = self.registry.snapshot() if peers is None else peers
         out = {}
         for s in self.topo.servers:
             p = peers.get(("agent", s.name))
@@ -702,6 +703,7 @@ class Controller:
         next_sched = time.monotonic() + self.cfg.replan_interval_s if self.cfg.replan_interval_s else math.inf
         pending: list[M.Trigger] = []
         serving_ns = time.monotonic_ns()
+        cores_of = {s.name: s.cpu_share * (os.cpu_count() or 1) for s in self.topo.servers}
         while not self._stop.is_set():
             time.sleep(TICK_S)
             now = time.monotonic_ns()
@@ -758,10 +760,11 @@ class Controller:
                     self._event(kind, server=name, change=what, reason=why)
                     pending.append(M.Trigger(what, t_ns, f"{name}: {kind.replace('_', ' ')}: {why}", name))
             # 4. overload
-            for (role, name), p in self.registry.snapshot().items():
+            peers = self.registry.snapshot()  # one copy per tick, for 4 and 4b
+            for (role, name), p in peers.items():
                 if role != "agent" or not p.alive:
                     continue
-                share = next((s.cpu_share for s in self.topo.servers if s.name == name), 0.0) * (os.cpu_count() or 1)
+                share = cores_of.get(name, 0.0)
                 over = M.overloaded(p.cpu_hist, share, mc)
                 if over and name not in self.overloaded:
                     self.overloaded.add(name)
@@ -772,7 +775,7 @@ class Controller:
                     self.overloaded.discard(name)
             # 4b. cgroup squeezes (memory limit / CPU quota changed under an agent)
             if self.plan is not None:
-                for name, (mem, load) in self._resources().items():
+                for name, (mem, load) in self._resources(peers).items():
                     old_mem, old_load = self.planned_resources.get(name, (None, 0.0))
                     if mem != old_mem and (mem is None or old_mem is None or abs(mem - old_mem) > 0.05 * max(old_mem, 1)) \
                             or abs(load - old_load) > 0.1:
