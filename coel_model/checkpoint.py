@@ -37,10 +37,16 @@ def save_model(model: MoEModel, out_dir: str | Path, dtype: torch.dtype | None =
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[name] = t
-    save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT_NAME})
-    cfg = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **model.cfg.to_dict(), **(extra_config or {})}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_own_format(out, state, model.cfg, extra_config)
     return out
+
+
+def write_own_format(out: Path, state: dict[str, torch.Tensor], cfg: MoEConfig,
+                     extra_config: dict | None = None) -> None:
+    """model.safetensors + config.json of the own format (also used by quant.save_quantized)."""
+    save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT_NAME})
+    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **cfg.to_dict(), **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -482,8 +482,7 @@ def save_quantized(model, specs: dict[tuple[int, int], QuantSpec], out_dir: str 
     """Write a quantized checkpoint: config.json, model.safetensors (backbone in backbone_dtype +
     packed experts), quant.json. Experts missing from `specs` are stored as 16-bit float.
     Experts that are already QuantizedExpert are written as they are when their spec matches."""
-    from safetensors.torch import save_file
-    from coel_model.checkpoint import FORMAT_NAME, FORMAT_VERSION
+    from coel_model.checkpoint import write_own_format
 
     cfg = model.cfg
     bad = sorted(k for k in specs if not (0 <= k[0] < cfg.n_layers and 0 <= k[1] < cfg.n_experts))
@@ -513,9 +512,7 @@ def save_quantized(model, specs: dict[tuple[int, int], QuantSpec], out_dir: str 
             for n, t in q.to_tensors().items():
                 state[_expert_prefix(l, e) + n] = t.contiguous()
             entries.append({"layer": l, "expert": e, **spec.to_dict(), "bytes": q.nbytes})
-    save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT_NAME})
-    (out / "config.json").write_text(json.dumps(
-        {"format": FORMAT_NAME, "version": FORMAT_VERSION, **cfg.to_dict()}, indent=2) + "\n")
+    write_own_format(out, state, cfg)
     total = sum(x["bytes"] for x in entries)
     meta = {"format": QUANT_FORMAT, "version": QUANT_VERSION, "base_model": base_model,
             "backbone_dtype": str(backbone_dtype).removeprefix("torch."),
