@@ -49,15 +49,16 @@ def load_models(names: list[str]):
 def run(topologies: list[str], models: list[str], seed: int, max_loss: float) -> list[dict]:
     from topologies import load_topology
     rows = []
+    inputs = {}  # per topology, read once: (cluster, requirements, request-class weights)
+    for tname in topologies:
+        topo = load_topology(tname)
+        reqs = requirements_from_topology(topo).with_slo(max_loss_nats=max_loss)
+        inputs[tname] = (cluster_from_topology(topo), reqs, reqs.weights())
     for mname, prof, kind in load_models(models):
         for tname in topologies:
-            topo = load_topology(tname)
-            cl = cluster_from_topology(topo)
-            reqs = requirements_from_topology(topo).with_slo(max_loss_nats=max_loss)
+            cl, reqs, w = inputs[tname]
             four = float(prof.nbytes[:, :, prof.bit_index(4)].sum()) if 4 in prof.bits else float(prof.nbytes.sum())
-            scale = auto_memory_scale(cl, prof.backbone_bytes, four)
-            if mname == "tiny-moe" and scale <= 1.0:
-                scale = 1.0
+            scale = auto_memory_scale(cl, prof.backbone_bytes, four)  # never below 1
             cl = scale_memory(cl, scale)
             for strat in strategy_names():
                 t0 = time.perf_counter()
@@ -71,7 +72,6 @@ def run(topologies: list[str], models: list[str], seed: int, max_loss: float) ->
                 pr = p.predicted_map()
                 ov = pr.pop("_overall")
                 pr = {k: v for k, v in pr.items() if not k.startswith("_")}  # classes only
-                w = reqs.weights()
                 rows.append({
                     "model": mname, "profile": kind, "topology": tname, "memory_scale": round(scale, 2),
                     "strategy": strat, "mode": p.mode,
