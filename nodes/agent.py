@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import signal
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import zmq
 
-from nodes.background import start_in_thread
+from nodes.background import start_in_thread, stop_on_signals
 
 from coel_model.errors import ConfigError
 from nodes import protocol as P
@@ -609,8 +608,7 @@ def run_agent_process(cfg: AgentConfig, delay: DelayHook | None = None) -> int:
     """Process entry (`coel agent`): set thread count, stop cleanly on SIGTERM/SIGINT."""
     torch.set_num_threads(cfg.threads)
     agent = Agent(cfg, delay)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop())
+    stop_on_signals(agent.stop)
     agent.run()
     return 0
 

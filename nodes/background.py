@@ -5,6 +5,7 @@ Used by the in-process transport of tests (agents, entries) and by the controlle
 """
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Callable
 
@@ -27,6 +28,12 @@ def start_in_thread(run: Callable[[], None], ready: threading.Event, name: str,
     if errors:
         raise errors[0]
     return th
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """Process entries (`coel agent`, `coel entry`, `coel client`): call `stop` on SIGTERM or SIGINT."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
 
 
 class ThreadedLoop:

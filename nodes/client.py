@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import random
-import signal
 import sys
 import time
 import uuid
@@ -28,6 +27,7 @@ import zmq
 
 from coel_model.errors import ConfigError
 from nodes import protocol as P
+from nodes.background import stop_on_signals
 from nodes.security import load_keys, secure_client
 from nodes.transport import HeldInbox, endpoint_host, peer_address, recv_decoded
 
@@ -265,8 +265,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                        trace_path=args.trace, model_dir=args.model, temperature=args.temperature,
                        request_timeout_s=args.request_timeout_s)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop.set)
     summary = run_client(cfg, delay_hook_from_env(args.delay_file), stop)
     print(json.dumps(summary))
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import signal
 import threading
 import time
 import uuid
@@ -31,7 +30,7 @@ import psutil
 import torch
 import zmq
 
-from nodes.background import start_in_thread
+from nodes.background import start_in_thread, stop_on_signals
 
 from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
@@ -528,8 +527,7 @@ def cmd_entry(args: argparse.Namespace) -> int:
                       placement_wait_s=args.placement_wait_s)
     torch.set_num_threads(cfg.threads)
     svc = EntryService(cfg, lambda: delay_hook_from_env(args.delay_file))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: svc.stop())
+    stop_on_signals(svc.stop)
     svc.run()
     return 0
 
