@@ -85,6 +85,11 @@ class MonitorConfig:
     def lost_after_s(self) -> float:
         return self.heartbeat_s * self.liveness
 
+    @property
+    def history_len(self) -> int:
+        """How many recent probe samples (RTT, goodput, quick goodput) a ProbeState keeps."""
+        return max(self.probe_window, self.baseline_probes) * 4
+
 
 @dataclass(frozen=True)
 class Trigger:
@@ -170,7 +175,7 @@ def add_quick(st: ProbeState, rtt_ms: float, quick_mbit: float, now_ns: int, cfg
               full: bool) -> None:
     """Record a quick sample (its RTT joins the RTT series unless a full probe of the same round
     records it); the first baseline_probes quick samples define the quick baseline (median)."""
-    keep = max(cfg.probe_window, cfg.baseline_probes) * 4
+    keep = cfg.history_len
     st.quick_mbit = (st.quick_mbit + [quick_mbit])[-keep:]
     if st.base_quick_mbit is None and len(st.quick_mbit) >= cfg.baseline_probes:
         st.base_quick_mbit = statistics.median(st.quick_mbit[-cfg.baseline_probes:])
@@ -195,8 +200,8 @@ def quick_suspect(st: ProbeState | None, rtt_ms: float, quick_mbit: float, cfg: 
 
 def add_probe(st: ProbeState, rtt_ms: float, gp_mbit: float, now_ns: int, cfg: MonitorConfig) -> None:
     """Record one probe; the first baseline_probes samples define the baseline."""
-    st.rtt_ms = (st.rtt_ms + [rtt_ms])[-max(cfg.probe_window, cfg.baseline_probes) * 4:]
-    st.goodput_mbit = (st.goodput_mbit + [gp_mbit])[-max(cfg.probe_window, cfg.baseline_probes) * 4:]
+    st.rtt_ms = (st.rtt_ms + [rtt_ms])[-cfg.history_len:]
+    st.goodput_mbit = (st.goodput_mbit + [gp_mbit])[-cfg.history_len:]
     st.last_ok_ns = now_ns
     if st.base_rtt_ms is None and len(st.rtt_ms) >= cfg.baseline_probes:
         st.base_rtt_ms = statistics.median(st.rtt_ms[-cfg.baseline_probes:])
