@@ -188,7 +188,7 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
             timeout_ms = max(0.0, min(100.0, (wake - now) * 1e3))
             if sock.poll(inbox.timeout_ms(timeout_ms)):
                 for frames, msg in recv_decoded(sock):
-                    if inbox.admit(msg, peer_address(frames[0], host), msg.sent_ns, msg.nbytes):
+                    if inbox.admit(msg, lambda: peer_address(frames[0], host), msg.sent_ns, msg.nbytes):
                         _on_message(msg, outstanding, finish)
             for msg in inbox.pop_ready():
                 _on_message(msg, outstanding, finish)

@@ -293,7 +293,8 @@ class EntryService:
                 self._send_nb(router, envelope + P.error_frames(exc.req_id, P.ErrorCode.MALFORMED, exc.reason,
                                                                 self.cfg.name))
                 continue
-            if self.inbox.admit((ident, envelope, msg), peer_address(frames[0]) or msg.src, msg.sent_ns, msg.nbytes):
+            if self.inbox.admit((ident, envelope, msg), lambda: peer_address(frames[0]) or msg.src, msg.sent_ns,
+                                 msg.nbytes):
                 self._handle(router, envelope, msg)
 
     def _handle(self, router: zmq.Socket, envelope: list[bytes], msg: P.Message) -> None:
