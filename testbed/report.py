@@ -200,6 +200,7 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
     overall = latency_stats(reqs)
     before_p50 = latency_stats(by_phase.get("before", []))["tpot_ms"]["p50"]
     responses = fault_responses(trace, reqs)
+    t0 = time_origin(trace)
     faults = [e for e in fault_events(trace) if e["attrs"].get("ok", True)]
     redeploys = []
     for e in trace.events:
@@ -220,14 +221,13 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
                 a["recovery_s"] = resp["recovery_s"]
         if ev_ns is not None and a.get("recovery_s") is None:
             a["recovery_s"] = recovery_s(reqs, int(ev_ns), before_p50)
-        a["t_s"] = round((e["t_ns"] - time_origin(trace)) / 1e9, 3)
+        a["t_s"] = round((e["t_ns"] - t0) / 1e9, 3)
         redeploys.append({k: a.get(k) for k in ("t_s", "trigger", "fault", "fault_t_s", "detect_s",
                                                 "detect_s_controller", "replan_s", "migrate_s", "bytes_moved",
                                                 "recovery_s", "actions", "action_kinds", "reasons")})
     per_link = link_bytes(trace)
     # the controller's own links carry probes, heartbeats and shard loads, not tokens
     ctl_hosts = {e["host"] for e in trace.events if e["event"] in ("controller_start", "serving")}
-    t0 = time_origin(trace)
     return {
         "scenario": meta.get("scenario"),
         "emulation_mode": meta.get("emulation_mode"),
@@ -274,6 +274,13 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
     reqs = trace.requests()
     ph = phases_of(trace)
     paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     colors = {"before": "tab:blue", "during": "tab:red", "after": "tab:green"}
 
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
@@ -301,11 +308,7 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
         axes[0].legend(fontsize=7, loc="upper left")
     axes[1].set_xlabel("time since traffic start (s)")
     fig.suptitle("End-to-end latency over time (dashed: injected faults, dotted: re-deployments)")
-    fig.tight_layout()
-    p = out_dir / "latency_over_time.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "latency_over_time.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax, label in (("ttft_ms", axes[0], "TTFT (ms)"), ("tpot_ms", axes[1], "per-token latency (ms)")):
@@ -321,11 +324,7 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle("Latency CDF by phase")
-    fig.tight_layout()
-    p = out_dir / "latency_cdf.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "latency_cdf.png")
 
     fig, ax = plt.subplots(figsize=(9, 4))
     series: dict[str, list[tuple[float, float]]] = {}
@@ -343,11 +342,7 @@ def plot_all(trace: Trace, out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    p = out_dir / "bytes_per_link.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "bytes_per_link.png")
     return paths
 
 
