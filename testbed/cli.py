@@ -217,6 +217,10 @@ def _cmd_run(args) -> int:
     return 0 if res.outcome == "completed" and not res.error else 1
 
 
+_INJECT_VALUES = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "cpu_share", "memory_mb", "slo_ttft_ms",
+                  "slo_tpot_ms")  # numeric event fields, given as --bw-mbit etc.
+
+
 def _register_inject(sub) -> None:
     p = sub.add_parser("inject", help="inject a fault into a running `coel run`",
                        description="Examples: coel inject RUN link_down e2 hub | coel inject RUN bw e5 hub "
@@ -226,9 +230,8 @@ def _register_inject(sub) -> None:
     p.add_argument("kind", help="link_down, link_up, bw, delay, loss, restore, server_crash, server_restart, "
                    "cpu_squeeze, mem_squeeze, slo")
     p.add_argument("target", nargs="+", help="A B (a link), SERVER, or SLO_CLASS")
-    for name in ("bw-mbit", "delay-ms", "jitter-ms", "loss-pct", "cpu-share", "memory-mb", "slo-ttft-ms",
-                 "slo-tpot-ms"):
-        p.add_argument(f"--{name}", type=float, default=None)
+    for k in _INJECT_VALUES:
+        p.add_argument("--" + k.replace("_", "-"), type=float, default=None)
     p.add_argument("--process", choices=("all", "agent", "entry"), default=None,
                    help="server_crash: kill only this process of the server (default: agent and entry)")
     p.add_argument("--wait-s", type=float, default=10.0, help="how long to wait for the runner's answer")
@@ -251,8 +254,7 @@ def _cmd_inject(args) -> int:
         if len(args.target) != 1:
             raise ConfigError(f"{args.kind} needs one name, got {args.target}")
         ev["server" if "server" in req else "slo_class"] = args.target[0]
-    for k in ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "cpu_share", "memory_mb", "slo_ttft_ms",
-              "slo_tpot_ms"):
+    for k in _INJECT_VALUES:
         v = getattr(args, k)
         if v is not None:
             ev[k] = v
