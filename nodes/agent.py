@@ -34,7 +34,7 @@ from nodes import protocol as P
 from nodes.cgroups import cgroup_limits
 from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
 from nodes.transport import (DelayHook, HeldInbox, decode_activations, encode_activations, peer_address,
-                             send_frames)
+                             send_frames, split_envelope)
 
 MB = 1 << 20  # memory_mb is MiB: memory_bytes = memory_mb * 2**20
 _NP_FLOAT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}  # activation fast path
@@ -368,12 +368,7 @@ class Agent:
             except zmq.Again:
                 return
             t_recv = time.monotonic_ns()
-            ident = frames[0].bytes
-            rest = frames[1:]
-            envelope = [ident]
-            if rest and len(rest[0]) == 0:  # REQ-style empty delimiter: keep it in the reply
-                envelope.append(b"")
-                rest = rest[1:]
+            envelope, rest = split_envelope(frames)
             reply = self._router_reply(envelope)
             self._admit(rest, reply, t_recv, lambda: peer_address(frames[0]), batch)
 

@@ -35,7 +35,7 @@ from nodes.background import start_in_thread, stop_on_signals
 from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
 from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
-from nodes.transport import DelayHook, HeldInbox, peer_address
+from nodes.transport import DelayHook, HeldInbox, peer_address, split_envelope
 
 STOP_JOB = None  # sentinel in the work queue
 
@@ -280,12 +280,8 @@ class EntryService:
                 frames = router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ident = frames[0].bytes
-            rest = frames[1:]
-            envelope = [ident]
-            if rest and len(rest[0]) == 0:
-                envelope.append(b"")
-                rest = rest[1:]
+            envelope, rest = split_envelope(frames)
+            ident = envelope[0]
             try:
                 msg = P.decode(rest)
             except P.ProtocolError as exc:

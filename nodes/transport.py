@@ -61,6 +61,17 @@ def send_frames(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> int:
     return P.frames_nbytes(frames)
 
 
+def split_envelope(frames: list[Any]) -> tuple[list[bytes], list[Any]]:
+    """ROUTER frames -> (reply envelope, message frames): the peer identity, plus the empty
+    delimiter of a REQ-style peer, which the reply must carry back."""
+    envelope = [frames[0].bytes]
+    rest = frames[1:]
+    if rest and len(rest[0]) == 0:
+        envelope.append(b"")
+        rest = rest[1:]
+    return envelope, rest
+
+
 def recv_decoded(sock: zmq.Socket) -> Iterator[tuple[list[Any], P.Message]]:
     """Every message already waiting on `sock` (non-blocking) with its frames, decoded; a message
     that does not decode is skipped (garbage from a peer never becomes a reply)."""
