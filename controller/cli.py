@@ -49,14 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _load_cluster(arg: str):
     from controller.cluster import cluster_from_dict, cluster_from_topology
+    from coel_model.config import read_json
     path = Path(arg)
     if path.suffix == ".json":
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: cluster file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        doc = read_json(path, "cluster file not found")
         return cluster_from_dict(doc, str(path)), doc
     from topologies import load_topology
     topo = load_topology(arg)
@@ -71,9 +67,8 @@ def _load_profile(args):
         if args.profile:
             return load_profile(args.profile), notes
         skew = spec.skew if args.skew is None else args.skew
-        from controller.profile import synthetic_profile as sp
         notes.append(f"{spec.name}: no weights, synthetic profile (Zipf skew {skew}, seed {spec.seed})")
-        return sp(spec.cfg, seed=spec.seed, skew=skew, backbone_params=spec.backbone_params,
+        return synthetic_profile(spec.cfg, seed=spec.seed, skew=skew, backbone_params=spec.backbone_params,
                   source=f"{spec.name} (synthetic)"), notes
     model = Path(args.model)
     prof_path = Path(args.profile) if args.profile else model / "profile.json"

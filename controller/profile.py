@@ -8,7 +8,6 @@ a file written by `coel profile`; `synthetic_profile` fabricates one with the sa
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from coel_model.config import MoEConfig
+from coel_model.config import MoEConfig, read_json
 from coel_model.errors import ConfigError
 
 PROFILE_FORMAT = "coel-profile"
@@ -200,14 +199,7 @@ def _normalise_coactivation(arr: np.ndarray, pop: np.ndarray) -> np.ndarray:
 
 
 def load_profile(path: str | Path) -> Profile:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: profile not found") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    return profile_from_dict(doc, source=str(path))
+    return profile_from_dict(read_json(path, "profile not found"), source=str(Path(path)))
 
 
 def _zipf_popularity(rng: np.random.Generator, n: int, top_k: int, skew: float) -> np.ndarray:
@@ -304,10 +296,7 @@ def load_model_spec(name_or_path: str | Path) -> ModelSpec:
         if not cand.exists():
             raise ConfigError(f"model config {str(name_or_path)!r} not found; bundled: {bundled_model_configs()}")
         p = cand
-    try:
-        doc = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    doc = read_json(p, "model config not found")
     known = {"format", "name", "model_config", "backbone_params", "synthetic", "notes"}
     unknown = sorted(set(doc) - known)
     if unknown:
