@@ -102,7 +102,6 @@ def allocate_for_quality(profile: Profile, max_loss_nats: float, allowed_bits: t
     if loss[:, -1].sum() > max_loss_nats:
         raise InfeasibleError(f"quality floor {max_loss_nats:.4g} nats unreachable: even at {bits_arr[-1]} bits "
                               f"the predicted loss is {loss[:, -1].sum():.4g} nats")
-    # minimise bytes + mu * loss; larger mu -> less loss
     def pick(mu: float) -> np.ndarray:  # minimise bytes + mu * loss; larger mu -> less loss
         return np.argmin(byt + mu * loss, axis=1)
 
