@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from coel_model.errors import ConfigError
 
@@ -60,11 +61,22 @@ def cmd_serve_local(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     import torch
     torch.set_num_threads(args.threads)  # the coordinator shares the cores with its agents
-    cfg = ServeLocalConfig(model_dir=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+    if args.http is None and args.prompt is None:
+        raise ConfigError("serve-local needs --prompt (generate once) or --http HOST:PORT (serve the HTTP API)")
+    cfg = ServeLocalConfig(model_dir=args.model, prompt=args.prompt or "", max_new_tokens=args.max_new_tokens,
                            n_agents=args.agents, plan_path=args.plan, bits=args.bits,
                            compression=args.compression, secure=not args.insecure,
                            memory_mb=args.memory_mb, trace_out=args.trace_out, call_timeout_s=args.timeout_s,
                            replicas=args.replicas, threads=args.threads)
+    if args.http is not None:
+        from nodes.local import serve_local_http
+        try:
+            serve_local_http(cfg, args.http, on_ready=lambda url: print(
+                f"serving the OpenAI-compatible API at {url} (model {Path(args.model).resolve().name}); "
+                f"/health and /metrics at {url[:-3]}; Ctrl-C stops", flush=True))
+        except KeyboardInterrupt:
+            pass
+        return 0
     result = serve_local(cfg)
     if args.json:
         print(json.dumps(result))
@@ -87,7 +99,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("serve-local", help="start N agents + a coordinator on 127.0.0.1 and generate")
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--prompt", required=True, help="prompt text (or comma-separated token ids with --ids)")
+    p.add_argument("--prompt", default=None, help="prompt text to generate from once (needed without --http)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="instead of one generation, serve the OpenAI-compatible HTTP API here until Ctrl-C")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--agents", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the coordinator and of each agent")

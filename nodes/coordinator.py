@@ -174,6 +174,7 @@ class Coordinator:
         self.bytes_received = 0
         self.calls = 0
         self.failovers = 0
+        self.peer_stats: dict[str, dict[str, int]] = {}  # endpoint -> calls, bytes_sent, bytes_received
         self._ids = itertools.count(1)
         self.trace_id: str | None = None
         self.tracer = None
@@ -365,7 +366,13 @@ class Coordinator:
         rid = next(self._ids)
         frames = P.encode(P.MsgType.EXPERT_CALL, rid, body, tensors, trace=self.trace_id, src=self.cfg.name)
         t1 = time.monotonic_ns()
-        self.bytes_sent += send_frames(self._sock(ep), frames)
+        nbytes = send_frames(self._sock(ep), frames)
+        self.bytes_sent += nbytes
+        ps = self.peer_stats.get(ep)
+        if ps is None:
+            ps = self.peer_stats[ep] = {"calls": 0, "bytes_sent": 0, "bytes_received": 0}
+        ps["calls"] += 1
+        ps["bytes_sent"] += nbytes
         self.raw_bytes += 2 * call.x.shape[0] * call.x.shape[1] * 4
         self.calls += 1
         if self.tracer is not None:  # no span arguments built when tracing is off
@@ -399,6 +406,9 @@ class Coordinator:
                 continue
             for frames, msg in recv_decoded(s):
                 self.bytes_received += msg.nbytes
+                ps = self.peer_stats.get(ep)
+                if ps is not None:
+                    ps["bytes_received"] += msg.nbytes
                 if self.inbox.admit((ep, msg), lambda: peer_address(frames[0], endpoint_host(ep)), msg.sent_ns,
                                     msg.nbytes):
                     out.append((ep, msg))

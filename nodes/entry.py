@@ -34,6 +34,7 @@ from nodes.background import start_in_thread, stop_on_signals
 
 from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
+from nodes.serving import GenerationRequest, RequestCancelled, TokenSink
 from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
 from nodes.transport import DelayHook, HeldInbox, peer_address, split_envelope
 
@@ -56,6 +57,7 @@ class EntryConfig:
     layer_deadline_s: float = 4.0  # one layer's scatter/gather, all replicas included
     placement_wait_s: float = 10.0  # a failing step waits at most this long for a new placement
     first_placement_wait_s: float = 30.0  # a request arriving before any placement waits this long
+    http: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP front (nodes.http_front); None = none
 
     def __post_init__(self) -> None:
         if "://" not in self.listen:
@@ -69,6 +71,32 @@ class EntryConfig:
 
 class RequestFailed(CoelError):
     """A request that cannot finish within its bounded time."""
+
+
+class _WireSink:
+    """TokenSink of a ZeroMQ client's request: TOKEN / DONE / ERROR frames through the worker's
+    PUSH socket to the ROUTER loop (a ZeroMQ client cannot cancel)."""
+    __slots__ = ("push", "envelope", "req_id", "name", "trace")
+
+    def __init__(self, push: zmq.Socket, envelope: list[bytes], req_id: int, name: str, trace: str | None):
+        self.push, self.envelope, self.req_id, self.name, self.trace = push, envelope, req_id, name, trace
+
+    def _send(self, frames: list[Any]) -> None:
+        self.push.send_multipart(self.envelope + frames, copy=False)
+
+    def token(self, index: int, token_id: int) -> None:
+        self._send(P.encode(P.MsgType.TOKEN, self.req_id, {"index": index, "token": token_id},
+                            trace=self.trace, src=self.name))
+
+    def done(self, info: dict[str, Any]) -> None:
+        self._send(P.encode(P.MsgType.DONE, self.req_id, info, trace=self.trace, src=self.name))
+
+    def error(self, code: str, reason: str) -> None:
+        self._send(P.error_frames(self.req_id, P.ErrorCode(code), reason, self.name))
+
+    @staticmethod
+    def cancelled() -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,11 @@ class EntryService:
         self._lock = threading.Lock()
         self.proc = psutil.Process()
         self.proc.cpu_percent()
+        self._blocked: dict[str, float] = {}  # trace id -> monotonic time its step began waiting for a placement
+        self.placement_updates = 0  # placements received after the first
+        from nodes.metrics import EntryMetrics
+        self.metrics = EntryMetrics(cfg.name, self.metrics_snapshot)
+        self.http_front = None  # nodes.http_front.HttpFront when --http is given
 
     # ---------------- routing state ----------------
     def apply_placement(self, body: dict) -> int:
@@ -128,6 +161,8 @@ class EntryService:
         with self._routing_cv:
             if self._routing is not None and body["version"] <= self._routing.version:
                 return self._routing.version
+            if self._routing is not None:
+                self.placement_updates += 1
             self._routing = RoutingState(int(body["version"]), placement, comp)
             for coord in self.coords:
                 self._install(coord, self._routing)
@@ -188,10 +223,16 @@ class EntryService:
                 th = threading.Thread(target=self._worker, args=(i,), name=f"entry-worker-{i}", daemon=True)
                 th.start()
                 workers.append(th)
+            if self.cfg.http:
+                from nodes.http_front import HttpFront
+                self.http_front = HttpFront(self, self.model.cfg, self.metrics)
+                self.http_front.start(self.cfg.http)
             self.ready.set()
             self._loop(router, pull)
         finally:
             self._stop.set()
+            if self.http_front is not None:
+                self.http_front.stop()
             for _ in workers:
                 self.jobs.put(STOP_JOB)
             for th in workers:
@@ -299,7 +340,7 @@ class EntryService:
         try:
             if msg.type == T.GENERATE:
                 self.counters["requests"] += 1
-                self.jobs.put((envelope, msg, time.monotonic_ns()))
+                self.jobs.put((envelope, msg, time.monotonic_ns(), "zmq"))
             elif msg.type == T.PLACEMENT:
                 v = self.apply_placement(msg.body)
                 reply(P.encode(T.OK, msg.req_id, {"version": v}, src=self.cfg.name))
@@ -340,11 +381,13 @@ class EntryService:
                 job = self.jobs.get()
                 if job is STOP_JOB or self._stop.is_set():
                     return
-                envelope, msg, t_recv = job
+                target, msg, t_recv, api = job
+                if isinstance(target, list):  # a ZeroMQ client's reply envelope; else a local sink
+                    target = _WireSink(push, target, msg.req_id, self.cfg.name, msg.trace)
                 with self._lock:
                     self.active += 1
                 try:
-                    self._serve(coord, push, envelope, msg, t_recv)
+                    self._serve(coord, self.metrics.wrap(target, api, t_recv), msg, t_recv)
                 finally:
                     with self._lock:
                         self.active -= 1
@@ -378,11 +421,10 @@ class EntryService:
         return ids
 
     @torch.inference_mode()
-    def _serve(self, coord: Any, push: zmq.Socket, envelope: list[bytes], msg: P.Message, t_recv: int) -> None:
+    def _serve(self, coord: Any, sink: TokenSink, msg: P.Message, t_recv: int) -> None:
         from coel_model.generate import sample_next
         from coel_model.model import KVCache
         name = self.cfg.name
-        send = lambda frames: push.send_multipart(envelope + frames, copy=False)  # noqa: E731
         body = msg.body
         trace_id = msg.trace or uuid.uuid4().hex[:16]
         coord.trace_id = trace_id
@@ -395,13 +437,13 @@ class EntryService:
             try:
                 prompt = self._prompt_ids(msg)
             except (ConfigError, CoelError) as exc:
-                send(P.error_frames(msg.req_id, P.ErrorCode.MALFORMED, str(exc), name))
+                sink.error(P.ErrorCode.MALFORMED.value, str(exc))
                 err = str(exc)
                 return
             if self._routing is None and not self.wait_routing(-1, self.cfg.first_placement_wait_s):
                 err = (f"entry {name} has no expert placement from the controller after "
                        f"{self.cfg.first_placement_wait_s:.0f} s")
-                send(P.error_frames(msg.req_id, P.ErrorCode.BUSY, err, name))
+                sink.error(P.ErrorCode.BUSY.value, err)
                 return
             cfg = self.model.cfg
             max_new = body["max_new_tokens"]
@@ -417,27 +459,33 @@ class EntryService:
                 out.append(tok)
                 if t_first is None:
                     t_first = time.monotonic_ns()
-                send(P.encode(P.MsgType.TOKEN, msg.req_id, {"index": step, "token": tok}, trace=trace_id, src=name))
+                sink.token(step, tok)
+                if sink.cancelled():
+                    raise RequestCancelled(f"cancelled by the client after {len(out)} token(s)")
                 if stop_eos and cfg.eos_token_id >= 0 and tok == cfg.eos_token_id:
                     break
                 if step + 1 < max_new:
                     logits = self._step(coord, torch.tensor([[tok]]), cache, stats)
-            send(P.encode(P.MsgType.DONE, msg.req_id, {"new_tokens": len(out), "prompt_tokens": len(prompt),
-                                                       "retries": stats["retries"],
-                                                       "waited_s": round(stats["waited_s"], 4),
-                                                       "placement_version": self.routing_version()},
-                          trace=trace_id, src=name))
+            sink.done({"new_tokens": len(out), "prompt_tokens": len(prompt), "retries": stats["retries"],
+                       "waited_s": round(stats["waited_s"], 4), "placement_version": self.routing_version()})
             ok = True
             self.counters["served"] += 1
+        except RequestCancelled as exc:  # the sink asked to stop (client gone, or a stop string matched)
+            ok = True
+            self.counters["cancelled"] += 1
+            sink.done({"new_tokens": len(out), "prompt_tokens": len(prompt), "retries": stats["retries"],
+                       "waited_s": round(stats["waited_s"], 4), "placement_version": self.routing_version(),
+                       "cancelled": str(exc)})
         except RequestFailed as exc:
             err = str(exc)
             self.counters["failed"] += 1
-            send(P.error_frames(msg.req_id, P.ErrorCode.UNAVAILABLE, err, name))
+            sink.error(P.ErrorCode.UNAVAILABLE.value, err)
         except Exception as exc:  # a bug must fail this request only, never the service
             err = f"{type(exc).__name__}: {exc}"
             self.counters["failed"] += 1
-            send(P.error_frames(msg.req_id, P.ErrorCode.INTERNAL, err, name))
+            sink.error(P.ErrorCode.INTERNAL.value, err)
         finally:
+            self._blocked.pop(trace_id, None)
             if self.tracer is not None:
                 attrs: dict[str, Any] = {"ok": ok, "prompt_tokens": len(prompt), "new_tokens": len(out),
                                          "retries": stats["retries"], "waited_s": round(stats["waited_s"], 4)}
@@ -457,11 +505,16 @@ class EntryService:
         while True:
             version = self.routing_version()
             try:
-                return coord.forward(tokens, cache)[0, -1]
+                logits = coord.forward(tokens, cache)[0, -1]
+                if first_fail is not None:
+                    self._blocked.pop(coord.trace_id, None)
+                return logits
             except (RemoteExpertError, NodeError) as exc:
                 now = time.monotonic()
                 first_fail = first_fail or now
+                self._blocked.setdefault(coord.trace_id, first_fail)
                 stats["retries"] += 1
+                self.counters["step_retries"] += 1
                 left = self.cfg.placement_wait_s - (now - first_fail)
                 if left <= 0 or self._stop.is_set():
                     raise RequestFailed(f"entry {self.cfg.name}: gave up after {stats['retries']} attempt(s) in "
@@ -474,6 +527,56 @@ class EntryService:
                 # short pause (a banned replica may be back, or the failure was transient)
                 self.wait_routing(version, min(left, 0.5))
                 stats["waited_s"] += time.monotonic() - t0
+
+    # ---------------- in-process requests (nodes.serving) ----------------
+    @property
+    def model_dir(self) -> str:
+        return self.cfg.model_dir
+
+    def submit(self, req: GenerationRequest, sink: TokenSink, api: str = "local") -> None:
+        """Queue a request on the same worker pool and decode path as the ZeroMQ clients'."""
+        if self._stop.is_set():
+            raise RequestFailed(f"entry {self.cfg.name} is stopping")
+        msg = P.Message(P.MsgType.GENERATE, 0, req.body(),
+                        {"prompt": torch.tensor(req.prompt_ids, dtype=torch.int64)}, trace=req.trace_id,
+                        src=self.cfg.name)
+        with self._lock:
+            self.counters["requests"] += 1
+        self.jobs.put((sink, msg, time.monotonic_ns(), api))
+
+    def health(self) -> tuple[bool, str]:
+        """(True, "serving") when a request could be served now, else (False, why not)."""
+        if self._stop.is_set():
+            return False, f"entry {self.cfg.name} is stopping"
+        if not self.ready.is_set():
+            return False, f"entry {self.cfg.name} is starting"
+        rs = self._routing
+        if rs is None:
+            return False, f"entry {self.cfg.name} has no expert placement from the controller yet"
+        blocked = dict(self._blocked)
+        if blocked:
+            since = min(blocked.values())
+            return False, (f"re-deployment in progress: {len(blocked)} request(s) wait for a new placement "
+                           f"(expert holders of placement v{rs.version} unreachable for "
+                           f"{time.monotonic() - since:.1f} s)")
+        return True, f"serving (placement v{rs.version})"
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What nodes.metrics reads at scrape time: per-peer expert traffic and the routing state."""
+        peers: dict[str, dict[str, Any]] = {}
+        failovers = 0
+        for coord in list(self.coords):
+            failovers += coord.failovers
+            for ep, st in list(coord.peer_stats.items()):
+                p = peers.setdefault(ep, {"calls": 0, "bytes_sent": 0, "bytes_received": 0, "rtt_ms": None})
+                for k in ("calls", "bytes_sent", "bytes_received"):
+                    p[k] += st[k]
+                rtt = coord.chooser.rtt_ms.get(ep)
+                if rtt is not None:
+                    p["rtt_ms"] = rtt if p["rtt_ms"] is None else min(rtt, p["rtt_ms"])
+        return {"peers": peers, "failovers": failovers, "step_retries": self.counters["step_retries"],
+                "placement_updates": self.placement_updates, "placement_version": self.routing_version(),
+                "blocked": len(self._blocked), "healthy": self.health()[0]}
 
     # ---------------- reporting ----------------
     def stats(self) -> dict[str, Any]:
@@ -514,6 +617,8 @@ def add_entry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement-wait-s", type=float, default=10.0,
                    help="how long a failing request waits for the controller's new placement")
     p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible HTTP API and /health, /metrics here (docs/http-api.md)")
 
 
 def cmd_entry(args: argparse.Namespace) -> int:
@@ -521,7 +626,7 @@ def cmd_entry(args: argparse.Namespace) -> int:
     cfg = EntryConfig(name=args.name, listen=args.listen, model_dir=args.model, controller=args.controller,
                       keys_dir=args.keys, trace_path=args.trace, workers=args.workers, threads=args.threads,
                       heartbeat_s=args.heartbeat_s, call_timeout_s=args.call_timeout_s,
-                      placement_wait_s=args.placement_wait_s)
+                      placement_wait_s=args.placement_wait_s, http=args.http)
     torch.set_num_threads(cfg.threads)
     svc = EntryService(cfg, lambda: delay_hook_from_env(args.delay_file))
     stop_on_signals(svc.stop)

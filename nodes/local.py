@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -300,3 +300,57 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
             "expert_calls": coord.calls, "failovers": coord.failovers,
             "deploy_bytes": sum(deployed.values()), "deploy_s": round(deploy_s, 3),
             "agents": cfg.n_agents, "secure": cfg.secure, "compression": compression}
+
+
+def serve_local_http(cfg: ServeLocalConfig, listen: str, stop: Any = None,
+                     on_ready: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`coel serve-local --http HOST:PORT`: the agents as above plus an in-process entry service
+    (the one the testbed runs, with its worker pool, fail-over and metrics) serving the
+    OpenAI-compatible HTTP API until `stop` is set (or Ctrl-C / SIGTERM). Returns the entry's counters."""
+    import threading
+
+    from nodes.entry import EntryConfig, serve_in_thread
+    from coel_model.checkpoint import load_model
+    model = load_model(cfg.model_dir)
+    mc = model.cfg
+    compression = parse_compression(cfg.compression)
+    stop = stop or threading.Event()
+    with tempfile.TemporaryDirectory(prefix="coel-serve-local-") as tmp:
+        keys_dir = str(make_keys(Path(tmp) / "keys")) if cfg.secure else None
+        names = [f"tcp://placeholder:{i}" for i in range(cfg.n_agents)]
+        if cfg.plan_path:
+            placement0, bits = load_plan_placement(cfg.plan_path, names)
+        else:
+            placement0, bits = round_robin_placement(mc.n_layers, mc.n_experts, names, cfg.replicas), {}
+        bits_of = {k: bits.get(k, cfg.bits) for k in placement0}
+        need = {n: 0 for n in names}
+        for key, eps in placement0.items():
+            _, ts = shard_message(model, [key], bits_of[key])
+            for ep in eps:
+                need[ep] += sum(t.numel() * t.element_size() for t in ts.values())
+        mems = [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
+        with LocalCluster(cfg.n_agents, mems, keys_dir, threads=cfg.threads) as cluster:
+            rename = dict(zip(names, cluster.endpoints))
+            placement = {k: [rename[e] for e in eps] for k, eps in placement0.items()}
+            deploy_experts(model, cluster, placement, bits_of)
+            del model
+            ecfg = EntryConfig(name="serve-local", listen=f"tcp://127.0.0.1:{free_port()}", model_dir=cfg.model_dir,
+                               keys_dir=keys_dir, threads=cfg.threads, call_timeout_s=cfg.call_timeout_s,
+                               http=listen, trace_path=cfg.trace_out)
+            svc, th = serve_in_thread(ecfg)
+            try:
+                if svc.http_front is None or svc.http_front.address is None:
+                    raise ConfigError(f"--http {listen}: the HTTP front did not start (see the error above)")
+                svc.apply_placement({"version": 1, "holders": [[l, e, eps] for (l, e), eps in placement.items()],
+                                     "compression": {ep: compression for ep in cluster.endpoints}
+                                     if compression else {}})
+                host, port = svc.http_front.address
+                url = f"http://{host}:{port}/v1"
+                if on_ready is not None:
+                    on_ready(url)
+                while not stop.is_set() and th.is_alive():
+                    stop.wait(0.2)
+            finally:
+                svc.stop()
+                th.join(10)
+            return dict(svc.counters)
