@@ -126,3 +126,8 @@ def register(sub) -> None:
     p = sub.add_parser("client", help="send Poisson arrivals of held-out prompts to an entry; one span per request")
     add_client_args(p)
     p.set_defaults(func=cmd_client)
+    from nodes.http_client import add_http_client_args, cmd_http_client
+    p = sub.add_parser("http-client", help="the same workload through an entry's OpenAI-compatible API "
+                                           "(the openai package, streamed completions)")
+    add_http_client_args(p)
+    p.set_defaults(func=cmd_http_client)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 import uuid
@@ -30,6 +29,7 @@ from nodes import protocol as P
 from nodes.background import stop_on_signals
 from nodes.security import load_keys, secure_client
 from nodes.transport import HeldInbox, endpoint_host, peer_address, recv_decoded
+from nodes.workload import Arrival, PromptSource, percentile as _pct, poisson_arrivals, read_trace_csv
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class ClientConfig:
     model_dir: str | None = None  # tokenizer source; None = the entry tokenizes
     temperature: float = 0.0
     request_timeout_s: float = 60.0  # silence on one request this long = lost
+    trace_csv: str | None = None  # replay this request trace (nodes.workload) instead of Poisson arrivals
 
     def __post_init__(self) -> None:
         if self.rate_rps <= 0 or not math.isfinite(self.rate_rps):
@@ -70,43 +71,6 @@ class Outstanding:
     entry: str = ""
 
 
-def arrival_times(rate_rps: float, duration_s: float, seed: int) -> list[float]:
-    """Poisson process: seeded exponential gaps, every arrival < duration_s (seconds from start)."""
-    rng = random.Random(seed)
-    out, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate_rps)
-        if t >= duration_s:
-            return out
-        out.append(t)
-
-
-class PromptSource:
-    """Seeded prompt cuts from the held-out split."""
-
-    def __init__(self, path: str | None, seed: int, tokenizer: Any = None):
-        from coel_model.corpus import REPO_DATA_DIR, read_split_file
-        p = Path(path) if path else REPO_DATA_DIR / "heldout.txt"
-        self.docs = [d for d in read_split_file(p) if len(d) >= 200]
-        if not self.docs:
-            raise ConfigError(f"{p}: no document of at least 200 characters to cut prompts from")
-        self.rng = random.Random(seed ^ 0x5EED)
-        self.tok = tokenizer
-
-    def text(self, approx_tokens: int) -> str:
-        doc = self.rng.choice(self.docs)
-        n_chars = max(32, approx_tokens * 8)  # ~3-4 chars per BPE token of code: 8 is ample
-        start = self.rng.randrange(0, max(1, len(doc) - n_chars))
-        return doc[start:start + n_chars]
-
-    def ids(self, n_tokens: int) -> list[int]:
-        for _ in range(20):
-            ids = self.tok.encode(self.text(n_tokens * 2))
-            if len(ids) >= n_tokens:
-                return ids[:n_tokens]
-        raise ConfigError(f"could not cut a prompt of {n_tokens} tokens from the held-out split")
-
-
 def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Drive the workload; returns a summary. `stop` (threading.Event-like) ends it early;
     `tokenizer` (anything with encode(text) -> ids) overrides --model's."""
@@ -115,6 +79,7 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
         from coel_model.evaluate import base_model_dir, find_tokenizer
         tok = find_tokenizer(cfg.model_dir, base_model_dir(cfg.model_dir))
     prompts = PromptSource(cfg.prompts_path, cfg.seed, tok)
+    arrivals = client_arrivals(cfg)
     tracer = None
     if cfg.trace_path:
         from testbed.traces import TraceWriter
@@ -127,7 +92,6 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
     sock.connect(cfg.entry)
     inbox = HeldInbox(delay)
     host = endpoint_host(cfg.entry)
-    arrivals = arrival_times(cfg.rate_rps, cfg.duration_s, cfg.seed)
     outstanding: dict[int, Outstanding] = {}
     results = {"sent": 0, "ok": 0, "lost": 0, "ttft_ms": [], "tpot_ms": []}
     next_id = 1
@@ -159,21 +123,22 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
             now = time.monotonic()
             if stop is not None and stop.is_set():
                 break
-            while i < len(arrivals) and now >= t_start + arrivals[i]:
+            while i < len(arrivals) and now >= t_start + arrivals[i].t_s:
+                a = arrivals[i]
                 rid = next_id
                 next_id += 1
                 trace_id = f"{cfg.name}-{uuid.uuid4().hex[:12]}"
-                body: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "class": cfg.slo_class,
+                body: dict[str, Any] = {"max_new_tokens": a.max_new_tokens, "class": cfg.slo_class,
                                         "temperature": cfg.temperature}
                 tensors = None
                 if tok is not None:
-                    ids = prompts.ids(cfg.prompt_tokens)
+                    ids = prompts.ids(a.prompt_tokens)
                     tensors = {"prompt": torch.tensor(ids, dtype=torch.int64)}
                     n_prompt = len(ids)
                 else:
-                    body["prompt_text"] = prompts.text(cfg.prompt_tokens)
-                    body["max_prompt_tokens"] = cfg.prompt_tokens
-                    n_prompt = cfg.prompt_tokens
+                    body["prompt_text"] = prompts.text(a.prompt_tokens)
+                    body["max_prompt_tokens"] = a.prompt_tokens
+                    n_prompt = a.prompt_tokens
                 t0 = time.monotonic_ns()
                 sock.send_multipart(P.encode(P.MsgType.GENERATE, rid, body, tensors, trace=trace_id, src=cfg.name),
                                     copy=False)
@@ -184,7 +149,7 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
                 break
             if now >= hard_end:
                 break
-            wake = t_start + arrivals[i] if i < len(arrivals) else hard_end
+            wake = t_start + arrivals[i].t_s if i < len(arrivals) else hard_end
             timeout_ms = max(0.0, min(100.0, (wake - now) * 1e3))
             if sock.poll(inbox.timeout_ms(timeout_ms)):
                 for frames, msg in recv_decoded(sock):
@@ -211,6 +176,17 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
             "tpot_ms_p50": _pct(results["tpot_ms"], 50), "tpot_ms_p95": _pct(results["tpot_ms"], 95)}
 
 
+def client_arrivals(cfg: ClientConfig, max_seq_len: int | None = None) -> list[Arrival]:
+    """The workload's requests: the replayed trace when one is given, else Poisson arrivals."""
+    if cfg.trace_csv:
+        if max_seq_len is None and cfg.model_dir:
+            from coel_model.config import read_json
+            max_seq_len = int(read_json(Path(cfg.model_dir) / "config.json", "model config not found")
+                              .get("max_seq_len", 0)) or None
+        return read_trace_csv(cfg.trace_csv, cfg.duration_s, max_seq_len)
+    return poisson_arrivals(cfg.rate_rps, cfg.duration_s, cfg.seed, cfg.prompt_tokens, cfg.max_new_tokens)
+
+
 def _on_message(msg: P.Message, outstanding: dict[int, Outstanding], finish) -> None:
     o = outstanding.get(msg.req_id)
     if o is None:
@@ -226,14 +202,6 @@ def _on_message(msg: P.Message, outstanding: dict[int, Outstanding], finish) -> 
     elif msg.type == P.MsgType.ERROR:
         del outstanding[msg.req_id]
         finish(o, False, f"{msg.body['code']}: {msg.body['reason']}")
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = min(len(s) - 1, max(0, int(math.ceil(q / 100 * len(s))) - 1))
-    return s[k]
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
@@ -254,6 +222,9 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout-s", type=float, default=60.0)
     p.add_argument("--trace", default=None, help="append one 'request' span per request (JSONL)")
     p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
+    p.add_argument("--trace-csv", default=None,
+                   help="replay this request trace (CSV: arrival time, prompt tokens, output tokens; nodes/workload.py) "
+                        "instead of Poisson arrivals; --rate-rps, --prompt-tokens, --max-new-tokens are then unused")
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -263,7 +234,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, duration_s=args.duration_s, drain_s=args.drain_s,
                        slo_class=args.slo_class, seed=args.seed, prompts_path=args.prompts, keys_dir=args.keys,
                        trace_path=args.trace, model_dir=args.model, temperature=args.temperature,
-                       request_timeout_s=args.request_timeout_s)
+                       request_timeout_s=args.request_timeout_s, trace_csv=args.trace_csv)
     stop = threading.Event()
     stop_on_signals(stop.set)
     summary = run_client(cfg, delay_hook_from_env(args.delay_file), stop)

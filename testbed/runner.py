@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONTROLLER_PORT = 7000
 AGENT_PORT = 7100
 ENTRY_PORT = 7200
+ENTRY_HTTP_PORT = 8000  # every entry's OpenAI-compatible API and /metrics (nodes/http_front.py)
 LINK_SAMPLE_S = 0.5
 STATUS_POLL_S = 1.0
 IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes
@@ -188,6 +189,9 @@ class Runner:
         if not self.topo.clients:
             raise ConfigError(f"topology {self.topo.name}: no clients, so no traffic to run")
         self.entries = sorted({c.entry for c in self.topo.clients})
+        if sc.workload.trace_csv:  # refuse a bad trace before anything starts
+            from nodes.workload import read_trace_csv
+            read_trace_csv(project_path(sc.workload.trace_csv), sc.duration_s)
         self.run_dir = run_dir or make_run_dir(sc, opt.out_dir)
         self.raw = self.run_dir / "raw"
         self.procs: dict[str, Proc] = {}
@@ -309,7 +313,8 @@ class Runner:
                 "nodes.entry", "--name", e, "--listen", f"tcp://{ip}:{ENTRY_PORT}", "--controller", ctl_ep,
                 "--model", str(self.model_dir), "--keys", keys, "--trace", str(raw / f"{e}-entry.jsonl"),
                 "--heartbeat-s", str(self.opt.heartbeat_s), "--call-timeout-s", str(self.opt.entry_call_timeout_s),
-                "--delay-file", str(self.net.delay_file(e)))))
+                "--delay-file", str(self.net.delay_file(e)), "--http", f"{ip}:{ENTRY_HTTP_PORT}")))
+        self.meta["http_api"] = {e: f"http://{self.net.ip(e)}:{ENTRY_HTTP_PORT}/v1" for e in self.entries}
 
     def _wait_serving(self) -> dict[str, Any]:
         from controller.api import ControlClient, ControlError
@@ -359,15 +364,21 @@ class Runner:
         for i, c in enumerate(self.topo.clients):
             wl = c.workload
             rate = wl.rate_rps * w.rate_scale
+            if w.api == "openai":
+                module, target = "nodes.http_client", ["--base-url",
+                                                       f"http://{self.net.ip(c.entry)}:{ENTRY_HTTP_PORT}/v1"]
+            else:
+                module, target = "nodes.client", ["--entry", f"tcp://{self.net.ip(c.entry)}:{ENTRY_PORT}",
+                                                  "--keys", str(self.run_dir / "keys")]
+            extra = ["--trace-csv", str(project_path(w.trace_csv))] if w.trace_csv else []
             self._launch(self._add(c.name, "client", self._py(
-                "nodes.client", "--name", c.name, "--entry", f"tcp://{self.net.ip(c.entry)}:{ENTRY_PORT}",
-                "--keys", str(self.run_dir / "keys"), "--rate-rps", f"{rate:g}",
+                module, "--name", c.name, *target, "--rate-rps", f"{rate:g}",
                 "--prompt-tokens", str(w.prompt_tokens or wl.prompt_tokens),
                 "--max-new-tokens", str(w.max_new_tokens or wl.max_new_tokens),
                 "--slo-class", wl.slo_class, "--duration-s", f"{self.sc.duration_s:g}",
                 "--drain-s", f"{self.sc.drain_s:g}", "--seed", str(self.sc.seed * 1000 + i),
                 "--model", str(self.model_dir), "--trace", str(self.raw / f"{c.name}-client.jsonl"),
-                "--delay-file", str(self.net.delay_file(c.name)))))
+                "--delay-file", str(self.net.delay_file(c.name)), *extra)))
 
     # ---- link counters -------------------------------------------------------------------------
     def _link_counter_sources(self) -> list[tuple[str, str, str]]:

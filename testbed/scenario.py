@@ -34,6 +34,7 @@ EVENT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 CRASH_PROCESSES = ("all", "agent", "entry")
+WORKLOAD_APIS = ("native", "openai")  # the clients' protocol: ZeroMQ (nodes.client) or HTTP (nodes.http_client)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class WorkloadOverride:
     rate_scale: float = 1.0  # multiplies every client's rate_rps
     prompt_tokens: int | None = None
     max_new_tokens: int | None = None
+    api: str = "native"  # native: nodes.client over ZeroMQ; openai: nodes.http_client over the entry's HTTP API
+    trace_csv: str | None = None  # replay this request trace (nodes/workload.py) instead of Poisson arrivals
 
 
 @dataclass(frozen=True)
@@ -158,12 +161,16 @@ def build_scenario(doc: Doc) -> Scenario:
     if kw["emulation"] not in ("auto", "netem", "emulated"):
         raise doc.err(("emulation",), f"must be auto, netem or emulated, got {kw['emulation']!r}")
     if f.has("workload"):
-        w = Fields(doc, doc.data["workload"], ("workload",), ("rate_scale", "prompt_tokens", "max_new_tokens"),
-                    "workload")
+        w = Fields(doc, doc.data["workload"], ("workload",), ("rate_scale", "prompt_tokens", "max_new_tokens",
+                                                              "api", "trace_csv"), "workload")
+        api = w.str("api", "native")
+        if api not in WORKLOAD_APIS:
+            raise doc.err(("workload", "api"), f"must be one of {', '.join(WORKLOAD_APIS)}, got {api!r}")
         kw["workload"] = WorkloadOverride(
             rate_scale=w.num("rate_scale", 1.0, gt=0),
             prompt_tokens=w.num("prompt_tokens", None, integer=True, gt=0),
-            max_new_tokens=w.num("max_new_tokens", None, integer=True, gt=0))
+            max_new_tokens=w.num("max_new_tokens", None, integer=True, gt=0),
+            api=api, trace_csv=w.str("trace_csv", None))
     events = [_event(doc, v, ("events", i)) for i, v in enumerate(f.list("events"))]
     for i, ev in enumerate(events):
         if ev.at_s > kw["duration_s"]:

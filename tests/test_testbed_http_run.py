@@ -1,0 +1,104 @@
+"""`coel run` with HTTP clients: the user host replays a request trace through the entry's
+OpenAI-compatible API with the `openai` package; the run loses nothing, its report carries the same
+latency fields as a native-client run, and the entry's /metrics answers from inside a user host
+while traffic flows. Plus the trace-file reader and the scenario's workload fields (no root)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_testbed_run_helpers import assert_clean, mininet_test, scenario_text, setup_dir
+
+pytestmark = pytest.mark.timeout(200)
+
+
+@pytest.mark.unit
+def test_trace_csv_columns_times_and_errors(tmp_path):
+    from coel_model.errors import ConfigError
+    from nodes.workload import read_trace_csv
+    p = tmp_path / "azure.csv"
+    p.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.5,374,44\n"
+                 "2023-11-16 18:15:47.0,2000,20\n2023-11-16 18:15:58.0,30,10\n")
+    got = read_trace_csv(p, duration_s=10, max_seq_len=1024)
+    assert [(a.t_s, a.prompt_tokens, a.max_new_tokens) for a in got] == [(0.0, 374, 44), (0.5, 1004, 20)]
+    p.write_text("arrival_s,prompt_tokens,output_tokens\n1.5,8,4\n2.0,9,5\n")
+    assert [a.t_s for a in read_trace_csv(p, 60)] == [0.0, 0.5]
+    for text, msg in [("a,b,c\n1,2,3\n", "no arrival time column"), ("time,input_tokens,output_tokens\n1,x,2\n",
+                                                                        "must be numbers"),
+                      ("time,input_tokens,output_tokens\n2,1,2\n1,1,2\n", "sort the trace"),
+                      ("time,input_tokens,output_tokens\n1,0,2\n", ">= 1")]:
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            read_trace_csv(p, 60)
+
+
+@pytest.mark.unit
+def test_scenario_workload_api_and_trace_fields():
+    from coel_model.errors import ConfigError
+    from testbed.scenario import load_scenario, parse_scenario
+    sc = load_scenario("http-api")
+    assert sc.workload.api == "openai"
+    assert parse_scenario("name: x\nworkload: {trace_csv: t.csv}\n").workload.trace_csv == "t.csv"
+    with pytest.raises(ConfigError, match="must be one of native, openai"):
+        parse_scenario("name: x\nworkload: {api: grpc}\n", "x.yaml")
+
+
+@mininet_test
+def test_http_clients_run_replays_a_trace_with_no_loss(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from testbed.runner import RunOptions, run_scenario
+    from testbed.scenario import parse_scenario
+    setup = setup_dir(tmp_path)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" +
+                     "".join(f"{0.8 * i:.1f},{12 + i},{6 + i % 4}\n" for i in range(10)))
+    text = scenario_text("tb-http", setup, [], duration_s=9, drain_s=15) + \
+        f"workload: {{api: openai, trace_csv: {trace}}}\n"
+    scraped: dict = {}
+
+    def scrape_during_traffic() -> None:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            pids = list(Path(setup["out"]).glob("*/runner.pid"))
+            if pids:
+                time.sleep(5.0)
+                meta = json.loads((pids[0].parent / "meta.json").read_text())
+                url = meta["http_api"]["s1"][:-len("/v1")] + "/metrics"
+                code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+                r = subprocess.run(["mnexec", "-a", str(meta["shell_pids"]["u1"]), sys.executable, "-c", code],
+                                   capture_output=True, text=True, timeout=30)
+                scraped["rc"], scraped["out"], scraped["err"] = r.returncode, r.stdout, r.stderr[-2000:]
+                return
+            time.sleep(0.2)
+
+    th = threading.Thread(target=scrape_during_traffic, daemon=True)
+    th.start()
+    sc = parse_scenario(text, "tb-http.yaml")
+    res = run_scenario(sc, RunOptions(out_dir=setup["out"], live_progress=False, serving_timeout_s=120))
+    th.join(10)
+    run_dir = res.run_dir
+    try:
+        assert res.outcome == "completed" and res.error is None, (res.outcome, res.error)
+        s = json.loads((run_dir / "summary.json").read_text())
+        assert s["requests"] == 10 and s["lost_requests"] == 0, s
+        assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p50"] > 0, s
+        header = (run_dir / "summary.csv").read_text().splitlines()[0].split(",")
+        assert {"ttft_ms", "tpot_ms", "ok"} <= set(header)
+        spans = [json.loads(l) for l in (run_dir / "raw" / "u1-client.jsonl").read_text().splitlines()]
+        reqs = [r for r in spans if r.get("span") == "request"]
+        assert len(reqs) == 10 and all(r["attrs"]["api"] == "openai" and r["attrs"]["ok"] for r in reqs)
+        assert sorted(r["attrs"]["prompt_tokens"] for r in reqs) == list(range(12, 22))
+        assert scraped.get("rc") == 0, scraped
+        m = {(x.name, tuple(sorted(x.labels.items()))): x.value
+             for fam in text_string_to_metric_families(scraped["out"]) for x in fam.samples}
+        assert m[("coel_generation_tokens_total", (("api", "http"),))] > 0
+        assert m[("coel_placement_version", ())] >= 1
+    finally:
+        assert_clean(run_dir)
