@@ -185,24 +185,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from coel_model.checkpoint import load_model
-    from coel_model.errors import ConfigError
     from coel_model.evaluate import base_model_dir, find_tokenizer
     from coel_model.generate import generate
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     tok = find_tokenizer(args.model, base_model_dir(args.model))
     prompt = tok.encode(args.prompt)
-    if not prompt:
-        raise ConfigError("--prompt encodes to no tokens; give a non-empty prompt")
-    if len(prompt) + args.max_new_tokens > model.cfg.max_seq_len:
-        raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
-                          f"max_seq_len {model.cfg.max_seq_len}")
     stamps: list[int] = []
     streamed: list[int] = []
 
     def on_token(step: int, token: int) -> None:
         stamps.append(time.perf_counter_ns())
         if not args.json:
+            if step == 0:  # the prompt once generate has accepted it
+                sys.stdout.write(args.prompt)
             streamed.append(token)
             # decode the whole tail so multi-byte characters split across tokens print correctly
             text = tok.decode(streamed)
@@ -210,8 +206,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(text[len(prev):])
             sys.stdout.flush()
 
-    if not args.json:
-        sys.stdout.write(args.prompt)
     t0 = time.perf_counter_ns()
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, on_token=on_token)

@@ -56,18 +56,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer: (B, Hkv, max_len, hd) each."""
+    """Pre-allocated keys and values per layer: (B, Hkv, max_len, hd) each.
+
+    `layers` limits the cache to the layers one pipeline stage runs (the others stay None).
+    """
 
     def __init__(self, cfg: MoEConfig, batch: int = 1, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, layers: range | None = None):
         self.max_len = max_len or cfg.max_seq_len
         shape = (batch, cfg.n_kv_heads, self.max_len, cfg.hd)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        held = range(cfg.n_layers) if layers is None else layers
+        self.k = [torch.zeros(shape, dtype=dtype) if l in held else None for l in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) if l in held else None for l in range(cfg.n_layers)]
         self.length = 0  # tokens already cached
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 class Attention(nn.Module):
@@ -213,6 +217,68 @@ class ExpertExecutor(Protocol):
     def __call__(self, layer: int, routing: Routing, h: torch.Tensor) -> dict[int, torch.Tensor]: ...
 
 
+class ForwardObserver:
+    """The seams of one forward pass, for timing spans and routing statistics (all no-ops here).
+
+    The model keeps no per-call state: whatever a caller wants to know about a pass (routing
+    probabilities, when each step ended) it collects in its own observer, one per thread.
+    """
+
+    def begin(self, n_tokens: int) -> None:
+        """Before the embedding (or before a stage's first layer)."""
+
+    def routed(self, layer: int, routing: Routing) -> None:
+        """After attention and routing of `layer`, before its experts run."""
+
+    def experts_done(self, layer: int) -> None:
+        """After the executor returned every routed expert's output of `layer`."""
+
+    def layer_done(self, layer: int) -> None:
+        """After combine, shared expert and the residual add of `layer`."""
+
+    def end(self) -> None:
+        """After the final norm and lm_head."""
+
+
+class RoutingTap(ForwardObserver):
+    """A plain `fn(layer, routing)` callback as an observer (statistics, profiling)."""
+
+    def __init__(self, fn: Callable[[int, Routing], None]):
+        self.fn = fn
+
+    def routed(self, layer: int, routing: Routing) -> None:
+        self.fn(layer, routing)
+
+
+class RoutingRecorder(ForwardObserver):
+    """Keeps every layer's routing of the passes it observes (training's load-balance loss)."""
+
+    def __init__(self) -> None:
+        self.routings: list[Routing] = []
+
+    def routed(self, layer: int, routing: Routing) -> None:
+        self.routings.append(routing)
+
+
+Observer = ForwardObserver | Callable[[int, Routing], None]
+
+
+def as_observer(observer: Observer | None) -> ForwardObserver | None:
+    """Accept a ForwardObserver or a bare routing callback."""
+    if observer is None or isinstance(observer, ForwardObserver):
+        return observer
+    return RoutingTap(observer)
+
+
+def load_balance_loss(routings: list[Routing], n_experts: int) -> torch.Tensor:
+    """Switch-style auxiliary loss: E * sum_e f_e * P_e per layer's routing, averaged."""
+    total = 0.0
+    for r in routings:
+        frac = torch.bincount(r.expert_ids.reshape(-1), minlength=n_experts).float() / r.expert_ids.numel()
+        total = total + n_experts * (frac * r.probs.mean(0)).sum()
+    return total / len(routings)
+
+
 class MoEBlock(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -229,21 +295,22 @@ class MoEBlock(nn.Module):
         return {e: run_expert(self.experts[e], x) for e, x in xs.items()}
 
     def forward(self, x: torch.Tensor, layer: int, executor: ExpertExecutor | None = None,
-                observer: Callable[[int, Routing], None] | None = None) -> torch.Tensor:
+                observer: Observer | None = None) -> torch.Tensor:
+        obs = as_observer(observer)
         B, T, d = x.shape
         h = x.reshape(B * T, d)  # (N, d)
         routing = route(self.router, h, self.cfg.top_k, self.cfg.norm_topk_prob)
-        if observer is not None:
-            observer(layer, routing)
+        if obs is not None:
+            obs.routed(layer, routing)
         outputs = (executor or self.local_executor)(layer, routing, h)
+        if obs is not None:
+            obs.experts_done(layer)
         y = combine(routing, outputs, B * T, d, dtype=x.dtype)
         if self.shared_expert is not None:
             s = self.shared_expert(h)
             if self.shared_expert_gate is not None:
                 s = torch.sigmoid(self.shared_expert_gate(h)) * s
             y = y + s
-        self.last_probs = routing.probs
-        self.last_ids = routing.expert_ids
         return y.view(B, T, d)
 
 
@@ -277,31 +344,50 @@ class MoEModel(nn.Module):
     def set_expert(self, layer: int, e: int, module: nn.Module) -> None:
         self.layers[layer].moe.experts[e] = module
 
+    def new_cache(self, max_len: int) -> KVCache:
+        """A KV cache for one sequence of up to max_len tokens (what the decode loop asks for)."""
+        return KVCache(self.cfg, batch=1, max_len=max_len)
+
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                executor: ExpertExecutor | None = None,
-                observer: Callable[[int, Routing], None] | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab); appends to `cache` when given."""
-        B, T = tokens.shape
+                executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab); appends to `cache` when given.
+
+        The only transformer forward: the executor decides where experts run (in place by
+        default, on other servers for the coordinator), the observer sees each seam.
+        """
+        obs = as_observer(observer)
+        if obs is not None:
+            obs.begin(tokens.numel())
+        x = self.embed(tokens)  # (B, T, d)
+        x = self.run_layers(x, 0, self.cfg.n_layers, cache, executor, obs)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.head(x, obs)
+
+    def run_layers(self, x: torch.Tensor, l0: int, l1: int, cache: KVCache | None = None,
+                   executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
+        """Hidden states (B, T, d) through layers [l0, l1) at positions cache.length.. (0 without
+        a cache); a pipeline stage runs its slice with this. Does not advance the cache."""
+        obs = as_observer(observer)
+        T = x.shape[1]
         start = cache.length if cache is not None else 0
         cos = self.rope_cos[start:start + T]
         sin = self.rope_sin[start:start + T]
-        x = self.embed(tokens)  # (B, T, d)
-        for i, layer in enumerate(self.layers):
+        for i in range(l0, l1):
+            layer = self.layers[i]
             x = x + layer.attn(layer.input_norm(x), cos, sin, i, cache)
-            x = x + layer.moe(layer.post_attn_norm(x), i, executor, observer)
-        if cache is not None:
-            cache.length += T
-        return self.lm_head(self.norm(x))
+            x = x + layer.moe(layer.post_attn_norm(x), i, executor, obs)
+            if obs is not None:
+                obs.layer_done(i)
+        return x
 
-    def load_balance_loss(self) -> torch.Tensor:
-        """Switch-style auxiliary loss from the last forward: E * sum_e f_e * P_e, averaged over layers."""
-        E = self.cfg.n_experts
-        total = 0.0
-        for layer in self.layers:
-            probs, ids = layer.moe.last_probs, layer.moe.last_ids
-            frac = torch.bincount(ids.reshape(-1), minlength=E).float() / ids.numel()
-            total = total + E * (frac * probs.mean(0)).sum()
-        return total / len(self.layers)
+    def head(self, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+        """Final norm and lm_head: hidden states (B, T, d) -> logits (B, T, vocab)."""
+        logits = self.lm_head(self.norm(x))
+        obs = as_observer(observer)
+        if obs is not None:
+            obs.end()
+        return logits
 
     def expert_bytes(self) -> int:
         """Bytes held by all routed experts, as stored in memory (packed if quantized)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from coel_model.checkpoint import save_model
 from coel_model.config import MoEConfig
 from coel_model.errors import ConfigError
-from coel_model.model import MoEModel, init_weights
+from coel_model.model import MoEModel, RoutingRecorder, init_weights, load_balance_loss
 
 TRAIN_LOG_FILE = "train_log.json"
 
@@ -136,9 +136,10 @@ def train(model: MoEModel, train_tokens: torch.Tensor, cfg: TrainConfig,
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = sample_batch(train_tokens, cfg.batch_size, cfg.seq_len, gen)
-        logits = model(x)  # (B, T, V)
+        routings = RoutingRecorder()
+        logits = model(x, observer=routings)  # (B, T, V)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        aux = model.load_balance_loss()
+        aux = load_balance_loss(routings.routings, model.cfg.n_experts)
         loss = ce + cfg.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,6 +9,8 @@ or ERROR, and raises `RemoteExpertError` within a bounded time when nobody answe
 Placement swaps are atomic between layer calls (one reference assignment), so a live migration
 can switch routes while requests keep flowing.
 
+The coordinator does not run a model of its own: it is the `ExpertExecutor` and supplies a
+`ForwardObserver` to `MoEModel.forward` (through `coel_model.generate.generate`).
 Trace spans (JSONL, monotonic ns): request, backbone, encode, wire (with the remote queue and
 compute times as attrs; the agent writes remote_queue/remote_compute itself), decode,
 local_compute, combine.
@@ -26,8 +28,8 @@ import torch.nn as nn
 import zmq
 
 from coel_model.errors import ConfigError
-from coel_model.generate import generate
-from coel_model.model import KVCache, MoEModel, Routing, combine, expert_inputs, route
+from coel_model.generate import StepHook, generate
+from coel_model.model import ForwardObserver, MoEModel, Routing, expert_inputs
 from nodes import protocol as P
 from nodes.security import KeyDir, secure_client
 from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations, send_frames,
@@ -182,6 +184,7 @@ class Coordinator:
             from testbed.traces import TraceWriter
             self.tracer = TraceWriter(self.cfg.trace_path, self.cfg.name)
         self._placement = placement if isinstance(placement, Placement) else Placement.of(placement)
+        self._spans = ForwardSpans(self)
 
     # ---------------- placement ----------------
     @property
@@ -434,74 +437,58 @@ class Coordinator:
                                     f"{tuple(y.shape)}, expected {tuple(call.x.shape)}")
         return y
 
-    # ---------------- the backbone ----------------
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Same computation as MoEModel.forward, split into spans (backbone, experts, combine)."""
-        m, cfg = self.model, self.model.cfg
-        B, T = tokens.shape
-        d = cfg.d_model
-        start = cache.length if cache is not None else 0
-        cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]
-        t0 = time.monotonic_ns()
-        x = m.embed(tokens)  # (B, T, d)
-        for i, layer in enumerate(m.layers):
-            x = x + layer.attn(layer.input_norm(x), cos, sin, i, cache)
-            moe = layer.moe
-            h = layer.post_attn_norm(x).reshape(B * T, d)  # (N, d)
-            routing = route(moe.router, h, cfg.top_k, cfg.norm_topk_prob)
-            t1 = time.monotonic_ns()
-            self._span("backbone", t0, t1, layer=i, tokens=B * T)
-            outputs = self(i, routing, h)
-            t2 = time.monotonic_ns()
-            y = combine(routing, outputs, B * T, d, dtype=x.dtype)
-            if moe.shared_expert is not None:
-                s = moe.shared_expert(h)
-                if moe.shared_expert_gate is not None:
-                    s = torch.sigmoid(moe.shared_expert_gate(h)) * s
-                y = y + s
-            x = x + y.view(B, T, d)
-            t0 = time.monotonic_ns()
-            self._span("combine", t2, t0, layer=i)
-        if cache is not None:
-            cache.length += T
-        logits = m.lm_head(m.norm(x))
-        self._span("backbone", t0, time.monotonic_ns(), layer=-1, part="lm_head")
-        return logits
+    # ---------------- the request ----------------
+    @property
+    def observer(self) -> "ForwardSpans | None":
+        """What MoEModel.forward reports its seams to: timing spans when tracing, else nothing."""
+        return self._spans if self.tracer is not None else None
 
-    @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-                 trace_id: str | None = None, on_token: Callable[[int, int], None] | None = None) -> list[int]:
-        """coel_model.generate.generate with the experts on the agents; one trace id per request."""
-        cfg = self.model.cfg
-        if not prompt:
-            raise ConfigError("prompt must hold at least one token")
-        if len(prompt) + max_new_tokens > cfg.max_seq_len:
-            raise ConfigError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
-                              f"max_seq_len ({cfg.max_seq_len})")
+                 trace_id: str | None = None, on_token: Callable[[int, int], None] | None = None,
+                 step: StepHook | None = None) -> list[int]:
+        """coel_model.generate.generate with this executor and observer; one trace id and one
+        `request` span per request."""
         self.trace_id = trace_id or uuid.uuid4().hex[:16]
         t_req = time.monotonic_ns()
         out: list[int] = []  # filled as tokens come, so a failed request's span counts what it produced
 
-        def produced(step: int, tok: int) -> None:
+        def produced(i: int, tok: int) -> None:
             out.append(tok)
             if on_token is not None:
-                on_token(step, tok)
+                on_token(i, tok)
         try:
-            generate(_SpannedModel(self), prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, on_token=produced)
+            generate(self.model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     seed=seed, stop_at_eos=stop_at_eos, on_token=produced, executor=self,
+                     observer=self.observer, step=step)
         finally:
             self._span("request", t_req, time.monotonic_ns(), prompt_tokens=len(prompt), new_tokens=len(out))
         return out
 
 
-class _SpannedModel:
-    """What coel_model.generate.generate needs of a model (cfg, __call__), backed by Coordinator.forward."""
+class ForwardSpans(ForwardObserver):
+    """The coordinator's timing spans of one forward pass: `backbone` (embedding or the previous
+    combine up to routing, per layer; layer -1 = final norm and lm_head) and `combine`."""
 
     def __init__(self, coord: Coordinator):
-        self.cfg = coord.model.cfg
-        self._forward = coord.forward
+        self.coord = coord
+        self.t_ns = 0  # end of the last span written
+        self.t_experts_ns = 0
+        self.n_tokens = 0
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache | None = None, executor=None) -> torch.Tensor:
-        return self._forward(tokens, cache)
+    def begin(self, n_tokens: int) -> None:
+        self.n_tokens, self.t_ns = n_tokens, time.monotonic_ns()
+
+    def routed(self, layer: int, routing: Routing) -> None:
+        t = time.monotonic_ns()
+        self.coord._span("backbone", self.t_ns, t, layer=layer, tokens=self.n_tokens)
+
+    def experts_done(self, layer: int) -> None:
+        self.t_experts_ns = time.monotonic_ns()
+
+    def layer_done(self, layer: int) -> None:
+        self.t_ns = time.monotonic_ns()
+        self.coord._span("combine", self.t_experts_ns, self.t_ns, layer=layer)
+
+    def end(self) -> None:
+        self.coord._span("backbone", self.t_ns, time.monotonic_ns(), layer=-1, part="lm_head")

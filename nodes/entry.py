@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -71,6 +71,10 @@ class EntryConfig:
 
 class RequestFailed(CoelError):
     """A request that cannot finish within its bounded time."""
+
+
+class NoPlacement(CoelError):
+    """A request arrived and no placement came from the controller in time."""
 
 
 class _WireSink:
@@ -399,7 +403,7 @@ class EntryService:
             push.close(linger=0)
 
     def _prompt_ids(self, msg: P.Message) -> list[int]:
-        mc = self.model.cfg
+        """The request's prompt as token ids (generate checks them against the model)."""
         if "prompt" in msg.tensors:
             ids = msg.tensors["prompt"].tolist()  # a few hundred ints at most, once per request
         else:
@@ -409,22 +413,11 @@ class EntryService:
             ids = self._tokenizer.encode(msg.body["prompt_text"])
         if "max_prompt_tokens" in msg.body:
             ids = ids[:msg.body["max_prompt_tokens"]]
-        if not ids:
-            raise ConfigError("the prompt encodes to no tokens")
-        bad = [t for t in ids if not 0 <= t < mc.vocab_size]
-        if bad:
-            raise ConfigError(f"prompt token ids {bad[:4]} outside the vocabulary (0..{mc.vocab_size - 1})")
-        total = len(ids) + msg.body["max_new_tokens"]
-        if total > mc.max_seq_len:
-            raise ConfigError(f"prompt ({len(ids)} tokens) + max_new_tokens ({msg.body['max_new_tokens']}) = "
-                              f"{total} exceeds the model's max_seq_len ({mc.max_seq_len})")
         return ids
 
-    @torch.inference_mode()
     def _serve(self, coord: Any, sink: TokenSink, msg: P.Message, t_recv: int) -> None:
-        from coel_model.generate import sample_next
-        from coel_model.model import KVCache
-        name = self.cfg.name
+        """One request through coel_model.generate.generate, with `_step` as its step hook."""
+        from coel_model.generate import generate
         body = msg.body
         trace_id = msg.trace or uuid.uuid4().hex[:16]
         coord.trace_id = trace_id
@@ -433,53 +426,39 @@ class EntryService:
         ok, err = False, None
         t_first = None
         prompt: list[int] = []
+
+        def on_token(i: int, tok: int) -> None:
+            nonlocal t_first
+            out.append(tok)
+            if t_first is None:
+                t_first = time.monotonic_ns()
+            sink.token(i, tok)
+            if sink.cancelled():
+                raise RequestCancelled(f"cancelled by the client after {len(out)} token(s)")
+
+        def done_info() -> dict[str, Any]:
+            return {"new_tokens": len(out), "prompt_tokens": len(prompt), "retries": stats["retries"],
+                    "waited_s": round(stats["waited_s"], 4), "placement_version": self.routing_version()}
         try:
-            try:
-                prompt = self._prompt_ids(msg)
-            except (ConfigError, CoelError) as exc:
-                sink.error(P.ErrorCode.MALFORMED.value, str(exc))
-                err = str(exc)
-                return
-            if self._routing is None and not self.wait_routing(-1, self.cfg.first_placement_wait_s):
-                err = (f"entry {name} has no expert placement from the controller after "
-                       f"{self.cfg.first_placement_wait_s:.0f} s")
-                sink.error(P.ErrorCode.BUSY.value, err)
-                return
-            cfg = self.model.cfg
-            max_new = body["max_new_tokens"]
-            seed = body.get("seed")
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            cache = KVCache(cfg, batch=1, max_len=len(prompt) + max_new)
-            temp, top_k, top_p = float(body.get("temperature", 0.0)), int(body.get("top_k", 0)), \
-                float(body.get("top_p", 1.0))
-            stop_eos = bool(body.get("stop_at_eos", True))
-            logits = self._step(coord, torch.tensor([prompt]), cache, stats)
-            for step in range(max_new):
-                tok = sample_next(logits, temp, top_k, top_p, gen)
-                out.append(tok)
-                if t_first is None:
-                    t_first = time.monotonic_ns()
-                sink.token(step, tok)
-                if sink.cancelled():
-                    raise RequestCancelled(f"cancelled by the client after {len(out)} token(s)")
-                if stop_eos and cfg.eos_token_id >= 0 and tok == cfg.eos_token_id:
-                    break
-                if step + 1 < max_new:
-                    logits = self._step(coord, torch.tensor([[tok]]), cache, stats)
-            sink.done({"new_tokens": len(out), "prompt_tokens": len(prompt), "retries": stats["retries"],
-                       "waited_s": round(stats["waited_s"], 4), "placement_version": self.routing_version()})
+            prompt = self._prompt_ids(msg)
+            generate(self.model, prompt, body["max_new_tokens"], temperature=float(body.get("temperature", 0.0)),
+                     top_k=int(body.get("top_k", 0)), top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"),
+                     stop_at_eos=bool(body.get("stop_at_eos", True)), executor=coord, observer=coord.observer,
+                     on_token=on_token, step=lambda run: self._step(run, stats, trace_id))
+            sink.done(done_info())
             ok = True
             self.counters["served"] += 1
         except RequestCancelled as exc:  # the sink asked to stop (client gone, or a stop string matched)
             ok = True
             self.counters["cancelled"] += 1
-            sink.done({"new_tokens": len(out), "prompt_tokens": len(prompt), "retries": stats["retries"],
-                       "waited_s": round(stats["waited_s"], 4), "placement_version": self.routing_version(),
-                       "cancelled": str(exc)})
-        except RequestFailed as exc:
+            sink.done({**done_info(), "cancelled": str(exc)})
+        except (ConfigError, NoPlacement, RequestFailed) as exc:  # bad request / no placement yet / gave up
             err = str(exc)
-            self.counters["failed"] += 1
-            sink.error(P.ErrorCode.UNAVAILABLE.value, err)
+            code = (P.ErrorCode.MALFORMED if isinstance(exc, ConfigError) else P.ErrorCode.BUSY
+                    if isinstance(exc, NoPlacement) else P.ErrorCode.UNAVAILABLE)
+            if isinstance(exc, RequestFailed):
+                self.counters["failed"] += 1
+            sink.error(code.value, err)
         except Exception as exc:  # a bug must fail this request only, never the service
             err = f"{type(exc).__name__}: {exc}"
             self.counters["failed"] += 1
@@ -495,24 +474,27 @@ class EntryService:
                     attrs["error"] = err[:300]
                 self.tracer.span(trace_id, "serve", t_recv, time.monotonic_ns(), **attrs)
 
-    def _step(self, coord: Any, tokens: torch.Tensor, cache: Any, stats: dict) -> torch.Tensor:
-        """One forward pass; on an expert that no holder serves, wait for a new placement and retry.
-
-        Bounded: after placement_wait_s without success the request fails with the last reason."""
+    def _step(self, run: Callable[[], torch.Tensor], stats: dict, trace_id: str | None = None) -> torch.Tensor:
+        """The entry's step hook: one forward pass (`run`); a request arriving before any placement
+        waits for the first one; on an expert that no holder serves, wait for a new placement and
+        retry. Bounded: after placement_wait_s without success the request fails with the last reason."""
         from nodes.coordinator import RemoteExpertError
         from nodes.transport import NodeError
+        if self._routing is None and not self.wait_routing(-1, self.cfg.first_placement_wait_s):
+            raise NoPlacement(f"entry {self.cfg.name} has no expert placement from the controller after "
+                              f"{self.cfg.first_placement_wait_s:.0f} s")
         first_fail = None
         while True:
             version = self.routing_version()
             try:
-                logits = coord.forward(tokens, cache)[0, -1]
+                logits = run()
                 if first_fail is not None:
-                    self._blocked.pop(coord.trace_id, None)
+                    self._blocked.pop(trace_id, None)
                 return logits
             except (RemoteExpertError, NodeError) as exc:
                 now = time.monotonic()
                 first_fail = first_fail or now
-                self._blocked.setdefault(coord.trace_id, first_fail)
+                self._blocked.setdefault(trace_id, first_fail)
                 stats["retries"] += 1
                 self.counters["step_retries"] += 1
                 left = self.cfg.placement_wait_s - (now - first_fail)
@@ -520,7 +502,7 @@ class EntryService:
                     raise RequestFailed(f"entry {self.cfg.name}: gave up after {stats['retries']} attempt(s) in "
                                         f"{now - first_fail:.1f} s (placement v{version}): {exc}") from None
                 if self.tracer is not None:
-                    self.tracer.event("step_retry", trace_id=coord.trace_id, placement_version=version,
+                    self.tracer.event("step_retry", trace_id=trace_id, placement_version=version,
                                       reason=str(exc)[:300])
                 t0 = time.monotonic()
                 # a new placement usually follows within ~1 s of a failure; retry anyway after a

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from coel_model.errors import ConfigError
+from coel_model.generate import check_prompt
 from coel_model.model import MoEModel
 from nodes import protocol as P
 from nodes.agent import MB, expert_tensors
@@ -251,8 +252,7 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
     else:
         tok = _tokenizer(cfg.model_dir)
         prompt = tok.encode(cfg.prompt)
-    if not prompt:
-        raise ConfigError("--prompt encodes to no tokens; give a non-empty prompt")
+    check_prompt(mc, prompt, cfg.max_new_tokens)  # before any agent starts
     compression = parse_compression(cfg.compression)
     with tempfile.TemporaryDirectory(prefix="coel-serve-local-") as tmp:
         keys_dir = str(make_keys(Path(tmp) / "keys")) if cfg.secure else None

@@ -299,8 +299,10 @@ def test_generation_stops_at_eos_and_reports_tokens():
     seen = []
     out = generate(eos_model, [7, 7], 8, on_token=lambda step, tok: seen.append((step, tok)))
     assert out == [first] and seen == [(0, first)]
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ConfigError, match="max_seq_len"):
         generate(model, [1] * 60, 10)
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        generate(model, [model.cfg.vocab_size], 1)
 
 
 def test_init_weights_is_seeded():

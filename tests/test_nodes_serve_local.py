@@ -69,7 +69,7 @@ def test_agreement_with_compression_on(model_dir):
             s = CompressionSettings.parse(spec)
             coord = Coordinator(model, placement, compression={ep: s for ep in lc.endpoints})
             try:
-                top1 = coord.forward(tokens)[0].argmax(-1)
+                top1 = model(tokens, executor=coord, observer=coord.observer)[0].argmax(-1)
             finally:
                 coord.close()
             results[spec] = ((top1 == ref).float().mean().item(), coord.bytes_sent + coord.bytes_received,

@@ -43,38 +43,38 @@ def test_placement_versions_and_validation(entry):
     assert entry.routing_version() == 5  # a rejected placement changes nothing
 
 
-class FlakyCoordinator:
-    """forward() fails `fails` times with RemoteExpertError, then returns logits."""
+class FlakyForward:
+    """A forward pass that fails `fails` times with RemoteExpertError, then returns logits."""
 
     def __init__(self, fails):
-        self.fails, self.calls, self.trace_id = fails, 0, "t"
+        self.fails, self.calls = fails, 0
 
-    def forward(self, tokens, cache):
+    def __call__(self):
         from nodes.coordinator import RemoteExpertError
         self.calls += 1
         if self.calls <= self.fails:
             raise RemoteExpertError("layer 0 expert 3: no holder answered")
-        return torch.zeros(1, tokens.shape[1], 4)
+        return torch.zeros(4)
 
 
 def test_step_waits_for_a_new_placement_then_retries(entry):
     v = entry.routing_version()
-    coord = FlakyCoordinator(fails=1)
+    run = FlakyForward(fails=1)
     stats = {"retries": 0, "waited_s": 0.0}
     threading.Timer(0.1, lambda: entry.apply_placement({"version": v + 1, "holders": _holders()})).start()
     t0 = time.monotonic()
-    out = entry._step(coord, torch.tensor([[1, 2]]), None, stats)
-    assert out.shape == (4,) and coord.calls == 2 and stats["retries"] == 1
+    out = entry._step(run, stats)
+    assert out.shape == (4,) and run.calls == 2 and stats["retries"] == 1
     assert time.monotonic() - t0 < 0.45  # woke on the placement, not on the 0.5 s back-off
 
 
 def test_step_gives_up_after_the_bounded_wait_naming_the_expert(entry):
     from nodes.entry import RequestFailed
-    coord = FlakyCoordinator(fails=10 ** 6)
+    run = FlakyForward(fails=10 ** 6)
     stats = {"retries": 0, "waited_s": 0.0}
     t0 = time.monotonic()
     with pytest.raises(RequestFailed, match="gave up after .* attempt\\(s\\).*layer 0 expert 3"):
-        entry._step(coord, torch.tensor([[1]]), None, stats)
+        entry._step(run, stats)
     assert 0.9 <= time.monotonic() - t0 < 2.5 and stats["retries"] >= 2
 
 
