@@ -35,9 +35,16 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
 fi
 
+# Native kernels: compiled here, never by a running process (a compile at first use starved every
+# heartbeat on the machine mid-traffic). Idempotent: returns at once when the library is built.
+build_kernels() {
+  "$VENV/bin/python" -m coel_model.kernels --build >&2 || { log "native kernel build failed"; exit 1; }
+}
+
 # Re-install only when the project's dependency list changed since the last run.
 want="$(sha256sum "$HERE/pyproject.toml" | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] && "$VENV/bin/python" -c "import torch, coel_model" 2>/dev/null; then
+  build_kernels
   log "up to date ($VENV)"
   exit 0
 fi
@@ -53,4 +60,5 @@ pip_install --upgrade pip setuptools wheel
 pip_install "torch==2.13.0"
 pip_install -e "$HERE[test]"
 echo "$want" > "$STAMP"
+build_kernels
 log "done: $("$VENV/bin/python" -c 'import torch,sys; print("python", sys.version.split()[0], "torch", torch.__version__)')"

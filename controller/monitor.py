@@ -3,8 +3,8 @@ reports. Everything here is pure (no sockets, no clocks: times are passed in), s
 threshold is unit-tested; controller/service.py runs the thin loop around it.
 
 The controller is never told what the testbed injected. It sees:
-  * heartbeats (agent/entry -> controller every heartbeat_s): silence for `liveness` intervals
-    = the peer is lost (a crash, or a link down that isolates it);
+  * heartbeats: who is alive is decided by controller.liveness (suspicion, direct and indirect
+    probes, adaptive per-peer deadlines), not here;
   * probes (controller -> agent, every probe_interval_s): a small PROBE gives the RTT and a
     quick PROBE with a small payload (quick_probe_bytes, echoed) a rough goodput, compared only
     with its own baseline (small payloads partly slip through the shaper in one burst, so their
@@ -38,8 +38,6 @@ from controller.cluster import Cluster
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    heartbeat_s: float = 0.2  # expected heartbeat period of agents and entries
-    liveness: int = 4  # missed heartbeats before a peer is declared lost (0.8 s at 0.2 s)
     probe_interval_s: float = 0.5  # one RTT + goodput probe per agent per interval
     probe_bytes: int = 32 * 1024  # full goodput probe payload (echoed back: 2x on the wire). It follows the
     #                               quick probe at once, which has drained the shaper's burst, so it is timed
@@ -67,8 +65,8 @@ class MonitorConfig:
     overload_beats: int = 15  # ... for this many consecutive heartbeats = overloaded
 
     def __post_init__(self) -> None:
-        if self.heartbeat_s <= 0 or self.liveness < 1 or self.probe_interval_s <= 0 or self.probe_timeout_s <= 0:
-            raise ConfigError("monitor: heartbeat_s, probe_interval_s, probe_timeout_s > 0 and liveness >= 1 required")
+        if self.probe_interval_s <= 0 or self.probe_timeout_s <= 0:
+            raise ConfigError("monitor: probe_interval_s and probe_timeout_s must be > 0")
         if not 0 < self.bw_drop_ratio < 1 or self.rtt_rise_ratio <= 1:
             raise ConfigError(f"monitor: need 0 < bw_drop_ratio < 1 (got {self.bw_drop_ratio}) and "
                               f"rtt_rise_ratio > 1 (got {self.rtt_rise_ratio})")
@@ -80,10 +78,6 @@ class MonitorConfig:
         if not 1 <= self.probe_confirm or self.probe_recheck_s <= 0 or self.probe_transfer_ms < 0:
             raise ConfigError(f"monitor: need probe_confirm >= 1 (got {self.probe_confirm}), probe_recheck_s > 0 "
                               f"(got {self.probe_recheck_s}) and probe_transfer_ms >= 0 (got {self.probe_transfer_ms})")
-
-    @property
-    def lost_after_s(self) -> float:
-        return self.heartbeat_s * self.liveness
 
     @property
     def history_len(self) -> int:
@@ -122,28 +116,6 @@ def goodput_mbit(rtt_small_ms: float, rtt_big_ms: float, payload_bytes: int, min
     """Goodput of a probe that carried payload_bytes each way: 2 x payload over the extra time."""
     extra_ms = max(rtt_big_ms - rtt_small_ms, min_transfer_ms)
     return 2 * payload_bytes * 8 / (extra_ms / 1e3) / 1e6
-
-
-def heartbeat_period_s(gaps_s: list[float], cfg: MonitorConfig) -> float:
-    """The period a peer actually heartbeats at: the median of its recent gaps, never below the
-    configured heartbeat_s (a peer started with a slower period is judged by its own pace, so it
-    is not declared lost by mistake; it is then detected more slowly)."""
-    if len(gaps_s) < 3:
-        return cfg.heartbeat_s
-    return max(cfg.heartbeat_s, statistics.median(gaps_s))
-
-
-def lost_peers(last_seen_ns: dict[str, int], alive: dict[str, bool], now_ns: int,
-               cfg: MonitorConfig, period_s: dict[str, float] | None = None) -> list[tuple[str, float]]:
-    """Peers currently alive whose last heartbeat is older than liveness x their heartbeat
-    period (default heartbeat_s), with their silence in seconds (sorted by name)."""
-    out = []
-    for name in sorted(last_seen_ns):
-        silent_s = (now_ns - last_seen_ns[name]) / 1e9
-        limit = cfg.liveness * (period_s or {}).get(name, cfg.heartbeat_s)
-        if alive.get(name, False) and silent_s > limit:
-            out.append((name, silent_s))
-    return out
 
 
 def probe_payload_bytes(st: ProbeState | None, nominal_mbit: float | None, cfg: MonitorConfig) -> int:

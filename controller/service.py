@@ -34,15 +34,17 @@ from typing import Any
 
 import zmq
 
-from nodes.background import ThreadedLoop
-
 from coel_model.errors import CoelError, ConfigError, InfeasibleError
+from controller import liveness as L
 from controller import monitor as M
+from controller.detector import Detector
+from controller.prober import Prober, SuspectProber
+from controller.registry import Registry
 from controller.deployer import (DeployConfig, DeployOutcome, Deployer, ShardSource, effective_plan,
                                  entry_compression, entry_holders, keep_set, transition_overflow)
 from nodes import protocol as P
-from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
-from nodes.transport import AgentClient, HeldInbox, NodeError, NodeTimeout, peer_address
+from nodes.security import load_keys, start_authenticator
+from nodes.transport import AgentClient, NodeError
 
 TICK_S = 0.05
 
@@ -65,6 +67,7 @@ class ControllerConfig:
     register_timeout_s: float = 120.0
     compression: bool = True  # send the negotiated token compression to entries (off = fp32 passthrough)
     monitor: M.MonitorConfig = field(default_factory=M.MonitorConfig)
+    liveness: L.LivenessConfig = field(default_factory=L.LivenessConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def __post_init__(self) -> None:
@@ -75,217 +78,6 @@ class ControllerConfig:
         for ep, flag in ((self.listen, "--listen"), (self.control, "--control")):
             if "://" not in ep:
                 raise ConfigError(f"{flag} {ep!r} must look like tcp://IP:PORT or ipc://PATH")
-
-
-@dataclass
-class Peer:
-    name: str
-    role: str  # "agent" | "entry"
-    endpoint: str
-    pid: int = 0
-    alive: bool = True
-    registered_ns: int = 0
-    last_seen_ns: int = 0
-    lost_ns: int = 0
-    stats: dict = field(default_factory=dict)
-    shards: list = field(default_factory=list)
-    cpu_hist: list = field(default_factory=list)
-    hb_gaps_s: list = field(default_factory=list)  # recent heartbeat inter-arrival times
-    registers: int = 0
-
-
-class Registry(ThreadedLoop):
-    """ROUTER thread: registrations and heartbeats. Shared state under `lock`; notable changes
-    (registered, rejoined) go to `notices` for the main thread."""
-
-    thread_name = "registry"
-
-    def __init__(self, listen: str, keys: KeyDir | None, ctx: zmq.Context, delay: Any = None):
-        self.listen, self.keys, self.ctx = listen, keys, ctx
-        self.inbox = HeldInbox(delay)
-        self.lock = threading.Lock()
-        self.peers: dict[tuple[str, str], Peer] = {}
-        self.notices: queue.Queue = queue.Queue()
-        super().__init__()
-
-    def _run(self) -> None:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        secure_server(sock, self.keys)
-        try:
-            try:
-                sock.bind(self.listen)
-            except zmq.ZMQError as exc:
-                self.error = ConfigError(f"controller: cannot bind --listen {self.listen}: {exc}")
-                return
-            finally:
-                self.ready.set()
-            while not self._stop.is_set():
-                if sock.poll(self.inbox.timeout_ms(50)):
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        ident = frames[0].bytes
-                        try:
-                            msg = P.decode(frames[1:])
-                        except P.ProtocolError as exc:
-                            self._send(sock, ident, P.error_frames(exc.req_id, P.ErrorCode.MALFORMED, exc.reason,
-                                                                   "controller"))
-                            continue
-                        if self.inbox.admit((ident, msg), peer_address(frames[0]) or msg.src, msg.sent_ns,
-                                            msg.nbytes):
-                            self._handle(sock, ident, msg)
-                for ident, msg in self.inbox.pop_ready():
-                    self._handle(sock, ident, msg)
-        finally:
-            sock.close(linger=0)
-
-    @staticmethod
-    def _send(sock: zmq.Socket, ident: bytes, frames: list) -> None:
-        try:
-            sock.send_multipart([ident] + frames, copy=False, flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-
-    def _handle(self, sock: zmq.Socket, ident: bytes, msg: P.Message) -> None:
-        now = time.monotonic_ns()
-        T = P.MsgType
-        if msg.type == T.REGISTER:
-            b = msg.body
-            role = "entry" if b.get("role") == "entry" else "agent"
-            key = (role, b["name"])
-            with self.lock:
-                old = self.peers.get(key)
-                p = Peer(b["name"], role, b["endpoint"], int(b.get("pid", 0)), True, now, now,
-                         shards=list(b.get("shards", [])), registers=(old.registers if old else 0) + 1)
-                self.peers[key] = p
-            self.notices.put(("registered" if old is None else "reregistered", role, b["name"],
-                              bool(old and not old.alive), now))
-            self._send(sock, ident, P.encode(T.OK, msg.req_id, {"registered": b["name"]}, src="controller"))
-        elif msg.type == T.HEARTBEAT:
-            name = msg.body.get("name") or msg.src
-            stats = msg.body.get("stats") or {}
-            role = "entry" if stats.get("role") == "entry" else "agent"
-            rejoined = False
-            with self.lock:
-                p = self.peers.get((role, name))
-                if p is not None:
-                    if p.alive and p.last_seen_ns:
-                        p.hb_gaps_s = (p.hb_gaps_s + [(now - p.last_seen_ns) / 1e9])[-9:]
-                    p.last_seen_ns = now
-                    p.stats = stats
-                    if "cpu_percent" in stats:
-                        p.cpu_hist = (p.cpu_hist + [float(stats["cpu_percent"])])[-64:]
-                    if not p.alive:
-                        p.alive, rejoined = True, True
-            if rejoined:
-                self.notices.put(("rejoined", role, name, True, now))
-            self._send(sock, ident, P.encode(T.HEARTBEAT, msg.req_id, {}, src="controller"))
-        else:
-            self._send(sock, ident, P.error_frames(msg.req_id, P.ErrorCode.UNSUPPORTED,
-                                                   f"the controller's --listen takes REGISTER/HEARTBEAT, not "
-                                                   f"{msg.type.name}", "controller"))
-
-    def snapshot(self) -> dict[tuple[str, str], Peer]:
-        with self.lock:
-            return {k: replace(v, stats=dict(v.stats), cpu_hist=list(v.cpu_hist)) for k, v in self.peers.items()}
-
-
-class Prober:
-    """Thread: adaptive probes to every live agent; results (name, t_ns, rtt_ms, full goodput or
-    None, error, quick goodput) go to `results`. Each round: RTT + a quick payload; a full
-    goodput payload follows only when `need_full(name, rtt, quick)` says so. Each agent has its
-    own due time: probe_interval_s after its last round, or only probe_recheck_s when
-    `suspect(name, rtt, goodput)` says the full sample looks changed (the confirmation of a
-    drop comes ~0.2 s later; nothing extra is sent while nothing changes)."""
-
-    def __init__(self, registry: Registry, keys: KeyDir | None, cfg: M.MonitorConfig, ctx: zmq.Context,
-                 delay_factory: Any, payload_for: Any = None, suspect: Any = None, need_full: Any = None):
-        self.registry, self.keys, self.cfg, self.ctx = registry, keys, cfg, ctx
-        self.delay_factory = delay_factory
-        self.payload_for = payload_for or (lambda name: None)  # agent -> goodput payload bytes
-        self.suspect = suspect or (lambda name, rtt, gp: False)  # agent, full sample -> re-probe soon?
-        self.need_full = need_full or (lambda name, rtt, quick: True)  # agent, quick sample -> full probe now?
-        self.bytes_sent = 0  # probe payload bytes sent (each is echoed back: 2x on the wire)
-        self.results: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self.paused = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "Prober":
-        self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def probe_once(self, client: AgentClient, payload_bytes: int | None = None) -> tuple[float, float]:
-        """(RTT ms, goodput Mbit/s) of one small and one payload-carrying PROBE."""
-        t0 = time.monotonic_ns()
-        client.call(P.MsgType.PROBE, {"echo": 1}, timeout_s=self.cfg.probe_timeout_s)
-        rtt = (time.monotonic_ns() - t0) / 1e6
-        return rtt, self.payload_once(client, rtt, payload_bytes)
-
-    def payload_once(self, client: AgentClient, rtt: float, payload_bytes: int | None = None) -> float:
-        """Goodput (Mbit/s) of one PROBE carrying payload_bytes each way, given the small RTT."""
-        import torch
-        nb = payload_bytes or self.cfg.probe_bytes
-        payload = torch.zeros(nb, dtype=torch.uint8)
-        self.bytes_sent += nb
-        t1 = time.monotonic_ns()
-        try:
-            client.call(P.MsgType.PROBE, {"echo": 2}, {"payload": payload}, timeout_s=self.cfg.probe_timeout_s)
-        except NodeTimeout:
-            # the agent answers small probes but not this payload in time: the path is at most this fast
-            # (recording it lets the window fill, so the next payload is sized down instead of timing out again)
-            return M.goodput_mbit(0.0, self.cfg.probe_timeout_s * 1e3, nb, self.cfg.min_transfer_ms)
-        t2 = time.monotonic_ns()
-        return M.goodput_mbit(rtt, (t2 - t1) / 1e6, nb, self.cfg.min_transfer_ms)
-
-    def _run(self) -> None:
-        clients: dict[str, AgentClient] = {}
-        due: dict[str, float] = {}  # agent -> monotonic time of its next probe
-        rechecks: dict[str, int] = {}  # agent -> quick re-probes in a row
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                peers = [p for p in self.registry.snapshot().values() if p.role == "agent" and p.alive
-                         and due.get(p.name, now) <= now]
-                if not peers or self.paused.is_set():
-                    self._stop.wait(0.01)
-                    continue
-                for p in sorted(peers, key=lambda p: due.get(p.name, now)):
-                    due[p.name] = time.monotonic() + self.cfg.probe_interval_s
-                    c = clients.get(p.name)
-                    if c is None or c.endpoint != p.endpoint:
-                        if c is not None:
-                            c.close()
-                        c = clients[p.name] = AgentClient(p.endpoint, self.keys, self.ctx, name="controller",
-                                                          delay=self.delay_factory())
-                    try:
-                        rtt, quick = self.probe_once(c, self.cfg.quick_probe_bytes)
-                        gp = None
-                        if rechecks.get(p.name, 0) or self.need_full(p.name, rtt, quick):
-                            gp = self.payload_once(c, rtt, self.payload_for(p.name))
-                        self.results.put((p.name, time.monotonic_ns(), rtt, gp, None, quick))
-                        # at most probe_window quick re-probes in a row: a link that keeps looking odd
-                        # without a verdict (hovering at a threshold) goes back to the normal pace
-                        if gp is not None and self.suspect(p.name, rtt, gp) and \
-                                rechecks.get(p.name, 0) < self.cfg.probe_window:
-                            rechecks[p.name] = rechecks.get(p.name, 0) + 1
-                            due[p.name] = time.monotonic() + self.cfg.probe_recheck_s
-                        else:
-                            rechecks[p.name] = 0
-                    except NodeError as exc:
-                        self.results.put((p.name, time.monotonic_ns(), None, None, str(exc), None))
-        finally:
-            for c in clients.values():
-                c.close()
 
 
 class Controller:
@@ -332,7 +124,9 @@ class Controller:
         self.source = ShardSource(self.model, group_size=self.profile.group_size)
         self.deployer = Deployer(self.source, self._agent_client, cfg.deploy, self.tracer,
                                  is_alive=self._agent_heard_recently)
-        self.registry = Registry(cfg.listen, self.keys, self.ctx, self.delay_factory())
+        self.registry = Registry(cfg.listen, self.keys, self.ctx, self.delay_factory(), cfg.liveness)
+        self.detector = Detector(self.registry, cfg.liveness, SuspectProber(self.keys, self.ctx, self.delay_factory),
+                                 self._event)
         self.nominal_mbit = self._nominal_rates()
         self.prober = Prober(self.registry, self.keys, cfg.monitor, self.ctx, self.delay_factory,
                              lambda name: M.probe_payload_bytes(self.probe_state.get(name), self.nominal_mbit.get(name),
@@ -416,14 +210,10 @@ class Controller:
         return out
 
     def _agent_heard_recently(self, server: str, role: str = "agent") -> bool:
-        """Alive and heard within the liveness window (the main loop may be busy deploying)."""
-        mc = self.cfg.monitor
+        """Alive and not even suspect right now (the detector runs while the main loop deploys)."""
         with self.registry.lock:
             p = self.registry.peers.get((role, server))
-            if p is None or not p.alive:
-                return False
-            limit = mc.liveness * M.heartbeat_period_s(p.hb_gaps_s, mc)
-            return (time.monotonic_ns() - p.last_seen_ns) / 1e9 <= limit
+            return p is not None and p.live.state == L.ALIVE
 
     def _alive(self, role: str = "agent") -> set[str]:
         with self.registry.lock:
@@ -482,7 +272,8 @@ class Controller:
         for (role, name), p in sorted(peers.items()):
             st = self.probe_state.get(name)
             d = {"alive": p.alive, "endpoint": p.endpoint, "pid": p.pid, "last_seen_s": round((now - p.last_seen_ns) / 1e9, 3),
-                 "registers": p.registers}
+                 "registers": p.registers, "liveness": p.live.state, "heartbeat_s": p.live.period_s,
+                 "lost_count": p.live.lost_count, "rejoin_count": p.live.rejoin_count}
             if role == "agent":
                 d.update(rtt_ms=round(st.rtt_ms[-1], 3) if st and st.rtt_ms else None,
                          goodput_mbit=round(st.goodput_mbit[-1], 2) if st and st.goodput_mbit else None,
@@ -537,7 +328,10 @@ class Controller:
             self._event("controller_failed", reason=str(exc))
             raise
         finally:
+            self.detector.stop()
+            self.detector.prober.stop()
             self.prober.stop()
+            self._event("detector", **dict(self.detector.stats))
             self._event("probe_bytes", payload_bytes=self.prober.bytes_sent, on_wire_bytes=2 * self.prober.bytes_sent)
             self.registry.stop()
             if self.api is not None:
@@ -702,42 +496,14 @@ class Controller:
         mc = self.cfg.monitor
         next_sched = time.monotonic() + self.cfg.replan_interval_s if self.cfg.replan_interval_s else math.inf
         pending: list[M.Trigger] = []
-        serving_ns = time.monotonic_ns()
         cores_of = {s.name: s.cpu_share * (os.cpu_count() or 1) for s in self.topo.servers}
+        self.detector.prober.start()
+        self.detector.start(time.monotonic_ns())
         while not self._stop.is_set():
             time.sleep(TICK_S)
             now = time.monotonic_ns()
-            # 1. liveness
-            with self.registry.lock:  # silence counts from serving on (start-up work is not silence)
-                last = {f"{r}:{n}": max(p.last_seen_ns, serving_ns) for (r, n), p in self.registry.peers.items()}
-                alive = {f"{r}:{n}": p.alive for (r, n), p in self.registry.peers.items()}
-                period = {f"{r}:{n}": M.heartbeat_period_s(p.hb_gaps_s, mc) for (r, n), p in self.registry.peers.items()}
-                lost = M.lost_peers(last, alive, now, mc, period)
-                for key, silent_s in lost:
-                    role, name = key.split(":", 1)
-                    p = self.registry.peers[(role, name)]
-                    p.alive, p.lost_ns = False, now
-            for key, silent_s in lost:
-                role, name = key.split(":", 1)
-                self._event(f"{role}_lost", name=name, silent_s=round(silent_s, 3))
-                if role == "agent":
-                    limit = mc.liveness * period[key]
-                    pending.append(M.Trigger("agent_lost", now, f"agent {name} silent for {silent_s:.2f} s "
-                                                                f"(> {limit:.2f} s)", name, silent_s))
-            # 2. registrations / rejoins
-            while True:
-                try:
-                    kind, role, name, was_lost, t_ns = self.registry.notices.get_nowait()
-                except queue.Empty:
-                    break
-                self._event(f"{role}_{kind}", t_ns, name=name)
-                if kind == "registered" and (t_ns < serving_ns or role == "agent"):
-                    continue  # registered before serving (already deployed to), or a new agent: no plan names it
-                if role == "entry":
-                    self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
-                elif was_lost or kind == "reregistered":
-                    self._resync_agent(name, kind)
-                    pending.append(M.Trigger("agent_rejoined", now, f"agent {name} {kind}", name))
+            # 1. liveness verdicts (controller.detector) and registrations
+            pending += self._liveness_triggers(now)
             for name in sorted(self.entries_behind):  # an entry that missed an update gets it once heard again
                 if self._agent_heard_recently(name, "entry"):
                     self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
@@ -807,6 +573,46 @@ class Controller:
                                     error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc(limit=4)[-1500:])
                 pending = []
 
+    def _liveness_triggers(self, now: int) -> list[M.Trigger]:
+        """The detector's verdicts and the registry's notices -> triggers (and resyncs, placements)."""
+        out: list[M.Trigger] = []
+        while True:
+            try:
+                verdict, role, name, t_ns, extra = self.detector.verdicts.get_nowait()
+            except queue.Empty:
+                break
+            if verdict == "lost" and role == "agent":
+                out.append(M.Trigger("agent_lost", t_ns, f"agent {name} silent for {extra:.2f} s and unreachable "
+                                                         f"by direct and indirect probes", name, extra))
+            elif verdict == "back" and role == "agent":
+                self._resync_agent(name)
+                out.append(M.Trigger("agent_rejoined", t_ns, f"agent {name} back (heard steadily"
+                                                             f"{', a restarted process' if extra else ''})", name))
+            elif verdict == "back":
+                self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
+        while True:
+            try:
+                kind, role, name, restarted, t_ns = self.registry.notices.get_nowait()
+            except queue.Empty:
+                break
+            if kind in ("refuted", "heard_again"):
+                self._event(f"{role}_{'heartbeat_resumed' if kind == 'refuted' else 'heard_again'}", t_ns, name=name)
+                continue
+            self._event(f"{role}_{kind}", t_ns, name=name, restarted=restarted)
+            with self.registry.lock:
+                p = self.registry.peers.get((role, name))
+                state = p.live.state if p is not None else L.LOST
+            if kind == "registered" or state not in (L.ALIVE, L.SUSPECT):
+                continue  # a new peer no plan names yet, or one on probation (the detector says when it is back)
+            if role == "entry":
+                self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
+            elif restarted:  # a crash and restart faster than detection: its shards are gone
+                with self.registry.lock:
+                    p.live.new_process = False
+                self._resync_agent(name)
+                out.append(M.Trigger("agent_rejoined", t_ns, f"agent {name} restarted (new process)", name))
+        return out
+
     def _compression_reason(self, ch: Any) -> str:
         """One line per re-negotiated pair: the route it was agreed on (measured) and the change,
         naming the degraded link as observed (probe goodput/RTT of its agent)."""
@@ -821,7 +627,7 @@ class Controller:
                 + (f": {'; '.join(seen)}" if seen else "") + f"); compression {ch.from_name or 'none in force'} -> "
                 f"{ch.to_name} (predicted request {ch.request_ms_before:.2f} -> {ch.request_ms_after:.2f} ms)")
 
-    def _resync_agent(self, name: str, kind: str) -> None:
+    def _resync_agent(self, name: str) -> None:
         """An agent that came back: believe only what it reports holding; drop what no plan names."""
         c = self._agent_client(name)
         try:
@@ -932,8 +738,15 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expect-entries", default="", help="comma-separated entry server names")
     p.add_argument("--static", action="store_true", help="keep the initial plan: monitor, never migrate")
     p.add_argument("--replan-interval-s", type=float, default=None, help="re-plan on this schedule too")
-    p.add_argument("--heartbeat-s", type=float, default=0.2, help="expected heartbeat period of agents/entries")
-    p.add_argument("--liveness", type=int, default=4, help="missed heartbeats before a peer is lost")
+    p.add_argument("--heartbeat-s", type=float, default=0.2,
+                   help="heartbeat period assumed for a peer whose REGISTER does not state one")
+    p.add_argument("--suspect-after-s", type=float, default=0.5,
+                   help="silence that always makes a peer suspect (earlier when its own gaps say so)")
+    p.add_argument("--suspect-probe-timeout-s", type=float, default=0.3,
+                   help="timeout of the direct and indirect probes of a suspect")
+    p.add_argument("--indirect-probes", type=int, default=2, help="other agents asked to probe a suspect")
+    p.add_argument("--rejoin-stable-s", type=float, default=0.6,
+                   help="a lost peer heard again is back after this long heard on time")
     p.add_argument("--probe-interval-s", type=float, default=0.5, help="RTT + goodput probe period per agent")
     p.add_argument("--probe-window", type=int, default=3, help="recent probes compared with the baseline "
                    "(delay changes, recoveries)")
@@ -956,7 +769,10 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     split = lambda s: tuple(x.strip() for x in (s or "").split(",") if x.strip())  # noqa: E731
-    mon = M.MonitorConfig(heartbeat_s=args.heartbeat_s, liveness=args.liveness, probe_interval_s=args.probe_interval_s,
+    live = L.LivenessConfig(default_period_s=args.heartbeat_s, max_suspect_s=args.suspect_after_s,
+                            probe_timeout_s=args.suspect_probe_timeout_s, indirect_probes=args.indirect_probes,
+                            rejoin_stable_s=args.rejoin_stable_s)
+    mon = M.MonitorConfig(probe_interval_s=args.probe_interval_s,
                           probe_bytes=args.probe_bytes, probe_window=args.probe_window,
                           probe_confirm=args.probe_confirm, probe_recheck_s=args.probe_recheck_s,
                           quick_probe_bytes=args.quick_probe_bytes,
@@ -967,7 +783,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
                             strategy=args.strategy, profile_path=args.profile, keys_dir=args.keys,
                             run_dir=args.run_dir, static=args.static, replan_interval_s=args.replan_interval_s,
                             trace_path=args.trace, register_timeout_s=args.register_timeout_s,
-                            compression=not args.no_compression, monitor=mon)
+                            compression=not args.no_compression, monitor=mon, liveness=live)
 
 
 def cmd_controller(args: argparse.Namespace) -> int:

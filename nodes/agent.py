@@ -2,9 +2,9 @@
 
 Division of labour: `ShardStore` owns the shards and the byte accounting (pure, no sockets);
 `Agent` owns the sockets: a ROUTER that serves every request (expert calls, shard loads, status,
-probes) and, when a controller is given, a DEALER that registers and heartbeats in zguide
-Paranoid-Pirate style (liveness counter, reconnect with backoff, re-register). One poll loop;
-concurrent EXPERT_CALLs for the same (layer, expert) that arrive together are run as one batch.
+probes) in one poll loop and, when a controller is given, the controller link (nodes.ctrllink: register,
+heartbeat and reconnect from its own thread, so compute and shard loads never delay a heartbeat),
+started only after a warm-up (kernels loaded, a first expert call made). Concurrent EXPERT_CALLs for the same (layer, expert) that arrive together are run as one batch.
 Bad input is answered with ERROR and never stops the loop.
 """
 from __future__ import annotations
@@ -32,9 +32,10 @@ from nodes.background import start_in_thread, stop_on_signals
 from coel_model.errors import ConfigError
 from nodes import protocol as P
 from nodes.cgroups import cgroup_limits
-from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
+from nodes.ctrllink import ControllerLink, LinkConfig
+from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
 from nodes.transport import (DelayHook, HeldInbox, decode_activations, encode_activations, peer_address,
-                             send_frames, split_envelope)
+                             split_envelope)
 
 MB = 1 << 20  # memory_mb is MiB: memory_bytes = memory_mb * 2**20
 _NP_FLOAT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}  # activation fast path
@@ -251,7 +252,8 @@ class Agent:
             self.tracer = TraceWriter(cfg.trace_path, self.name)
         self.auth = None
         self.router: zmq.Socket | None = None
-        self.ctrl: zmq.Socket | None = None
+        self.link: ControllerLink | None = None
+        self.warmup_ms = 0.0
 
     # ---------------- sockets ----------------
     def _bind(self) -> None:
@@ -268,23 +270,27 @@ class Agent:
             raise ConfigError(f"agent {self.name}: cannot bind {self.cfg.endpoint}: {exc}") from None
         self.router = r
 
-    def _connect_controller(self) -> None:
-        c = self.ctx.socket(zmq.DEALER)
-        c.linger = 0
-        secure_client(c, self.keys)
-        c.connect(self.cfg.controller)
-        self.ctrl = c
-        self._send_ctrl(P.encode(P.MsgType.REGISTER, 0, {
-            "name": self.name, "endpoint": self.cfg.endpoint,
-            "memory_budget_bytes": self.cfg.memory_budget_bytes, "threads": self.cfg.threads,
-            "shards": self.store.describe(), "pid": os.getpid()}, src=self.name))
-        self.counters["registers"] += 1
+    def _register_body(self) -> dict[str, Any]:
+        """What REGISTER carries (read from the link thread)."""
+        return {"endpoint": self.cfg.endpoint, "memory_budget_bytes": self.cfg.memory_budget_bytes,
+                "threads": self.cfg.threads, "shards": self.store.describe(), "pid": os.getpid(),
+                "warmup_ms": self.warmup_ms}
 
-    def _send_ctrl(self, frames: list[Any]) -> None:
-        try:
-            send_frames(self.ctrl, frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # controller unreachable: the liveness counter will notice
+    def _warm_up(self) -> None:
+        """Load the kernels and make a first expert call of each kind before registering, so the
+        first real call (and the controller's first probe) does not pay for lazy loading."""
+        t0 = time.monotonic_ns()
+        from coel_model import kernels, quant
+        kernels.status()  # loads the built library (never compiles: see coel_model.kernels)
+        g = torch.Generator().manual_seed(0)
+        d, hid = 64, 128
+        w = [torch.randn(hid, d, generator=g), torch.randn(hid, d, generator=g), torch.randn(d, hid, generator=g)]
+        x = torch.randn(2, d, generator=g)
+        with torch.inference_mode():
+            HalfExpert(*(t.half() for t in w), self.cfg.fp16_kernel)(x)
+            spec = quant.QuantSpec(bits=4, group_size=64)
+            quant.QuantizedExpert(spec, d, hid, *(quant.QuantizedLinear.from_float(t, spec) for t in w))(x)
+        self.warmup_ms = round((time.monotonic_ns() - t0) / 1e6, 1)
 
     # ---------------- main loop ----------------
     def stop(self) -> None:
@@ -295,14 +301,22 @@ class Agent:
             self._bind()
             # everything alive now (torch, modules, shards) lives for the whole run: keep it out of
             # the cyclic collector, whose full passes over it stalled random expert calls for ms
+            self._warm_up()
             gc.freeze()
+            if self.cfg.controller:  # registered only once warm: the controller plans with ready agents only
+                self.link = ControllerLink(LinkConfig(self.cfg.controller, self.name, self.cfg.heartbeat_interval_s),
+                                           self.keys, self.ctx, self._register_body, self.stats,
+                                           lambda: self.delay).start()
             self.ready.set()
             with torch.inference_mode():  # once for the loop: a context per call costs ~5 us
                 self._loop()
         finally:
-            for s in (self.router, self.ctrl):
-                if s is not None:
-                    s.close(linger=0)
+            if self.link is not None:
+                self.link.stop()
+                self.counters.update({k: v for k, v in self.link.counters.items()
+                                      if k in ("registers", "heartbeats", "reconnects")})
+            if self.router is not None:
+                self.router.close(linger=0)
             if self.auth is not None:
                 self.auth.stop()
             if self.tracer is not None:
@@ -311,51 +325,17 @@ class Agent:
                 self.ctx.term()
 
     def _loop(self) -> None:
-        interval = self.cfg.heartbeat_interval_s
-        liveness = P.HEARTBEAT_LIVENESS
-        backoff = P.RECONNECT_INITIAL_S
-        next_hb = time.monotonic()
-        reconnect_at = time.monotonic() if self.cfg.controller else None
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         while not self._stop.is_set():
-            now = time.monotonic()
-            if reconnect_at is not None and now >= reconnect_at:
-                if self.ctrl is not None:
-                    poller.unregister(self.ctrl)
-                    self.ctrl.close(linger=0)
-                self._connect_controller()
-                poller.register(self.ctrl, zmq.POLLIN)
-                reconnect_at, liveness, next_hb = None, P.HEARTBEAT_LIVENESS, now + interval
-            timeout_ms = 100.0
-            if self.ctrl is not None:
-                timeout_ms = min(timeout_ms, max(0.0, (next_hb - now) * 1e3))
-            if reconnect_at is not None:
-                timeout_ms = min(timeout_ms, max(0.0, (reconnect_at - now) * 1e3))
             batch: list[_Pending] = []
-            for sock, _ in poller.poll(self.inbox.timeout_ms(timeout_ms)):
+            for sock, _ in poller.poll(self.inbox.timeout_ms(100.0)):
                 if sock is self.router:
                     self._drain_router(batch)
-                elif sock is self.ctrl:
-                    liveness = P.HEARTBEAT_LIVENESS
-                    backoff = P.RECONNECT_INITIAL_S
-                    self._drain_ctrl(batch)
             if len(self.inbox):
                 batch.extend(self.inbox.pop_ready())
             if batch:
                 self._process(batch)
-            now = time.monotonic()
-            if self.ctrl is not None and reconnect_at is None and now >= next_hb:
-                liveness -= 1
-                if liveness <= 0:  # Paranoid Pirate: controller silent for LIVENESS intervals
-                    self.counters["reconnects"] += 1
-                    reconnect_at = now + backoff
-                    backoff = min(backoff * 2, P.RECONNECT_MAX_S)
-                else:
-                    self._send_ctrl(P.encode(P.MsgType.HEARTBEAT, 0, {"name": self.name, "stats": self.stats()},
-                                             src=self.name))
-                    self.counters["heartbeats"] += 1
-                next_hb = now + interval
 
     def _drain_router(self, batch: list[_Pending], max_msgs: int = 256) -> None:
         r = self.router
@@ -381,15 +361,6 @@ class Agent:
             except zmq.ZMQError:
                 self.counters["reply_dropped"] += 1
         return reply
-
-    def _drain_ctrl(self, batch: list[_Pending]) -> None:
-        while True:
-            try:
-                frames = self.ctrl.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._admit(frames, self._send_ctrl, time.monotonic_ns(), lambda: peer_address(frames[0]), batch,
-                        from_controller=True)
 
     def _admit(self, frames: list[Any], reply, t_recv: int, peer, batch: list[_Pending],
                from_controller: bool = False) -> None:
@@ -589,7 +560,8 @@ class Agent:
         return {"name": self.name, "endpoint": self.cfg.endpoint, "protocol": P.PROTOCOL_VERSION,
                 "pid": os.getpid(), "threads": self.cfg.threads,
                 "memory_budget_bytes": self.store.budget_bytes, "memory_used_bytes": self.store.used_bytes,
-                "shards": self.store.describe(), "stats": self.stats(), "counters": dict(self.counters),
+                "shards": self.store.describe(), "stats": self.stats(),
+                "counters": {**self.counters, **(self.link.counters if self.link is not None else {})},
                 "held_messages": len(self.inbox)}
 
 

@@ -3,8 +3,9 @@
 Division of labour: the `Coordinator` (nodes.coordinator) runs the backbone and scatters expert
 work to the agents of the current placement; this module owns the sockets around it. One ROUTER
 serves clients (GENERATE -> a TOKEN per generated token, then DONE, or one ERROR) and the
-controller (PLACEMENT, STATUS, PROBE, SHUTDOWN); a DEALER registers with the controller and
-heartbeats (Paranoid Pirate, like the agent). A small pool of worker threads, each with its own
+controller (PLACEMENT, STATUS, PROBE, SHUTDOWN); the controller link (nodes.ctrllink, shared with
+the agent: register, heartbeat and reconnect from its own thread) starts once the service is warm
+and bound. A small pool of worker threads, each with its own
 Coordinator (own sockets, own trace id) sharing one read-only model, runs the requests; their
 replies reach the ROUTER through an inproc PUSH/PULL pair, so only the loop thread touches it.
 
@@ -35,7 +36,7 @@ from nodes.background import start_in_thread, stop_on_signals
 from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
 from nodes.serving import GenerationRequest, RequestCancelled, TokenSink
-from nodes.security import KeyDir, load_keys, secure_client, secure_server, start_authenticator
+from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
 from nodes.transport import DelayHook, HeldInbox, peer_address, split_envelope
 
 STOP_JOB = None  # sentinel in the work queue
@@ -241,7 +242,9 @@ class EntryService:
                 self.jobs.put(STOP_JOB)
             for th in workers:
                 th.join(5)
-            for s in (router, pull, getattr(self, "_ctrl", None)):
+            if getattr(self, "_link", None) is not None:
+                self._link.stop()
+            for s in (router, pull):
                 if s is not None:
                     s.close(linger=0)
             if auth is not None:
@@ -252,17 +255,19 @@ class EntryService:
             if self._own_ctx:
                 self.ctx.term()
 
-    def _connect_controller(self) -> zmq.Socket:
-        c = self.ctx.socket(zmq.DEALER)
-        c.linger = 0
-        secure_client(c, self.keys)
-        c.connect(self.cfg.controller)
-        self._send_nb(c, P.encode(P.MsgType.REGISTER, 0, {
-            "name": self.cfg.name, "endpoint": self.cfg.listen, "memory_budget_bytes": 0,
-            "pid": os.getpid(), "role": "entry", "workers": self.cfg.workers,
-            "placement_version": self.routing_version()}, src=self.cfg.name))
-        self.counters["registers"] += 1
-        return c
+    def _register_body(self) -> dict[str, Any]:
+        """What REGISTER carries (read from the link thread)."""
+        return {"endpoint": self.cfg.listen, "memory_budget_bytes": 0, "pid": os.getpid(), "role": "entry",
+                "workers": self.cfg.workers, "placement_version": self.routing_version()}
+
+    def _start_link(self) -> None:
+        """Warm up (kernels loaded: never compiled here, see coel_model.kernels), then register."""
+        from coel_model import kernels
+        from nodes.ctrllink import ControllerLink, LinkConfig
+        kernels.status()
+        self._link = ControllerLink(LinkConfig(self.cfg.controller, self.cfg.name, self.cfg.heartbeat_s,
+                                               self.cfg.liveness), self.keys, self.ctx, self._register_body,
+                                    self.stats, self.delay_factory).start()
 
     @staticmethod
     def _send_nb(sock: zmq.Socket, frames: list[Any]) -> None:
@@ -272,20 +277,13 @@ class EntryService:
             pass  # peer unreachable: the liveness counter notices
 
     def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
-        interval = self.cfg.heartbeat_s
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
-        ctrl = None
-        liveness = self.cfg.liveness
-        next_hb = time.monotonic() + interval
         if self.cfg.controller:
-            ctrl = self._ctrl = self._connect_controller()
-            poller.register(ctrl, zmq.POLLIN)
+            self._start_link()
         while not self._stop.is_set():
-            now = time.monotonic()
-            timeout_ms = min(100.0, max(0.0, (next_hb - now) * 1e3)) if ctrl is not None else 100.0
-            events = dict(poller.poll(self.inbox.timeout_ms(timeout_ms)))
+            events = dict(poller.poll(self.inbox.timeout_ms(100.0)))
             if events.get(pull):
                 while True:
                     try:
@@ -297,27 +295,6 @@ class EntryService:
                 self._drain_router(router)
             for ident, envelope, msg in self.inbox.pop_ready():
                 self._handle(router, envelope, msg)
-            if ctrl is not None and events.get(ctrl):
-                while True:
-                    try:
-                        ctrl.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    liveness = self.cfg.liveness
-            now = time.monotonic()
-            if ctrl is not None and now >= next_hb:
-                liveness -= 1
-                if liveness <= 0:  # controller silent: reconnect and register again
-                    poller.unregister(ctrl)
-                    ctrl.close(linger=0)
-                    ctrl = self._ctrl = self._connect_controller()
-                    poller.register(ctrl, zmq.POLLIN)
-                    liveness = self.cfg.liveness
-                    self.counters["reconnects"] += 1
-                else:
-                    self._send_nb(ctrl, P.encode(P.MsgType.HEARTBEAT, 0, {"name": self.cfg.name,
-                                                                          "stats": self.stats()}, src=self.cfg.name))
-                next_hb = now + interval
 
     def _drain_router(self, router: zmq.Socket, max_msgs: int = 256) -> None:
         for _ in range(max_msgs):

@@ -41,11 +41,11 @@ MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB of tensor data (a large shard batch)
 MAX_TOKENS_PER_CALL = 1 << 16
 MAX_STR_CHARS = 4096
 
-# ---- timing constants (zguide Paranoid Pirate) ----
-HEARTBEAT_INTERVAL_S = 1.0  # agent -> controller heartbeat period
-HEARTBEAT_LIVENESS = 3  # missed controller replies before the agent reconnects
-RECONNECT_INITIAL_S = 1.0
-RECONNECT_MAX_S = 16.0
+# ---- timing constants (the controller link, nodes/ctrllink.py) ----
+HEARTBEAT_INTERVAL_S = 0.2  # agent/entry -> controller heartbeat period (told to the controller in REGISTER)
+HEARTBEAT_LIVENESS = 3  # heartbeat periods without any controller reply before the link reconnects
+RECONNECT_INITIAL_S = 0.25  # reconnect backoff: short and capped low, so a server whose link came
+RECONNECT_MAX_S = 1.0  # back re-registers within about a second (zguide's 16 s cap kept it away)
 
 # messages smaller than this are copied by pyzmq anyway; larger frames go zero-copy
 ZERO_COPY_MIN_BYTES = 64 * 1024
@@ -75,6 +75,8 @@ class MsgType(enum.IntEnum):
     DONE = 15  # entry -> client: the request finished {"new_tokens", "prompt_tokens", ...}
     PLACEMENT = 16  # controller -> entry: expert holders + per-endpoint compression; reply OK
     CONTROL = 17  # control API request {"op", "args"}; reply OK {"result"} or ERROR
+    PROBE_PEER = 18  # controller -> agent (over its controller link): probe {"target"} endpoint for me (SWIM
+    #                  indirect probe); the agent replies PROBE_PEER {"target", "reached", "rtt_ms", "error"}
 
 
 class ErrorCode(str, enum.Enum):
@@ -116,7 +118,8 @@ _OPT_MAP = (dict, type(None))
 
 BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.REGISTER: {"name": (_STR, True), "endpoint": (_STR, True), "memory_budget_bytes": (_INT, True),
-                       "threads": (_INT, False), "shards": (_LIST, False), "pid": (_INT, False)},
+                       "threads": (_INT, False), "shards": (_LIST, False), "pid": (_INT, False),
+                       "heartbeat_s": (_NUM, False), "warmup_ms": (_NUM, False)},
     MsgType.HEARTBEAT: {"name": (_STR, False), "stats": (_MAP, False)},
     MsgType.LOAD_SHARD: {"shards": (_LIST, True), "replace": ((bool,), False)},
     MsgType.UNLOAD_SHARD: {"shards": (_LIST, True)},
@@ -138,6 +141,8 @@ BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.DONE: {"new_tokens": (_INT, True), "prompt_tokens": (_INT, True)},
     MsgType.PLACEMENT: {"version": (_INT, True), "holders": (_LIST, True), "compression": (_MAP, False)},
     MsgType.CONTROL: {"op": (_STR, True), "args": (_OPT_MAP, False)},
+    MsgType.PROBE_PEER: {"target": (_STR, True), "timeout_ms": (_NUM, False), "reached": ((bool,), False),
+                         "rtt_ms": ((int, float, type(None)), False), "error": (_STR, False)},
 }
 # types whose bodies may carry extra keys (replies with free-form status data)
 OPEN_BODIES = {MsgType.STATUS, MsgType.OK, MsgType.HEARTBEAT, MsgType.REGISTER, MsgType.DONE}
@@ -396,6 +401,11 @@ def _validate_body(mtype: MsgType, body: dict, tensors: dict[str, tuple[str, tup
         for ep, c in (body.get("compression") or {}).items():
             if not isinstance(c, dict):
                 raise ProtocolError(f"PLACEMENT compression[{ep!r}] must be a map", req_id)
+    elif mtype == MsgType.PROBE_PEER:
+        if "://" not in body["target"] or len(body["target"]) > MAX_NAME_CHARS:
+            raise ProtocolError(f"PROBE_PEER: target {body['target'][:40]!r} must be an endpoint tcp://IP:PORT", req_id)
+        if not 0 < body.get("timeout_ms", 1) <= 10_000:
+            raise ProtocolError("PROBE_PEER: timeout_ms must be in (0, 10000]", req_id)
     elif mtype == MsgType.CONTROL:
         if body["op"] not in CONTROL_OPS:
             raise ProtocolError(f"CONTROL: unknown op {body['op'][:40]!r}; valid: {list(CONTROL_OPS)}", req_id)

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from controller import monitor as M
-from controller import service as svc
+from controller import prober as svc
+from controller.registry import Peer
 from coel_model.errors import ConfigError
 
 CFG = M.MonitorConfig(probe_window=3, baseline_probes=3, probe_confirm=2)
@@ -91,7 +92,7 @@ def test_quick_probe_asks_for_a_full_probe_only_when_it_looks_changed():
 
 class _FakeRegistry:
     def __init__(self, names):
-        self.peers = {("agent", n): svc.Peer(n, "agent", f"tcp://fake/{n}") for n in names}
+        self.peers = {("agent", n): Peer(n, "agent", f"tcp://fake/{n}") for n in names}
 
     def snapshot(self):
         return dict(self.peers)

@@ -1,8 +1,13 @@
 """Dequantizing matmuls for the packed expert format (see coel_model/quant.py).
 
-Native path: qmatmul.cpp (AVX2 + FMA + F16C, OpenMP), compiled with the system g++ on first
-use into a cache dir (COEL_KERNEL_CACHE, default ~/.cache/coel/kernels) under a name that hashes
-the source and flags, and loaded with ctypes (a plain C ABI: no torch headers, ~4 s to build).
+Native path: qmatmul.cpp (AVX2 + FMA + F16C, OpenMP), compiled with the system g++ by the installer
+(`python -m coel_model.kernels --build`, run by install.sh; idempotent) into a cache dir
+(COEL_KERNEL_CACHE, default ~/.cache/coel/kernels) under a name that hashes the source and flags,
+and loaded with ctypes (a plain C ABI: no torch headers, ~4 s to build). A running process never
+compiles: a compile takes seconds of both cores, and when it happened at first use it starved the
+heartbeats of every process on the machine mid-traffic (issue 12). A process that finds no built
+library uses the torch fallback and its status() says so (COEL_KERNELS_BUILD=1 allows the build at
+first use, for development outside the testbed).
 It shares torch's OpenMP runtime (libgomp.so.1 is already loaded by torch).
   small batches: fused unpack + dequant + dot over the packed weight (read once per 8 rows of
       x), K-blocked so the slice of x stays in L1; AVX-512 variant where the CPU has it; a whole
@@ -72,12 +77,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COEL_KERNEL_CACHE") or Path.home() / ".cache" / "coel" / "kernels")
 
 
-def _build(cxx: str) -> Path:
+def library_path(cxx: str) -> Path:
+    """Where the library for this source, these flags and this compiler lives (built or not)."""
     src = SOURCE.read_bytes()
     flags = build_flags()
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     tag = hashlib.sha256(src + " ".join(flags + ver).encode()).hexdigest()[:16]
-    out = cache_dir() / f"qmatmul-{tag}.so"
+    return cache_dir() / f"qmatmul-{tag}.so"
+
+
+def _build(cxx: str) -> Path:
+    out = library_path(cxx)
+    flags = build_flags()
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,8 +105,23 @@ def _build(cxx: str) -> Path:
     return out
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build() -> Path:
+    """Compile the native library into the cache unless it is there (the installer's step); raises
+    RuntimeError naming what is missing (no compiler, CPU without AVX2, compile error)."""
+    cxx = _compiler()
+    reason = _cpu_ok() or (None if cxx else "no C++ compiler (g++) on PATH")
+    if reason:
+        raise RuntimeError(reason)
+    return _build(cxx)
+
+
 def _load() -> ctypes.CDLL | None:
-    """Build (once, cached) and load the native library; None (with _status saying why) if not."""
+    """Load the built native library (built at first use only with COEL_KERNELS_BUILD=1); None
+    (with _status saying why) if not."""
     global _lib, _status
     if _status != "not loaded":
         return _lib
@@ -106,9 +132,14 @@ def _load() -> ctypes.CDLL | None:
         if os.environ.get("COEL_KERNELS", "").lower() in ("off", "0", "torch", "fallback"):
             reason = "disabled by COEL_KERNELS"
         reason = reason or _cpu_ok()
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        cxx = _compiler()
         if reason is None and not cxx:
             reason = "no C++ compiler (g++) on PATH"
+        if reason is None:
+            path = library_path(cxx)
+            if not path.exists() and os.environ.get("COEL_KERNELS_BUILD", "") not in ("1", "yes", "on"):
+                reason = (f"native library not built ({path} missing; run `python -m coel_model.kernels "
+                          f"--build`, which install.sh does)")
         if reason is None:
             try:
                 lib = ctypes.CDLL(str(_build(cxx)))
