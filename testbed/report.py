@@ -101,8 +101,12 @@ def time_origin(trace: Trace) -> int:
     return next((e["t_ns"] for e in trace.events if e["event"] == "traffic_start"), trace.t0_ns)
 
 
-CONTROLLER_REACTIONS = ("agent_lost", "entry_lost", "link_degraded", "link_recovered", "agent_reregistered",
-                        "agent_registered", "overload")
+CONTROLLER_REACTIONS = ("agent_lost", "entry_lost", "link_degraded", "link_recovered", "agent_rejoined",
+                        "entry_rejoined", "overload")
+LOST_VERDICTS = ("agent_lost", "entry_lost")
+BACK_VERDICTS = ("agent_rejoined", "entry_rejoined")
+STAYED_BACK_S = 10.0  # a server is "back" when it stayed back this long
+ISOLATION_GRACE_S = 2.0  # a lost verdict within this long after an isolation ended still has that cause
 
 
 def fault_targets(attrs: dict[str, Any]) -> set[str]:
@@ -177,6 +181,97 @@ def fault_responses(trace: Trace, reqs: list[dict[str, Any]], window_s: float = 
     return out
 
 
+def isolation_intervals(faults: list[dict[str, Any]], topo: Any, end_ns: int) -> dict[str, list[list[int]]]:
+    """Per server, the [start, end] times (ns) during which the injected faults cut it off from the
+    controller: its process crashed, or no path of up links joins them (link_down ... link_up).
+    Pure: `faults` are the runner's fault events, `topo` the run's topology."""
+    from topologies.paths import shortest_paths_from
+    ctl = topo.controller.name
+    down: set[frozenset] = {frozenset((ln.a, ln.b)) for ln in topo.links if not ln.up}
+    crashed: set[str] = set()
+    out: dict[str, list[list[int]]] = {}
+    cut: set[str] = set()
+
+    def recompute(t: int) -> None:
+        nonlocal cut
+        t2 = topo
+        for ln in topo.links:
+            if frozenset((ln.a, ln.b)) in down:
+                t2 = t2.with_link(ln.a, ln.b, up=False)
+            elif not ln.up:
+                t2 = t2.with_link(ln.a, ln.b, up=True)
+        reach = shortest_paths_from(t2, ctl)
+        now = {s.name for s in topo.servers if s.name not in reach or s.name in crashed}
+        for s in now - cut:
+            out.setdefault(s, []).append([t, end_ns])
+        for s in cut - now:
+            out[s][-1][1] = t
+        cut = now
+
+    for f in sorted(faults, key=lambda e: e["t_ns"]):
+        a, t = f["attrs"], f["t_ns"]
+        link = a.get("link")
+        key = frozenset(link.split("-") if isinstance(link, str) else link) if link else None
+        if a.get("kind") == "link_down" and key:
+            down.add(key)
+        elif a.get("kind") in ("link_up", "restore") and key:
+            down.discard(key)
+        elif a.get("kind") == "server_crash" and a.get("server") and a.get("process") in (None, "all", "agent"):
+            crashed.add(a["server"])
+        elif a.get("kind") == "server_restart" and a.get("server"):
+            crashed.discard(a["server"])
+        else:
+            continue
+        recompute(t)
+    return out
+
+
+def liveness_audit(trace: Trace, topo: Any, t0_ns: int) -> dict[str, Any]:
+    """Every lost/rejoined verdict of the controller checked against what the testbed injected:
+    spurious = a lost verdict for a server no injected fault cut off (at the time, or within
+    ISOLATION_GRACE_S after); flaps = a lost verdict after that server's rejoin with no new
+    isolation in between (lost/rejoined cycles); back_s per isolation = its end -> the rejoin
+    verdict, counted only when the server then stayed back STAYED_BACK_S (else None)."""
+    faults = [e for e in fault_events(trace) if e["attrs"].get("ok", True)]
+    end_ns = max([e["t_ns"] for e in trace.events] or [t0_ns])
+    iso = isolation_intervals(faults, topo, end_ns) if topo is not None else {}
+    verdicts = sorted((e for e in trace.events if e["event"] in LOST_VERDICTS + BACK_VERDICTS),
+                      key=lambda e: e["t_ns"])
+    grace = int(ISOLATION_GRACE_S * 1e9)
+    spurious, flaps, lost_list = [], [], []
+    last_back: dict[str, int] = {}
+    for e in verdicts:
+        name, t = e["attrs"].get("name"), e["t_ns"]
+        if e["event"] in BACK_VERDICTS:
+            last_back[name] = t
+            continue
+        spans = iso.get(name, [])
+        caused = any(a <= t <= b + grace for a, b in spans)
+        rec = {"t_s": round((t - t0_ns) / 1e9, 3), "server": name, "event": e["event"], "caused": caused}
+        lost_list.append(rec)
+        if not caused:
+            spurious.append(rec)
+        if name in last_back and not any(last_back[name] < a <= t for a, _ in spans):
+            flaps.append(rec)
+    backs = []
+    for name, spans in sorted(iso.items()):
+        for a, b in spans:
+            if b >= end_ns:
+                continue  # still cut off when the run ended
+            rj = next((e for e in verdicts if e["event"] in BACK_VERDICTS and e["attrs"].get("name") == name
+                       and e["t_ns"] >= b), None)
+            relapse = rj is not None and any(e["event"] in LOST_VERDICTS and e["attrs"].get("name") == name
+                                             and rj["t_ns"] < e["t_ns"] <= rj["t_ns"] + int(STAYED_BACK_S * 1e9)
+                                             for e in verdicts)
+            stayed = rj is not None and not relapse and rj["t_ns"] + int(STAYED_BACK_S * 1e9) <= end_ns
+            backs.append({"server": name, "isolated_t_s": round((a - t0_ns) / 1e9, 3),
+                          "restored_t_s": round((b - t0_ns) / 1e9, 3),
+                          "back_s": round((rj["t_ns"] - b) / 1e9, 3) if stayed else None,
+                          "stayed_back": stayed})
+    return {"spurious_detections": len(spurious), "flaps": len(flaps), "lost_verdicts": lost_list,
+            "spurious": spurious, "flap_list": flaps, "back": backs}
+
+
 def link_bytes(trace: Trace) -> dict[str, float]:
     """Bytes carried per link over the run, from the `link_bytes:<link>` interface counters."""
     first: dict[str, float] = {}
@@ -226,6 +321,7 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
                                                 "detect_s_controller", "replan_s", "migrate_s", "bytes_moved",
                                                 "recovery_s", "actions", "action_kinds", "reasons")})
     per_link = link_bytes(trace)
+    audit = liveness_audit(trace, _run_topology(meta), t0)
     # the controller's own links carry probes, heartbeats and shard loads, not tokens
     ctl_hosts = {e["host"] for e in trace.events if e["event"] in ("controller_start", "serving")}
     return {
@@ -246,7 +342,22 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
         "faults": [{"t_s": (e["t_ns"] - t0) / 1e9, **e["attrs"]} for e in fault_events(trace)],
         "redeployments": redeploys,
         "fault_responses": responses,
+        "spurious_detections": audit["spurious_detections"],
+        "flaps": audit["flaps"],
+        "liveness": audit,
     }
+
+
+def _run_topology(meta: dict[str, Any]) -> Any:
+    """The run's topology (for the liveness audit), None when the run folder does not name one."""
+    src = meta.get("topology_source") or meta.get("topology")
+    if not src:
+        return None
+    from topologies import load_topology
+    try:
+        return load_topology(src)
+    except Exception:  # a moved or edited topology file: the audit then knows no isolation (all lost = spurious)
+        return None
 
 
 def write_csv(trace: Trace, path: Path) -> None:
@@ -391,6 +502,13 @@ def summary_table(summary: dict[str, Any]) -> str:
             continue  # start-up and noise re-plans are in summary.json; the table shows the faults'
         lines.append(f"  re-deployment: trigger={r['trigger']} fault={r.get('fault')} detect={_fmt2(r['detect_s'])}s "
                      f"replan={_fmt2(r['replan_s'])}s moved={r['bytes_moved']}B recovery={_fmt2(r['recovery_s'])}s")
+    if "spurious_detections" in summary:
+        backs = ", ".join(f"{b['server']} back {_fmt2(b['back_s'])}s after restore"
+                          + ("" if b["stayed_back"] else " (did not stay back 10 s)")
+                          for b in summary.get("liveness", {}).get("back", []))
+        lines.append(f"liveness: {len(summary['liveness']['lost_verdicts'])} lost verdicts, "
+                     f"{summary['spurious_detections']} spurious, {summary['flaps']} flaps"
+                     + (f"; {backs}" if backs else ""))
     for f in summary.get("fault_responses", []):
         how = f" ({f.get('trigger')}, {f.get('bytes_moved')} B moved)" if f["redeployed"] else ""
         lines.append(f"fault {f['kind']} {f['target']} at {f['t_s']:.1f}s: detected {_fmt2(f['detect_s'])}s "
