@@ -7,6 +7,7 @@ import pytest
 from controller import liveness as L
 from coel_model.errors import ConfigError
 
+pytestmark = pytest.mark.unit
 S = 1_000_000_000
 CFG = L.LivenessConfig()
 

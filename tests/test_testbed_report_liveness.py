@@ -1,10 +1,13 @@
 """The report's liveness audit: spurious detections, flaps and stable rejoins, from synthetic traces."""
 from __future__ import annotations
 
+import pytest
+
 from testbed.report import isolation_intervals, liveness_audit
 from testbed.traces import TraceWriter, merge
 from topologies import load_topology
 
+pytestmark = pytest.mark.unit
 S = 1_000_000_000
 
 
