@@ -280,12 +280,13 @@ def load_balance_loss(routings: list[Routing], n_experts: int) -> torch.Tensor:
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, routed_experts: bool = True):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        # without routed experts (a pipeline stage's backbone) the executor must supply them
         self.experts = nn.ModuleList(SwiGLUExpert(cfg.d_model, cfg.expert_hidden)
-                                     for _ in range(cfg.n_experts))
+                                     for _ in range(cfg.n_experts if routed_experts else 0))
         self.shared_expert = SwiGLUExpert(cfg.d_model, cfg.shared_hidden) if cfg.shared_hidden else None
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.shared_hidden and cfg.shared_expert_gate else None)
@@ -315,12 +316,21 @@ class MoEBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, routed_experts: bool = True):
         super().__init__()
         self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.moe = MoEBlock(cfg)
+        self.moe = MoEBlock(cfg, routed_experts)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, cache: KVCache | None,
+                executor: ExpertExecutor | None, obs: ForwardObserver | None) -> torch.Tensor:
+        """One pre-norm block on hidden states (B, T, d): attention, then the MoE, each residual."""
+        x = x + self.attn(self.input_norm(x), cos, sin, layer, cache)
+        x = x + self.moe(self.post_attn_norm(x), layer, executor, obs)
+        if obs is not None:
+            obs.layer_done(layer)
+        return x
 
 
 class MoEModel(nn.Module):
@@ -352,33 +362,40 @@ class MoEModel(nn.Module):
                 executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab); appends to `cache` when given.
 
-        The only transformer forward: the executor decides where experts run (in place by
-        default, on other servers for the coordinator), the observer sees each seam.
+        The only transformer forward (the whole model is one slice): the executor decides where
+        experts run (in place by default, on other servers for the coordinator), the observer
+        sees each seam.
+        """
+        return self.forward_slice(tokens, 0, self.cfg.n_layers, cache, executor, observer)
+
+    def forward_slice(self, x: torch.Tensor, l0: int, l1: int, cache: KVCache | None = None,
+                      executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
+        """Layers [l0, l1) as one pipeline stage; advances `cache` when given.
+
+        x: token ids (B, T) when l0 == 0 (embedded here), else hidden states (B, T, d).
+        Returns logits (B, T, vocab) when l1 == n_layers, else hidden states (B, T, d).
         """
         obs = as_observer(observer)
         if obs is not None:
-            obs.begin(tokens.numel())
-        x = self.embed(tokens)  # (B, T, d)
-        x = self.run_layers(x, 0, self.cfg.n_layers, cache, executor, obs)
+            obs.begin(x.shape[0] * x.shape[1])
+        if l0 == 0:
+            x = self.embed(x)  # (B, T, d)
+        x = self.run_layers(x, l0, l1, cache, executor, obs)
         if cache is not None:
-            cache.length += tokens.shape[1]
-        return self.head(x, obs)
+            cache.length += x.shape[1]
+        return self.head(x, obs) if l1 == self.cfg.n_layers else x
 
     def run_layers(self, x: torch.Tensor, l0: int, l1: int, cache: KVCache | None = None,
                    executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
         """Hidden states (B, T, d) through layers [l0, l1) at positions cache.length.. (0 without
-        a cache); a pipeline stage runs its slice with this. Does not advance the cache."""
+        a cache). Does not advance the cache."""
         obs = as_observer(observer)
         T = x.shape[1]
         start = cache.length if cache is not None else 0
         cos = self.rope_cos[start:start + T]
         sin = self.rope_sin[start:start + T]
         for i in range(l0, l1):
-            layer = self.layers[i]
-            x = x + layer.attn(layer.input_norm(x), cos, sin, i, cache)
-            x = x + layer.moe(layer.post_attn_norm(x), i, executor, obs)
-            if obs is not None:
-                obs.layer_done(i)
+            x = self.layers[i](x, cos, sin, i, cache, executor, obs)
         return x
 
     def head(self, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
@@ -393,6 +410,67 @@ class MoEModel(nn.Module):
         """Bytes held by all routed experts, as stored in memory (packed if quantized)."""
         return sum(int(getattr(self.expert(l, e), "nbytes"))
                    for l in range(self.cfg.n_layers) for e in range(self.cfg.n_experts))
+
+
+class _LayerSlice(nn.ModuleDict):
+    """Some of a model's decoder layers, indexed by their layer number (state-dict names unchanged)."""
+
+    def __getitem__(self, i: int | str) -> nn.Module:
+        return super().__getitem__(str(i))
+
+
+class BackboneSlice(MoEModel):
+    """The backbone of layers [l0, l1) as one pipeline stage holds it: attention (its KV cache is
+    the caller's), norms, routers and shared experts, with the embedding on the first slice and
+    the final norm + lm_head on the last; no routed experts (the executor supplies them).
+    Parameter names are the full model's, so a slice loads from `slice_state(model, l0, l1)`."""
+
+    def __init__(self, cfg: MoEConfig, l0: int, l1: int):
+        if not 0 <= l0 < l1 <= cfg.n_layers:
+            raise ValueError(f"stage layers [{l0}, {l1}) are not a slice of {cfg.n_layers} layers")
+        nn.Module.__init__(self)
+        self.cfg, self.l0, self.l1 = cfg, l0, l1
+        self.layers = _LayerSlice({str(i): DecoderLayer(cfg, routed_experts=False) for i in range(l0, l1)})
+        if l0 == 0:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if l1 == cfg.n_layers:
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings and l0 == 0:
+                self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.hd, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, executor: ExpertExecutor | None = None,
+                observer: Observer | None = None) -> torch.Tensor:
+        """This stage's part of MoEModel.forward (see forward_slice for what x and the result are)."""
+        return self.forward_slice(x, self.l0, self.l1, cache, executor, observer)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch=1, max_len=max_len, layers=range(self.l0, self.l1))
+
+    def nbytes(self) -> int:
+        """Bytes of the weights this slice holds (tied weights once)."""
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def slice_state(model: MoEModel, l0: int, l1: int) -> dict[str, torch.Tensor]:
+    """The tensors of `model` a BackboneSlice(l0, l1) loads (no routed experts), by parameter name."""
+    n = model.cfg.n_layers
+    out = {}
+    for name, t in model.state_dict().items():
+        parts = name.split(".")
+        if parts[0] == "layers":
+            i = int(parts[1])
+            if not l0 <= i < l1 or (parts[2] == "moe" and parts[3] == "experts"):
+                continue
+        elif parts[0] == "embed" and l0 != 0:
+            continue
+        elif parts[0] in ("norm", "lm_head") and l1 != n:
+            continue
+        out[name] = t
+    return out
 
 
 def init_weights(model: MoEModel, seed: int = 0) -> None:
