@@ -217,6 +217,43 @@ def _cmd_run(args) -> int:
     return 0 if res.outcome == "completed" and not res.error else 1
 
 
+def _register_deploy(sub) -> None:
+    p = sub.add_parser("deploy", help="run the controller, agents, entries and clients on real hosts over SSH",
+                       description="No Mininet: start every process of the runtime contract over SSH at the "
+                       "addresses of an inventory file (testbed/inventory.py), with CURVE keys made for the run, "
+                       "cgroup limits where root, the scenario's events, and the same run folder and report as "
+                       "`coel run`. --dry-run prints what would run where and starts nothing.")
+    p.add_argument("inventory", help="inventory YAML (hosts: address, user, key, roles, limits, root)")
+    p.add_argument("--scenario", default=None, help="scenario YAML for duration, workload and events "
+                   "(its topology is replaced by the inventory's)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run where; start nothing")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_deploy)
+
+
+def _cmd_deploy(args) -> int:
+    from coel_model.errors import ConfigError
+    from testbed.deploy import deploy_scenario
+    from testbed.inventory import load_inventory
+    from testbed.report import summary_table
+    from testbed.scenario import load_scenario
+    if not args.model:
+        raise ConfigError("coel deploy needs --model DIR (the checkpoint folder, present at the same "
+                          "path on every host, or inside the checkout)")
+    inv = load_inventory(args.inventory)
+    sc = load_scenario(args.scenario) if args.scenario else None
+    res = deploy_scenario(inv, args.model, sc, _run_options(args), dry_run=args.dry_run)
+    if isinstance(res, str):
+        print(res)
+        return 0
+    if res.summary is not None:
+        print(summary_table(res.summary))
+    if res.outcome != "completed" or res.error:
+        print(f"deploy {res.outcome}{': ' + res.error if res.error else ''}", file=sys.stderr)
+    print(res.run_dir, flush=True)
+    return 0 if res.outcome == "completed" and not res.error else 1
+
+
 _INJECT_VALUES = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "cpu_share", "memory_mb", "slo_ttft_ms",
                   "slo_tpot_ms")  # numeric event fields, given as --bw-mbit etc.
 
@@ -290,7 +327,7 @@ def _cmd_report(args) -> int:
 
 
 REGISTRARS = [_register_clean, _register_topo, _register_net, _register_run, _register_demo, _register_inject,
-              _register_report]
+              _register_report, _register_deploy]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
