@@ -765,6 +765,8 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--register-timeout-s", type=float, default=120.0)
     p.add_argument("--trace", default=None, help="append events/spans (JSONL)")
     p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus GET /metrics here "
+                   "(controller/metrics.py)")
 
 
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:
@@ -795,7 +797,13 @@ def cmd_controller(args: argparse.Namespace) -> int:
     ctl = Controller(cfg, lambda: delay_hook_from_env(args.delay_file))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: ctl.stop())
-    return ctl.run()
+    from controller.metrics import MetricsExporter
+    exporter = MetricsExporter(ctl, args.metrics) if args.metrics else None
+    try:
+        return ctl.run()
+    finally:
+        if exporter is not None:
+            exporter.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

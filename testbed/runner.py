@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONTROLLER_PORT = 7000
 AGENT_PORT = 7100
 ENTRY_PORT = 7200
-ENTRY_HTTP_PORT = 8000  # every entry's OpenAI-compatible API and /metrics (nodes/http_front.py)
+HTTP_PORT = 8000  # each entry: OpenAI-compatible API + /metrics (nodes/http_front.py); controller: /metrics
 LINK_SAMPLE_S = 0.5
 STATUS_POLL_S = 1.0
 IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes
@@ -298,6 +298,8 @@ class Runner:
             args += ["--replan-interval-s", str(self.sc.replan_interval_s)]
         if self.opt.no_compression:
             args.append("--no-compression")
+        args += ["--metrics", f"{self.net.ip(ctl)}:{HTTP_PORT}"]
+        self.meta["metrics"] = {ctl: f"http://{self.net.ip(ctl)}:{HTTP_PORT}/metrics"}
         args += list(self.opt.extra_controller_args)
         self._launch(self._add(ctl, "controller", self._py("controller.service", *args)))
         for s in self.topo.servers:
@@ -313,8 +315,9 @@ class Runner:
                 "nodes.entry", "--name", e, "--listen", f"tcp://{ip}:{ENTRY_PORT}", "--controller", ctl_ep,
                 "--model", str(self.model_dir), "--keys", keys, "--trace", str(raw / f"{e}-entry.jsonl"),
                 "--heartbeat-s", str(self.opt.heartbeat_s), "--call-timeout-s", str(self.opt.entry_call_timeout_s),
-                "--delay-file", str(self.net.delay_file(e)), "--http", f"{ip}:{ENTRY_HTTP_PORT}")))
-        self.meta["http_api"] = {e: f"http://{self.net.ip(e)}:{ENTRY_HTTP_PORT}/v1" for e in self.entries}
+                "--delay-file", str(self.net.delay_file(e)), "--http", f"{ip}:{HTTP_PORT}")))
+        self.meta["http_api"] = {e: f"http://{self.net.ip(e)}:{HTTP_PORT}/v1" for e in self.entries}
+        self.meta["metrics"].update({e: f"http://{self.net.ip(e)}:{HTTP_PORT}/metrics" for e in self.entries})
 
     def _wait_serving(self) -> dict[str, Any]:
         from controller.api import ControlClient, ControlError
@@ -366,7 +369,7 @@ class Runner:
             rate = wl.rate_rps * w.rate_scale
             if w.api == "openai":
                 module, target = "nodes.http_client", ["--base-url",
-                                                       f"http://{self.net.ip(c.entry)}:{ENTRY_HTTP_PORT}/v1"]
+                                                       f"http://{self.net.ip(c.entry)}:{HTTP_PORT}/v1"]
             else:
                 module, target = "nodes.client", ["--entry", f"tcp://{self.net.ip(c.entry)}:{ENTRY_PORT}",
                                                   "--keys", str(self.run_dir / "keys")]

@@ -70,11 +70,12 @@ def test_http_clients_run_replays_a_trace_with_no_loss(tmp_path):
             if pids:
                 time.sleep(5.0)
                 meta = json.loads((pids[0].parent / "meta.json").read_text())
-                url = meta["http_api"]["s1"][:-len("/v1")] + "/metrics"
-                code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
-                r = subprocess.run(["mnexec", "-a", str(meta["shell_pids"]["u1"]), sys.executable, "-c", code],
-                                   capture_output=True, text=True, timeout=30)
-                scraped["rc"], scraped["out"], scraped["err"] = r.returncode, r.stdout, r.stderr[-2000:]
+                for who in ("s1", "ctl"):  # the entry's and the controller's /metrics, from the user host
+                    url = meta["metrics"][who]
+                    code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+                    r = subprocess.run(["mnexec", "-a", str(meta["shell_pids"]["u1"]), sys.executable, "-c", code],
+                                       capture_output=True, text=True, timeout=30)
+                    scraped[who] = (r.returncode, r.stdout, r.stderr[-2000:])
                 return
             time.sleep(0.2)
 
@@ -95,10 +96,41 @@ def test_http_clients_run_replays_a_trace_with_no_loss(tmp_path):
         reqs = [r for r in spans if r.get("span") == "request"]
         assert len(reqs) == 10 and all(r["attrs"]["api"] == "openai" and r["attrs"]["ok"] for r in reqs)
         assert sorted(r["attrs"]["prompt_tokens"] for r in reqs) == list(range(12, 22))
-        assert scraped.get("rc") == 0, scraped
+        assert scraped.get("s1", (1,))[0] == 0 and scraped.get("ctl", (1,))[0] == 0, scraped
         m = {(x.name, tuple(sorted(x.labels.items()))): x.value
-             for fam in text_string_to_metric_families(scraped["out"]) for x in fam.samples}
+             for who in ("s1", "ctl") for fam in text_string_to_metric_families(scraped[who][1]) for x in fam.samples}
         assert m[("coel_generation_tokens_total", (("api", "http"),))] > 0
         assert m[("coel_placement_version", ())] >= 1
+        assert m[("coel_controller_state", (("state", "serving"),))] == 1
+        assert m[("coel_peer_up", (("name", "s2"), ("role", "agent")))] == 1
     finally:
         assert_clean(run_dir)
+
+
+@pytest.mark.unit
+def test_controller_metrics_render_status_and_redeployments():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from controller.metrics import ControllerCollector
+    status = {"state": "serving", "placement_version": 3, "replans": 4,
+              "agents": {"e2": {"alive": True, "rtt_ms": 2.5, "baseline_rtt_ms": 2.0, "goodput_mbit": 80.0,
+                                "baseline_goodput_mbit": 95.0, "memory_used_bytes": 1000, "shards": 8},
+                         "e3": {"alive": False}},
+              "entries": {"e4": {"alive": True, "served": 12, "failed": 0}}}
+    recs = [{"trigger": "agent_lost", "detect_s": 0.7, "replan_s": 0.05, "migrate_s": 1.2, "bytes_moved": 4096},
+            {"trigger": "link_degraded", "detect_s": None, "replan_s": 0.04, "migrate_s": 0.3, "bytes_moved": 0}]
+    reg = CollectorRegistry()
+    reg.register(ControllerCollector(lambda: status, lambda: recs))
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for fam in text_string_to_metric_families(generate_latest(reg).decode()) for s in fam.samples}
+    assert m[("coel_controller_state", (("state", "serving"),))] == 1
+    assert m[("coel_controller_placement_version", ())] == 3
+    assert m[("coel_controller_redeployments_total", (("trigger", "agent_lost"),))] == 1
+    assert m[("coel_controller_migrated_bytes_total", ())] == 4096
+    assert m[("coel_controller_detection_seconds_count", ())] == 1
+    assert m[("coel_controller_migration_seconds_bucket", (("le", "0.5"),))] == 1
+    assert m[("coel_probe_rtt_seconds", (("agent", "e2"),))] == pytest.approx(0.0025)
+    assert m[("coel_probe_goodput_bits_per_second", (("agent", "e2"),))] == 80e6
+    assert m[("coel_peer_up", (("name", "e3"), ("role", "agent")))] == 0
+    assert m[("coel_entry_served_total", (("entry", "e4"),))] == 12
