@@ -142,10 +142,11 @@ class ShardStore:
         self.budget_bytes = budget_bytes
         self.fp16_kernel = fp16_kernel
         self.shards: dict[tuple[int, int], Shard] = {}
+        self.backbone_bytes = 0  # a pipeline stage's backbone slice (nodes.pipeline.StageServer)
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.nbytes for s in self.shards.values())
+        return self.backbone_bytes + sum(s.nbytes for s in self.shards.values())
 
     def load(self, descs: list[dict], tensors: dict[str, torch.Tensor],
              replace: bool = True) -> list[tuple[int, int]]:
@@ -254,6 +255,7 @@ class Agent:
         self.router: zmq.Socket | None = None
         self.link: ControllerLink | None = None
         self.warmup_ms = 0.0
+        self.stage = None  # nodes.pipeline.StageServer once a LOAD_STAGE or STAGE_STEP arrives
 
     # ---------------- sockets ----------------
     def _bind(self) -> None:
@@ -311,6 +313,8 @@ class Agent:
             with torch.inference_mode():  # once for the loop: a context per call costs ~5 us
                 self._loop()
         finally:
+            if self.stage is not None:
+                self.stage.stop()
             if self.link is not None:
                 self.link.stop()
                 self.counters.update({k: v for k, v in self.link.counters.items()
@@ -438,8 +442,33 @@ class Agent:
         elif m.type == T.SHUTDOWN:
             self._ok(it)
             self._stop.set()
+        elif m.type in (T.LOAD_STAGE, T.STAGE_STEP, T.STAGE_RELEASE):
+            self._handle_stage(it)
         else:
             raise ShardError(P.ErrorCode.UNSUPPORTED, f"{m.type.name} is not a request an agent serves")
+
+    def _handle_stage(self, it: _Pending) -> None:
+        """The stage role (nodes.pipeline): steps run in the stage's thread, not in this loop."""
+        m, T = it.msg, P.MsgType
+        if self.stage is None:
+            from nodes.pipeline import StageServer
+            self.stage = StageServer(self.name, self.cfg.endpoint, self.store, self.keys, self.ctx, self.delay,
+                                     self.tracer)
+        if m.type == T.STAGE_STEP:
+            self.stage.submit(m, it.t_recv_ns)  # no reply: the last stage answers the entry
+        elif m.type == T.STAGE_RELEASE:
+            self.stage.release(list(m.body["requests"]))
+        else:
+            t0 = time.monotonic_ns()
+            try:
+                info = self.stage.load(m.body, m.tensors)
+            except OverflowError as exc:
+                raise ShardError(P.ErrorCode.OVER_BUDGET, str(exc)) from None
+            except (ConfigError, ValueError, KeyError, TypeError) as exc:
+                raise ShardError(P.ErrorCode.BAD_SHARD, f"LOAD_STAGE: {exc}") from None
+            self.counters["stage_loads"] += 1
+            self._ok(it, {**info, "memory_budget_bytes": self.store.budget_bytes,
+                          "load_ns": time.monotonic_ns() - t0})
 
     def _set_delays(self, delays_ms: dict[str, float]) -> None:
         """In-band path delays (peer IP -> one-way ms); a later change of the delay file wins."""
@@ -554,6 +583,7 @@ class Agent:
                 "available_bytes": psutil.virtual_memory().available, "load1": os.getloadavg()[0],
                 "memory_used_bytes": self.store.used_bytes, "memory_budget_bytes": self.store.budget_bytes,
                 "shards": len(self.store.shards), "expert_calls": self.counters["expert_calls"],
+                "backbone_bytes": self.store.backbone_bytes, **({"stage": self.stage.stats()} if self.stage else {}),
                 "t_ns": time.monotonic_ns(), **cgroup_limits()}  # cgroup: the controller sees squeezes
 
     def status(self) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def load_plan_placement(path: str | Path, endpoints: list[str]) -> tuple[dict, d
         rows = plan["placement"]
         placement, bits = {}, {}
         if rows and isinstance(rows[0], list):  # controller Plan: placement[l][e] = [server, ...]
-            servers = sorted({srv for row in rows for reps in row for srv in reps})
+            servers = _plan_servers(plan)
             if len(servers) > len(endpoints):
                 raise ConfigError(f"{path}: the plan places experts on {len(servers)} servers {servers}, "
                                   f"but only {len(endpoints)} agents run (use --agents {len(servers)})")
@@ -167,6 +167,54 @@ def load_plan_placement(path: str | Path, endpoints: list[str]) -> tuple[dict, d
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{path}: not a usable plan ({type(exc).__name__}: {exc})") from None
+
+
+def _plan_servers(plan: dict) -> list[str]:
+    """A controller Plan's servers (expert holders and stage servers), in the sorted order that
+    maps them to agents 0, 1, ..."""
+    names = {srv for row in plan["placement"] for reps in row for srv in reps}
+    names |= {st["server"] for stages in (plan.get("backbone") or {}).values() for st in stages}
+    return sorted(names)
+
+
+def load_plan_stages(path: str | Path, endpoints: list[str]) -> list[tuple[str, int, int]]:
+    """A controller Plan's pipeline as [(endpoint, l0, l1), ...] (the first entry's stages, agents
+    mapped as in load_plan_placement); [] when it has no pipeline (one stage or none)."""
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+        backbone = plan.get("backbone") or {}
+        if not backbone or not plan["placement"] or not isinstance(plan["placement"][0], list):
+            return []
+        stages = backbone[sorted(backbone)[0]]
+        if len(stages) < 2:
+            return []
+        ep_of = dict(zip(_plan_servers(plan), endpoints))
+        out = [(ep_of[st["server"]], int(st["layers"][0]), int(st["layers"][1])) for st in stages]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ConfigError(f"{path}: not a usable plan backbone ({type(exc).__name__}: {exc})") from None
+    n_layers = len(plan["placement"])
+    bounds = [(l0, l1) for _, l0, l1 in out]
+    if bounds[0][0] != 0 or bounds[-1][1] != n_layers or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        raise ConfigError(f"{path}: backbone stages {bounds} do not cover layers [0, {n_layers}) in order")
+    return out
+
+
+def stage_message(model: MoEModel, l0: int, l1: int, placement: dict, kv_cache_bytes: int,
+                  compression: dict | None = None) -> tuple[dict, dict]:
+    """LOAD_STAGE body + tensors: the backbone slice [l0, l1) and the holders of its experts."""
+    from coel_model.model import slice_state
+    holders = [[l, e, list(placement[(l, e)])] for l in range(l0, l1) for e in range(model.cfg.n_experts)]
+    body = {"l0": l0, "l1": l1, "config": model.cfg.to_dict(), "holders": holders, "kv_cache_bytes": kv_cache_bytes}
+    if compression:
+        body["compression"] = compression
+    return body, {k: v.detach().contiguous() for k, v in slice_state(model, l0, l1).items()}
+
+
+def kv_cache_bound(model: MoEModel, l0: int, l1: int, requests: int = 8) -> int:
+    """A stage's KV-cache bound: `requests` caches of max_seq_len tokens for its layers."""
+    c = model.cfg
+    return requests * 2 * (l1 - l0) * c.n_kv_heads * c.max_seq_len * c.hd * 4
 
 
 def shard_message(model: MoEModel, keys: list[tuple[int, int]], bits: dict | int) -> tuple[dict, dict]:
@@ -263,19 +311,27 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
         else:
             placement0, bits = round_robin_placement(mc.n_layers, mc.n_experts, names, cfg.replicas), {}
         bits_of = {k: bits.get(k, cfg.bits) for k in placement0}
+        stages0 = load_plan_stages(cfg.plan_path, names) if cfg.plan_path else []
         need = {n: 0 for n in names}
         for key, eps in placement0.items():
             _, ts = shard_message(model, [key], bits_of[key])
             nb = sum(t.numel() * t.element_size() for t in ts.values())
             for ep in eps:
                 need[ep] += nb
+        for ep, l0, l1 in stages0:  # each stage's backbone counts against its agent's budget
+            need[ep] += sum(t.numel() * t.element_size() for t in stage_message(model, l0, l1, placement0, 0)[1].values())
         mems = [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
         with LocalCluster(cfg.n_agents, mems, keys_dir, threads=cfg.threads) as cluster:
             rename = dict(zip(names, cluster.endpoints))
             placement = {k: [rename[e] for e in eps] for k, eps in placement0.items()}
             t0 = time.perf_counter()
             deployed = deploy_experts(model, cluster, placement, bits_of)
+            if stages0:
+                stages = [(rename[ep], l0, l1) for ep, l0, l1 in stages0]
+                deployed.update(deploy_stages(model, cluster, stages, placement, compression))
             deploy_s = time.perf_counter() - t0
+            if stages0:
+                return _serve_pipeline(cfg, model, cluster, stages, prompt, tok, deployed, deploy_s, compression)
             coord = Coordinator(model, placement, cluster.keys,
                                 CoordinatorConfig(call_timeout_s=cfg.call_timeout_s, trace_path=cfg.trace_out,
                                                   name="serve-local"),
@@ -299,6 +355,69 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
             "bytes_sent": coord.bytes_sent, "bytes_received": coord.bytes_received,
             "expert_calls": coord.calls, "failovers": coord.failovers,
             "deploy_bytes": sum(deployed.values()), "deploy_s": round(deploy_s, 3),
+            "agents": cfg.n_agents, "secure": cfg.secure, "compression": compression}
+
+
+def deploy_stages(model: MoEModel, cluster: LocalCluster, stages: list[tuple[str, int, int]], placement: dict,
+                  compression: dict | None = None, timeout_s: float = 30.0) -> dict[str, int]:
+    """LOAD_STAGE each backbone slice to its agent; bytes sent per stage endpoint."""
+    by_ep = {c.endpoint: c for c in cluster.clients}
+    sent = {}
+    for ep, l0, l1 in stages:
+        body, tensors = stage_message(model, l0, l1, placement, kv_cache_bound(model, l0, l1),
+                                      {e: compression for e in cluster.endpoints} if compression else None)
+        by_ep[ep].call(P.MsgType.LOAD_STAGE, body, tensors, timeout_s=timeout_s)
+        sent[f"stage {ep}[{l0}:{l1}]"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    return sent
+
+
+def _serve_pipeline(cfg: ServeLocalConfig, model: MoEModel, cluster: LocalCluster, stages: list[tuple[str, int, int]],
+                    prompt: list[int], tok: Any, deployed: dict, deploy_s: float, compression: dict | None) -> dict:
+    """serve-local for a plan whose backbone runs in stages: this process keeps the request and
+    sampling state and sends each step to the first stage (nodes.pipeline)."""
+    import zmq
+
+    from coel_model.generate import generate
+    from nodes.pipeline import StageClient
+    from nodes.security import start_authenticator
+    from nodes.stage import Pipeline
+    ctx = zmq.Context()
+    auth = start_authenticator(ctx, cluster.keys) if cluster.keys is not None else None
+    tracer = None
+    if cfg.trace_out:
+        from testbed.traces import TraceWriter
+        tracer = TraceWriter(cfg.trace_out, "serve-local")
+    client = StageClient(stages, cluster.keys, ctx, "127.0.0.1", timeout_s=max(cfg.call_timeout_s, 10.0),
+                         name="serve-local", tracer=tracer)
+    client.trace_id = "serve-local"
+    pipe = Pipeline(model.cfg, client.send)
+    del model  # this process holds no backbone: the stages do
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        stamps: list[int] = []
+        t_start = time.perf_counter_ns()
+        out = generate(pipe, prompt, cfg.max_new_tokens, on_token=lambda s, t: stamps.append(time.perf_counter_ns()))
+        client.release(pipe.finished())
+        status = [c.call(P.MsgType.STATUS, timeout_s=5.0).body for c in cluster.clients]
+    finally:
+        client.close()
+        if tracer is not None:
+            tracer.close()
+        if auth is not None:
+            auth.stop()
+        ctx.term()
+        torch.set_num_threads(threads_before)
+    prefill_ms = (stamps[0] - t_start) / 1e6 if stamps else 0.0
+    decode_ms = (stamps[-1] - stamps[0]) / 1e6 / (len(stamps) - 1) if len(stamps) > 1 else prefill_ms
+    stage_stats = {st["endpoint"]: st["stats"].get("stage") for st in status if st["stats"].get("stage")}
+    return {"tokens": out, "text": tok.decode(out) if tok is not None else None, "prompt_tokens": prompt,
+            "ms_per_token": round(decode_ms, 3), "prefill_ms": round(prefill_ms, 3),
+            "stages": [f"{ep}[{l0}:{l1}]" for ep, l0, l1 in stages], "stage_steps": client.steps,
+            "replays": pipe.replays, "stage_stats": stage_stats, "bytes_sent": client.bytes_sent,
+            "expert_calls": sum(st["counters"].get("expert_calls", 0) for st in status), "failovers": 0,
+            "deploy_bytes": sum(deployed.values()), "deploy_s": round(deploy_s, 3),
+            "memory_used_bytes": {st["endpoint"]: st["memory_used_bytes"] for st in status},
             "agents": cfg.n_agents, "secure": cfg.secure, "compression": compression}
 
 

@@ -77,6 +77,12 @@ class MsgType(enum.IntEnum):
     CONTROL = 17  # control API request {"op", "args"}; reply OK {"result"} or ERROR
     PROBE_PEER = 18  # controller -> agent (over its controller link): probe {"target"} endpoint for me (SWIM
     #                  indirect probe); the agent replies PROBE_PEER {"target", "reached", "rtt_ms", "error"}
+    # pipeline stages (nodes.stage): the hidden state hops one way from stage to stage
+    LOAD_STAGE = 30  # -> agent: the backbone slice of layers [l0, l1) (tensors by parameter name); reply OK
+    STAGE_STEP = 31  # -> stage: one step of a request (tensor "x": ids or hidden state); no reply: the
+    #                  last stage sends STAGE_RESULT (or ERROR) to the body's reply_to endpoint
+    STAGE_RESULT = 32  # last stage -> entry: tensor "logits" (1, vocab) of the step's last position
+    STAGE_RELEASE = 33  # -> stage: drop the KV caches of finished requests {"requests": [...]}; reply OK
 
 
 class ErrorCode(str, enum.Enum):
@@ -88,6 +94,7 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "internal"  # the handler raised; the agent keeps serving
     UNAVAILABLE = "unavailable"  # a request could not finish in its bounded time (no expert holder answered)
     BUSY = "busy"  # the receiver is not ready (e.g. an entry without a placement yet)
+    STAGE_CACHE = "stage_cache"  # a stage holds no KV cache of the request at that position: replay it
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -143,6 +150,13 @@ BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.CONTROL: {"op": (_STR, True), "args": (_OPT_MAP, False)},
     MsgType.PROBE_PEER: {"target": (_STR, True), "timeout_ms": (_NUM, False), "reached": ((bool,), False),
                          "rtt_ms": ((int, float, type(None)), False), "error": (_STR, False)},
+    MsgType.LOAD_STAGE: {"l0": (_INT, True), "l1": (_INT, True), "config": (_MAP, True),
+                         "holders": (_LIST, True), "kv_cache_bytes": (_INT, True), "compression": (_MAP, False)},
+    MsgType.STAGE_STEP: {"request": (_STR, True), "pos": (_INT, True), "max_len": (_INT, True),
+                         "l0": (_INT, True), "route": (_LIST, True), "reply_to": (_STR, True),
+                         "reply_id": (_INT, True), "hops": (_LIST, False)},
+    MsgType.STAGE_RESULT: {"request": (_STR, True), "hops": (_LIST, True)},
+    MsgType.STAGE_RELEASE: {"requests": (_LIST, True)},
 }
 # types whose bodies may carry extra keys (replies with free-form status data)
 OPEN_BODIES = {MsgType.STATUS, MsgType.OK, MsgType.HEARTBEAT, MsgType.REGISTER, MsgType.DONE}
@@ -406,6 +420,38 @@ def _validate_body(mtype: MsgType, body: dict, tensors: dict[str, tuple[str, tup
             raise ProtocolError(f"PROBE_PEER: target {body['target'][:40]!r} must be an endpoint tcp://IP:PORT", req_id)
         if not 0 < body.get("timeout_ms", 1) <= 10_000:
             raise ProtocolError("PROBE_PEER: timeout_ms must be in (0, 10000]", req_id)
+    elif mtype == MsgType.LOAD_STAGE:
+        if not 0 <= body["l0"] < body["l1"] <= 1 << 20 or body["kv_cache_bytes"] < 0:
+            raise ProtocolError(f"LOAD_STAGE: need 0 <= l0 < l1 and kv_cache_bytes >= 0 (got l0={body['l0']}, "
+                                f"l1={body['l1']}, kv_cache_bytes={body['kv_cache_bytes']})", req_id)
+        for i, h in enumerate(body["holders"]):
+            if not (isinstance(h, list) and len(h) == 3 and all(type(v) is int and 0 <= v < 1 << 20 for v in h[:2])
+                    and isinstance(h[2], list) and h[2] and all(isinstance(ep, str) for ep in h[2])):
+                raise ProtocolError(f"LOAD_STAGE holders[{i}] must be [layer, expert, [endpoint, ...]]", req_id)
+    elif mtype == MsgType.STAGE_STEP:
+        if "x" not in tensors:
+            raise ProtocolError("STAGE_STEP carries no tensor 'x'", req_id)
+        dt, shape = tensors["x"]
+        ids = dt in ("int32", "int64") and len(shape) == 2
+        hidden = dt in FLOAT_DTYPES and len(shape) == 3
+        if not (ids or hidden) or shape[0] != 1 or not 1 <= shape[1] <= MAX_TOKENS_PER_CALL:
+            raise ProtocolError(f"STAGE_STEP: tensor 'x' must be ids (1, T) int or a hidden state (1, T, d) float "
+                                f"with 1 <= T <= {MAX_TOKENS_PER_CALL}, got {dt} {list(shape)}", req_id)
+        if not 0 <= body["pos"] < body["max_len"] <= 1 << 24 or body["pos"] + shape[1] > body["max_len"]:
+            raise ProtocolError(f"STAGE_STEP: pos {body['pos']} + {shape[1]} tokens must fit max_len "
+                                f"{body['max_len']}", req_id)
+        if "://" not in body["reply_to"] or len(body["request"]) > MAX_NAME_CHARS:
+            raise ProtocolError("STAGE_STEP: reply_to must be an endpoint and request a short id", req_id)
+        for i, r in enumerate(body["route"]):
+            if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and "://" in r[0]
+                    and all(type(v) is int for v in r[1:]) and 0 <= r[1] < r[2]):
+                raise ProtocolError(f"STAGE_STEP route[{i}] must be [endpoint, l0, l1]", req_id)
+    elif mtype == MsgType.STAGE_RESULT:
+        if "logits" not in tensors or tensors["logits"][0] not in FLOAT_DTYPES:
+            raise ProtocolError("STAGE_RESULT carries no float tensor 'logits'", req_id)
+    elif mtype == MsgType.STAGE_RELEASE:
+        if not all(isinstance(r, str) for r in body["requests"]):
+            raise ProtocolError("STAGE_RELEASE requests must be request ids", req_id)
     elif mtype == MsgType.CONTROL:
         if body["op"] not in CONTROL_OPS:
             raise ProtocolError(f"CONTROL: unknown op {body['op'][:40]!r}; valid: {list(CONTROL_OPS)}", req_id)

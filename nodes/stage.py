@@ -110,11 +110,19 @@ class Pipeline:
         self.send = send
         self.prefix = request_prefix
         self._n = 0
+        self._open: list[str] = []
         self.replays = 0
 
     def new_cache(self, max_len: int) -> PipelineCache:
         self._n += 1
-        return PipelineCache(f"{self.prefix}-{self._n}-{time.monotonic_ns() % 10**9}", max_len)
+        cache = PipelineCache(f"{self.prefix}-{self._n}-{time.monotonic_ns() % 10**9}", max_len)
+        self._open.append(cache.request)
+        return cache
+
+    def finished(self) -> list[str]:
+        """Ids of the requests started since the last call (their stage caches may be released)."""
+        out, self._open = self._open, []
+        return out
 
     def __call__(self, tokens: torch.Tensor, cache: PipelineCache | None = None,
                  executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:

@@ -94,3 +94,25 @@ def test_a_stage_refuses_a_step_out_of_position():
         r.run("a", torch.tensor([[4]]), 5, 16)
     with pytest.raises(StageError, match="cache bound"):
         StageCaches(r.model, 10).get("b", 0, 16)
+
+
+def test_stage_messages_validate():
+    from nodes import protocol as P
+    step = {"request": "r1", "pos": 0, "max_len": 8, "l0": 0, "route": [["tcp://10.0.0.2:5555", 1, 4]],
+            "reply_to": "tcp://10.0.0.4:40000", "reply_id": 3}
+    ok = P.decode(P.encode(P.MsgType.STAGE_STEP, 3, step, {"x": torch.tensor([[1, 2, 3]])}))
+    assert ok.body["route"] == [["tcp://10.0.0.2:5555", 1, 4]]
+    for body, tensors, why in [
+        (step, {"x": torch.zeros(2, 3, dtype=torch.int64)}, "ids \\(1, T\\)"),
+        (step, {"x": torch.zeros(1, 3)}, "ids \\(1, T\\)"),  # a 2-D float is neither ids nor a hidden state
+        ({**step, "pos": 7}, {"x": torch.tensor([[1, 2]])}, "must fit max_len"),
+        ({**step, "route": [["tcp://x:1", 3, 3]]}, {"x": torch.tensor([[1]])}, "route\\[0\\]"),
+        ({**step, "reply_to": "nowhere"}, {"x": torch.tensor([[1]])}, "reply_to"),
+    ]:
+        with pytest.raises(P.ProtocolError, match=why):
+            P.decode(P.encode(P.MsgType.STAGE_STEP, 1, body, tensors))
+    with pytest.raises(P.ProtocolError, match="no float tensor 'logits'"):
+        P.decode(P.encode(P.MsgType.STAGE_RESULT, 1, {"request": "r1", "hops": []}))
+    with pytest.raises(P.ProtocolError, match="l0 < l1"):
+        P.decode(P.encode(P.MsgType.LOAD_STAGE, 1, {"l0": 2, "l1": 2, "config": {}, "holders": [],
+                                                    "kv_cache_bytes": 0}))
