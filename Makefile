@@ -24,6 +24,7 @@ bench: install
 	$(PY) benchmarks/planner_scale.py --json-out $(OUT)/planner_scale.json
 	$(PY) benchmarks/strategies.py --json-out $(OUT)/strategies.json
 	$(PY) benchmarks/runtime_failover.py --json-out $(OUT)/runtime_failover.json
+	$(PY) benchmarks/api_overhead.py --json-out $(OUT)/api_overhead.json
 	$(PY) benchmarks/net.py --json-out $(OUT)/net.json
 	$(PY) benchmarks/redeploy.py --out $(OUT)/redeploy-runs
 

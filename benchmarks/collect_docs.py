@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "bench"
 ORDER = ["quant_kernels", "quant_quality", "nodes", "compression", "planner", "net",
-         "runtime_failover", "redeploy"]
+         "runtime_failover", "redeploy", "api"]
 
 
 def demote(text: str) -> str:
