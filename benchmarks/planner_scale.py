@@ -23,7 +23,8 @@ from controller.planner import bytes_loaded, diff, plan, replan, server_bytes  #
 from controller.profile import load_model_spec  # noqa: E402
 
 
-def run(n_servers: int, seed: int, repeat: int, config: str, headroom: float = 0.08) -> dict:
+def run(n_servers: int, seed: int, repeat: int, config: str, headroom: float = 0.08,
+        objective: str = "quality") -> dict:
     spec = load_model_spec(config)
     t0 = time.perf_counter()
     prof = spec.profile()
@@ -31,7 +32,7 @@ def run(n_servers: int, seed: int, repeat: int, config: str, headroom: float = 0
     need = prof.backbone_bytes + float(prof.nbytes[:, :, prof.bit_index(3)].sum())
     cl = synthetic_cluster(n_servers, 1.4 * need, seed=seed, entry_memory_bytes=1.1 * prof.backbone_bytes)
     reqs = single_class(cl.servers[0].name, token_slo_ms=1e9)
-    opts = PlanOptions(headroom_frac=headroom)
+    opts = PlanOptions(headroom_frac=headroom, objective=objective)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -52,7 +53,7 @@ def run(n_servers: int, seed: int, repeat: int, config: str, headroom: float = 0
     moved = bytes_loaded(acts, prof)
     ov, ov2 = p.predicted_map()["_overall"], p2.predicted_map()["_overall"]
     return {
-        "model": spec.name, "headroom_frac": headroom, "layers": prof.n_layers, "experts_per_layer": prof.n_experts, "servers": n_servers,
+        "model": spec.name, "objective": objective, "headroom_frac": headroom, "layers": prof.n_layers, "experts_per_layer": prof.n_experts, "servers": n_servers,
         "cluster_memory_gb": round(sum(s.memory_bytes for s in cl.servers) / 1e9, 1),
         "synthetic_profile_s": round(profile_s, 3),
         "full_plan_s": round(min(times), 3), "full_plan_s_runs": [round(t, 3) for t in times],
@@ -78,10 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="deepseek-v3", help="controller/configs name")
     ap.add_argument("--headroom", type=float, default=0.08,
                     help="memory fraction each server keeps free for re-homing (0: re-plan must make room)")
+    ap.add_argument("--objective", default="quality", choices=("latency", "quality"),
+                    help="CoEL's objective (default quality: its inter-server plan is what the incremental "
+                         "re-plan is measured on; the latency objective may choose a pipeline, re-planned in full)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--json-out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    res = run(args.servers, args.seed, args.repeat, args.config, args.headroom)
+    res = run(args.servers, args.seed, args.repeat, args.config, args.headroom, args.objective)
     text = json.dumps(res, indent=1)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "(deepseek-v3, mixtral-8x7b, qwen3-30b-a3b) or a path")
     p.add_argument("--profile", help="coel-profile JSON (default: MODEL/profile.json, else synthetic)")
     p.add_argument("--strategy", default="coel", help="coel | uniform | pipeline | offload | random")
+    p.add_argument("--objective", default="latency", choices=("latency", "quality"),
+                   help="coel: lowest predicted latency (default; per-token for the workload mix, TTFT next) or "
+                        "best quality, in both cases subject to memory, the quality floor and the SLOs")
     p.add_argument("--slo-ms", type=float, help="per-output-token SLO (ms) for every request class")
     p.add_argument("--ttft-slo-ms", type=float, help="time-to-first-token SLO (ms) for every request class")
     p.add_argument("--max-loss", type=float, help="quality floor: largest predicted loss increase (nats/token)")
@@ -121,7 +124,7 @@ def build_inputs(args):
             raise ConfigError(f"{args.compression_costs}: not found") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{args.compression_costs}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    opts = PlanOptions(seed=args.seed, headroom_frac=args.headroom)
+    opts = PlanOptions(seed=args.seed, headroom_frac=args.headroom, objective=args.objective)
     return profile, cluster, reqs, opts, costs, notes
 
 

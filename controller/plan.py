@@ -143,11 +143,17 @@ def requirements_from_topology(topo: Any, default_entry: str | None = None) -> R
     return Requirements(tuple(classes))
 
 
+OBJECTIVES = ("latency", "quality")
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """Knobs of the planner and its cost model (defaults documented in docs/planner.md)."""
     msg_overhead_ms: float = 0.3  # one request/reply through pyzmq, measured 0.2-0.4 ms here
     call_overhead_ms: float = 0.03  # one small expert call on CPU (~27-33 us measured)
+    # an expert call to the coordinator's own server: the entry reaches its co-located agent through
+    # a socket too (no link delay, but the message round trip)
+    local_call_ms: float = 0.3
     rto_ms: float = 200.0  # TCP retransmission timeout charged per lost packet
     header_bytes: int = 64  # per message
     headroom_frac: float = 0.08  # memory kept free on each server for re-homing after a failure
@@ -156,8 +162,13 @@ class PlanOptions:
     max_migration_factor: float = 2.0  # replan: bytes moved <= factor x bytes the lost server held
     compression_costs: tuple = ()  # measured (name, quality_nats, bytes_factor, calls_factor, tokens_factor)
     allowed_bits: tuple[int, ...] = (2, 3, 4, 8, 16)
+    # what `coel` optimises among the candidates that keep memory, every quality floor and the SLOs:
+    # "latency" (the paper's: lowest rate-weighted ms/token, then TTFT) or "quality" (lowest loss)
+    objective: str = "latency"
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {list(OBJECTIVES)} (got {self.objective!r})")
         if not 0.0 <= self.headroom_frac < 0.9:
             raise ConfigError(f"headroom_frac must be in [0, 0.9) (got {self.headroom_frac})")
         if self.max_replicas < 1 or self.max_migration_factor < 1.0:

@@ -235,8 +235,8 @@ def _coel_inter(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray,
         q_ok = all(p.meets_quality for p in preds)
         ok = all(p.meets_slo for p in preds) and q_ok
         tried.append(((not q_ok, not ok, _score(preds, ctx.reqs)), lay, preds, lnotes))
-        if ok:
-            break
+        if ok and ctx.opts.objective == "quality":
+            break  # the most bytes that meet the SLO: best quality (the latency objective weighs them all)
         missed = "the quality floor (packing narrowed experts)" if not q_ok else "the SLO"
         notes.append(f"expert budget {_mb(budget)} misses {missed} ({_score(preds, ctx.reqs):.2f} ms/token "
                      f"weighted): trying fewer bytes")
@@ -317,8 +317,82 @@ def _coel_pipeline(ctx: Context, floor_bits: np.ndarray, lean: np.ndarray):
     return ("pipeline", (best[1], best[2]), best[3])
 
 
+OBJECTIVE_TEXT = {
+    "latency": "lowest predicted per-token latency for the workload mix (rate-weighted), TTFT next, subject to "
+               "memory, every class's quality floor and SLOs",
+    "quality": "best predicted quality among the candidates that meet the SLOs (then the lowest per-token latency)",
+}
+BASELINES = ("uniform", "pipeline", "offload", "random")  # their layouts are CoEL candidates too
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout CoEL weighs: `label` names where it came from, `mode` is the plan's mode."""
+    label: str
+    mode: str
+    layout: Layout
+    preds: list[ClassPrediction]
+    notes: list[str]
+
+    def token_ms(self, reqs: Requirements) -> float:
+        return _score(self.preds, reqs)
+
+    def ttft_ms(self, reqs: Requirements) -> float:
+        w = reqs.weights()
+        return sum(w[p.name] * p.ttft_ms for p in self.preds)
+
+    @property
+    def loss_nats(self) -> float:
+        return max(p.quality_loss_nats for p in self.preds)
+
+    @property
+    def meets_quality(self) -> bool:
+        return all(p.meets_quality for p in self.preds)
+
+    @property
+    def meets_slo(self) -> bool:
+        return all(p.meets_slo for p in self.preds)
+
+
+def candidate_key(c: Candidate, reqs: Requirements, objective: str) -> tuple:
+    """Sort key of the choice: the quality floor is hard, then the SLOs; among those, the
+    objective. (A candidate missing the SLO is only chosen when none meets it: the fastest.)"""
+    ok = c.meets_quality and c.meets_slo
+    tok, ttft, loss = round(c.token_ms(reqs), 9), round(c.ttft_ms(reqs), 6), round(c.loss_nats, 9)
+    if objective == "quality":
+        return (not c.meets_quality, not ok, loss if ok else 0.0, tok, ttft)
+    return (not c.meets_quality, not ok, tok, ttft, loss)
+
+
+def choose(cands: list[Candidate], reqs: Requirements, objective: str) -> list[Candidate]:
+    """Candidates best first (stable: earlier candidates win ties)."""
+    return sorted(cands, key=lambda c: candidate_key(c, reqs, objective))
+
+
+def describe_candidate(c: Candidate, reqs: Requirements) -> str:
+    miss = [w for w, ok in (("SLO", c.meets_slo), ("quality floor", c.meets_quality)) if not ok]
+    return (f"{c.label} {c.token_ms(reqs):.2f} ms/token, TTFT {c.ttft_ms(reqs):.1f} ms, loss {c.loss_nats:.4f}, "
+            f"{c.layout.bits.mean():.2f} avg bits" + (f" (misses {' and '.join(miss)})" if miss else ""))
+
+
+def baseline_candidates(ctx: Context, reasons: list[str]) -> list[Candidate]:
+    """Every baseline's own layout, judged by the same cost model (so CoEL is never predicted
+    worse than a baseline that keeps the floor and the SLOs)."""
+    out = []
+    for name in BASELINES:
+        try:
+            lay, mode, notes = STRATEGIES[name](ctx)
+        except InfeasibleError as exc:
+            reasons.append(f"baseline layout {name} infeasible: {exc}")
+            continue
+        out.append(Candidate(f"{name}-layout", mode, lay, evaluate(ctx.profile, ctx.cluster, ctx.reqs, lay, ctx.opts),
+                             notes))
+    return out
+
+
 def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     floor = ctx.reqs.max_loss_nats
+    objective = ctx.opts.objective
     floor_bits = allocate_for_quality(ctx.profile, floor, ctx.opts.allowed_bits) if math.isfinite(floor) \
         else np.full((ctx.L, ctx.E), min(ctx.opts.allowed_bits))
     floor_bytes = float(ctx.profile.expert_bytes(floor_bits).sum())
@@ -327,11 +401,12 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
         raise InfeasibleError(f"quality floor {floor:.4g} nats needs {_mb(floor_bytes)} of experts "
                               f"(average {floor_bits.mean():.2f} bits); usable memory after the backbone is "
                               f"{_mb(usable_mem)}")
-    reasons = [f"quality floor {floor:.4g} nats -> smallest experts {_mb(floor_bytes)} at "
+    reasons = [f"objective {objective}: {OBJECTIVE_TEXT[objective]}",
+               f"quality floor {floor:.4g} nats -> smallest experts {_mb(floor_bytes)} at "
                f"{floor_bits.mean():.2f} average bits"]
     intra_notes: list[str] = []
     intra = _coel_intra(ctx, floor_bits, intra_notes)
-    if intra is not None and all(p.meets_slo for p in intra[1]):
+    if objective == "quality" and intra is not None and all(p.meets_slo for p in intra[1]):
         best = max(intra[1], key=lambda p: p.token_ms)
         return intra[0], "intra", reasons + intra_notes + [
             f"chose intra-server: fits one server and meets the SLO ({best.token_ms:.2f} ms/token worst class)"]
@@ -339,44 +414,33 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     lean = allocate_for_quality(ctx.profile, floor, ctx.opts.allowed_bits, active=True) \
         if math.isfinite(floor) else floor_bits
     inter = _coel_inter(ctx, floor_bits, lean, inter_notes)
-    cands = [("inter", inter, inter_notes)]
+    cands = [Candidate("inter", "inter", inter[0], inter[1], inter_notes)]
     if intra is not None:
-        cands.append(("intra", intra, intra_notes))
+        cands.append(Candidate("intra", "intra", intra[0], intra[1], intra_notes))
     else:
         reasons.append(f"intra-server impossible: no server has {_mb(ctx.profile.backbone_bytes + floor_bytes)} "
                        f"for backbone + quality-floor experts (largest {_mb(ctx.capacity[ctx.usable].max())})")
     pipe = _coel_pipeline(ctx, floor_bits, lean)
     if pipe is not None:
-        cands.append(pipe)
+        cands.append(Candidate("pipeline", "pipeline", pipe[1][0], pipe[1][1], pipe[2]))
     try:
         off = strategy_offload(ctx, floor_bits=lean)
-        offp = evaluate(ctx.profile, ctx.cluster, ctx.reqs, off[0], ctx.opts)
-        cands.append(("offload", (off[0], offp), off[2]))
+        cands.append(Candidate("offload", "offload", off[0],
+                               evaluate(ctx.profile, ctx.cluster, ctx.reqs, off[0], ctx.opts), off[2]))
     except InfeasibleError as exc:
         reasons.append(f"intra-server with on-demand experts impossible: {exc}")
-
-    def key(item):  # the quality floor is hard; then SLO met (best quality among those), else the fastest
-        _, (lay, preds), _ = item
-        q_ok = all(p.meets_quality for p in preds)
-        ok = q_ok and all(p.meets_slo for p in preds)
-        loss = max(p.quality_loss_nats for p in preds)
-        return (not q_ok, not ok, round(loss, 9) if ok else 0.0, _score(preds, ctx.reqs))
-
-    cands.sort(key=key)
-    mode, (lay, preds), notes = cands[0]
-    if not all(p.meets_quality for p in preds):
-        best_loss = max(p.quality_loss_nats for p in preds)
+    cands += baseline_candidates(ctx, reasons)
+    ranked = choose(cands, ctx.reqs, objective)
+    best = ranked[0]
+    if not best.meets_quality:
         raise InfeasibleError(f"quality floor {floor:.4g} nats cannot be met once the experts are packed into the "
-                              f"servers: the best plan ({mode}) predicts {best_loss:.4g} nats (the floor-width experts "
-                              f"need {_mb(floor_bytes)}; usable memory after the backbone is {_mb(usable_mem)})")
-    def misses(pp) -> str:
-        m = [w for w, ok in (("SLO", all(p.meets_slo for p in pp)), ("quality", all(p.meets_quality for p in pp)))
-             if not ok]
-        return f" (misses {' and '.join(m)})" if m else ""
-
-    summary = ", ".join(f"{m} {_score(pp, ctx.reqs):.2f} ms/token, loss {max(p.quality_loss_nats for p in pp):.4f}"
-                        f"{misses(pp)}" for m, (_, pp), _ in cands)
-    return lay, mode, reasons + notes + [f"chose {mode}: candidates {summary}"]
+                              f"servers: the best plan ({best.label}) predicts {best.loss_nats:.4g} nats (the "
+                              f"floor-width experts need {_mb(floor_bytes)}; usable memory after the backbone is "
+                              f"{_mb(usable_mem)})")
+    runners = "; ".join(describe_candidate(c, ctx.reqs) for c in ranked[1:])
+    return best.layout, best.mode, reasons + best.notes + [
+        f"chose {describe_candidate(best, ctx.reqs)} by objective {objective}",
+        f"runner-up candidates: {runners or 'none'}"]
 
 
 # ---------------------------------------------------------------- baselines
@@ -467,6 +531,7 @@ def pipeline_dp(ctx: Context, bits: np.ndarray, entry: str) -> tuple[float, list
     from controller.costmodel import _msg_ms
     vec = ctx.profile.cfg.d_model * 2.0
     hop = np.array([_msg_ms(ctx.cluster, ctx.opts, v, vec)[devs] / 2 for v in devs])  # (D, D) one way
+    np.fill_diagonal(hop, 0.0)  # staying on a device is no hop
     E = ctx.E
     call = ctx.opts.call_overhead_ms * ctx.profile.cfg.top_k
     INF = math.inf

@@ -206,7 +206,7 @@ def test_diff_orders_loads_before_routes_before_drops_and_is_deterministic():
     need = need_bytes(prof, 4)
     cl = star([prof.backbone_bytes + need * 0.2, need * 0.6, need * 0.6, need * 0.6], [100] * 4, [1, 2, 3, 4])
     reqs = single_class("s0", token_slo_ms=1e6)
-    p = plan(prof, cl, reqs, "coel")
+    p = plan(prof, cl, reqs, "coel", options=PlanOptions(objective="quality"))  # an inter-server plan
     victim = max((s.name for s in cl.servers[1:]), key=lambda s: server_bytes(p, prof, s))
     p2 = replan(p, prof, cl.without_server(victim), reqs)
     acts = diff(p, p2)
@@ -230,7 +230,7 @@ def test_diff_orders_loads_before_routes_before_drops_and_is_deterministic():
 def test_intra_server_when_one_server_holds_the_model_and_meets_the_slo():
     prof = synthetic_profile(tiny_cfg(), seed=5)
     cl = star([need_bytes(prof, 16) * 1.2, need_bytes(prof, 16)], [100, 100], [5, 5])
-    p = plan(prof, cl, single_class("s0", token_slo_ms=1e6), "coel")
+    p = plan(prof, cl, single_class("s0", token_slo_ms=1e6), "coel", options=PlanOptions(objective="quality"))
     assert p.mode == "intra"
     assert p.servers_used() == {"s0"}
     assert all(b == 16 for row in p.bits for b in row)  # room for full precision
@@ -245,7 +245,7 @@ def test_inter_server_hot_traffic_stays_on_the_near_server():
     cl = star([prof.backbone_bytes + e16 * 0.05, prof.backbone_bytes * 0.9, prof.backbone_bytes * 0.9],
               [1000, 1000, 1000], [0.1, 0.5, 20.0])
     reqs = single_class("s0", token_slo_ms=1e6)
-    p = plan(prof, cl, reqs, "coel")
+    p = plan(prof, cl, reqs, "coel", options=PlanOptions(objective="quality"))
     assert p.mode == "inter", p.reasons
     lay = layout_from_plan(p, prof, cl)[0]
     pop = prof.popularity

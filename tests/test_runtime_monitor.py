@@ -298,7 +298,7 @@ def test_replan_after_a_memory_squeeze_drops_and_rehomes_copies():
     sys.path.insert(0, str(Path(__file__).parent))
     from runtime_fixtures import tiny_cfg
     from controller.cluster import cluster_from_dict
-    from controller.plan import single_class
+    from controller.plan import PlanOptions, single_class
     from controller.planner import plan
     from controller.profile import synthetic_profile
     prof = synthetic_profile(tiny_cfg(), seed=1)
@@ -306,7 +306,7 @@ def test_replan_after_a_memory_squeeze_drops_and_rehomes_copies():
                             "links": [{"a": n, "b": "hub", "bw_mbit": 1000, "latency_ms": 0.5}
                                       for n in ("a1", "a2", "a3")], "nodes": ["hub"]})
     reqs = single_class("a1")
-    p0 = plan(prof, cl, reqs, "coel")
+    p0 = plan(prof, cl, reqs, "coel", options=PlanOptions(objective="quality"))  # experts spread over a1-a3
     held = sum(1 for row in p0.placement for reps in row if "a3" in reps)
     assert held > 0
     squeezed, _ = M.observed_cluster(cl, {"a3": M.ServerObservation(memory_bytes=20_000)})

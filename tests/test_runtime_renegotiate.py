@@ -21,7 +21,7 @@ QUALITY = {c.name: c.quality_nats for c in DEFAULT_COSTS}
 def world():
     from coel_model.config import MoEConfig
     from controller.cluster import cluster_from_topology
-    from controller.plan import requirements_from_topology
+    from controller.plan import PlanOptions, requirements_from_topology
     from controller.planner import plan, renegotiate_compression
     from controller.profile import synthetic_profile
     from topologies import load_topology
@@ -31,7 +31,9 @@ def world():
     topo = load_topology(str(TOPO))
     cl = cluster_from_topology(topo)
     reqs = requirements_from_topology(topo)
-    p0, ch0 = renegotiate_compression(plan(prof, cl, reqs, "coel"), prof, cl, reqs)
+    # objective quality: the inter-server plan over every server (the latency objective keeps it on s1)
+    p0, ch0 = renegotiate_compression(plan(prof, cl, reqs, "coel", options=PlanOptions(objective="quality")),
+                                      prof, cl, reqs)
     assert sorted(p0.compression_map()) == ["s1|s2", "s1|s3", "s1|s4"], p0.compression_map()
     return dict(prof=prof, cl=cl, reqs=reqs, p0=p0)
 
