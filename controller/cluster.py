@@ -37,6 +37,13 @@ class Server:
     load: float = 0.0  # fraction of the server already busy, 0 <= load < 1
     storage_bytes_per_s: float = STORAGE_BYTES_PER_S  # on-demand expert loading
     compute_class: str = ""
+    # perceived (measured by the server itself, controller/perception.py); None = nominal model
+    call_ms: float | None = None  # fixed part of one expert call (bytes / bytes_per_s on top)
+    msg_ms: float | None = None  # software round trip of one message through a socket, no link
+    storage_ms: float | None = None  # fixed part of one on-demand load (bytes / storage speed on top)
+    layer_decode_ms: float | None = None  # one decoder layer without its experts, decode, batch 1
+    prefill_token_layer_ms: float | None = None  # the same per prompt token in prefill
+    head_ms: float | None = None  # final norm + lm_head per token
 
     def __post_init__(self) -> None:
         if not self.name:

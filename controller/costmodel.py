@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from controller.cluster import Cluster
+from controller.cluster import Cluster, Server
 from controller.compression import DEFAULT_COSTS, CompressionCost, link_key
 from controller.plan import PlanOptions, Plan, Requirements, Stage, freeze_map
 from controller.profile import Profile
@@ -78,10 +78,47 @@ def _msg_ms(cluster: Cluster, opts: PlanOptions, h: int, payload_bytes: np.ndarr
     bw = np.maximum(cluster.bw_matrix_mbit[h], 1e-9)
     loss = cluster.loss_matrix_pct[h] / 100.0
     nbytes = 2.0 * (np.asarray(payload_bytes) * bytes_factor + opts.header_bytes)
-    out = 2.0 * lat + nbytes * 8.0 / (bw * 1e3) + opts.msg_overhead_ms + 2.0 * loss * opts.rto_ms
+    soft = msg_overhead_ms(cluster, opts)
+    out = 2.0 * lat + nbytes * 8.0 / (bw * 1e3) + (soft[h] + soft) / 2 + 2.0 * loss * opts.rto_ms
     out = np.where(np.isfinite(lat), out, np.inf)
-    out[h] = 0.0
+    out[h] = local_call_ms(cluster, opts, h)  # the server's own agent: a socket round trip, no link
     return out
+
+
+def msg_overhead_ms(cluster: Cluster, opts: PlanOptions) -> np.ndarray:
+    """(S,) software cost of a message round trip at each server: perceived, else the nominal."""
+    return np.array([opts.msg_overhead_ms if s.msg_ms is None else s.msg_ms for s in cluster.servers])
+
+
+def local_call_ms(cluster: Cluster, opts: PlanOptions, h: int) -> float:
+    s = cluster.servers[h]
+    return opts.local_call_ms if s.msg_ms is None else float(s.msg_ms)
+
+
+def call_ms(cluster: Cluster, opts: PlanOptions) -> np.ndarray:
+    """(S,) fixed cost of one expert call on each server (perceived, else nominal)."""
+    return np.array([opts.call_overhead_ms if s.call_ms is None else s.call_ms for s in cluster.servers])
+
+
+def layer_decode_ms(server: Server, layer_bytes: float) -> float:
+    """One decoder layer without experts, decode: perceived, else its weights read once."""
+    if server.layer_decode_ms is not None:
+        return server.layer_decode_ms
+    return layer_bytes / server.effective_bytes_per_s * 1e3
+
+
+def layer_prefill_ms(server: Server, layer_bytes: float, tokens: int) -> float:
+    if server.prefill_token_layer_ms is not None:
+        return server.prefill_token_layer_ms * tokens
+    return max(layer_bytes / server.effective_bytes_per_s,
+               layer_bytes * tokens / (server.gflops * (1.0 - server.load) * 1e9)) * 1e3
+
+
+def head_ms(server: Server, head_bytes: float) -> float:
+    """lm_head per token (the embedding row is tiny)."""
+    if server.head_ms is not None:
+        return server.head_ms
+    return head_bytes / 2.0 / server.effective_bytes_per_s * 1e3
 
 
 def _pair_factors(lay: Layout, h: int, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -159,7 +196,9 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     bw = np.array([s.effective_bytes_per_s for s in cluster.servers])
     gf = np.array([s.gflops * (1.0 - s.load) for s in cluster.servers])
     sto = np.array([s.storage_bytes_per_s for s in cluster.servers])
-    comp = eb[..., None] / bw * 1e3 + np.where(ondem, eb[..., None] / sto * 1e3, 0.0)  # (L, E, S) ms
+    sto_fixed = np.array([s.storage_ms or 0.0 for s in cluster.servers])
+    co = call_ms(cluster, opts)
+    comp = eb[..., None] / bw * 1e3 + np.where(ondem, eb[..., None] / sto * 1e3 + sto_fixed, 0.0)  # (L, E, S) ms
     pick = np.where(hosted, net[None, None, :] + comp, np.inf)
     serve = pick.argmin(-1)  # (L, E) best copy: network + compute (+ load)
     if not np.isfinite(np.take_along_axis(pick, serve[..., None], 2)).all():
@@ -173,7 +212,7 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     work = _per_server(serve, p_eff * c_serve, S)  # expected compute ms per token on v
     safe_q = np.where(q > 0, q, 1.0)
     calls = psum / safe_q
-    cost = net[None, :] + work / safe_q + opts.call_overhead_ms * calls
+    cost = net[None, :] + work / safe_q + co[None, :] * calls
     decode = expected_max(cost, q)
     # prefill: T tokens; every touched expert's weights read once; payload T_v vectors each way
     T = prompt_tokens
@@ -186,16 +225,17 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     lat = cluster.latency_matrix_ms[h]
     bwl = np.maximum(cluster.bw_matrix_mbit[h], 1e-9)
     pay = 2.0 * (tok_v * vec * bf[None, :] + opts.header_bytes)
-    net_T = 2 * lat[None, :] + pay * 8.0 / (bwl[None, :] * 1e3) + opts.msg_overhead_ms \
+    soft = msg_overhead_ms(cluster, opts)
+    net_T = 2 * lat[None, :] + pay * 8.0 / (bwl[None, :] * 1e3) + (soft[h] + soft[None, :]) / 2 \
         + codec[None, :] * pay / 1e6 + 2 * cluster.loss_matrix_pct[h][None, :] / 100 * opts.rto_ms
-    net_T[:, h] = 0.0
+    net_T[:, h] = local_call_ms(cluster, opts, h)
     net_T = np.where(np.isfinite(lat)[None, :], net_T, np.inf)
-    cost_T = net_T + np.maximum(read_ms, flop_ms) + opts.call_overhead_ms * np.minimum(psum * T, p.shape[1])
+    cost_T = net_T + np.maximum(read_ms, flop_ms) + co[None, :] * np.minimum(psum * T, p.shape[1])
     prefill = expected_max(np.where(qT > 0, cost_T, 0.0), qT)
     used = np.bincount(serve.ravel(), minlength=S) > 0
     used_pairs = frozenset((min(h, v), max(h, v)) for v in np.nonzero(used)[0] if v != h)
     qn = max([float(qual[v]) for v in np.nonzero(used)[0] if v != h] + [0.0])
-    busy_tok = (work + opts.call_overhead_ms * psum).sum(0)
+    busy_tok = (work + co[None, :] * psum).sum(0)
     busy_pre = np.where(qT > 0, np.maximum(read_ms, flop_ms), 0.0).sum(0)
     return HubCost(decode, prefill, qn, used_pairs, busy_tok, busy_pre)
 
@@ -245,14 +285,12 @@ def evaluate(profile: Profile, cluster: Cluster, reqs: Requirements, lay: Layout
     idx = cluster.index
     layer_b, head_b = profile.backbone_layer_bytes()
     expert_loss = float(profile.expert_loss(lay.bits).sum())
-    bw = np.array([s.effective_bytes_per_s for s in cluster.servers])
-    gf = np.array([s.gflops * (1.0 - s.load) for s in cluster.servers])
     cache: dict[tuple[int, int], HubCost] = {}
     out = []
     for c in reqs.classes:
         stages = lay.stages[c.entry]
         coord = stages[0][0]
-        tok = head_b / 2.0 / bw[coord] * 1e3  # lm_head read per token (the embedding row is tiny)
+        tok = head_ms(cluster.servers[coord], head_b)
         ttft = tok
         e = idx[c.entry]
         if coord != e:
@@ -273,14 +311,14 @@ def evaluate(profile: Profile, cluster: Cluster, reqs: Requirements, lay: Layout
             if key not in cache:
                 cache[key] = hub_cost(profile, cluster, lay, h, c.prompt_tokens, opts, layers=slice(l0, l1))
             hc = cache[key]
+            srv = cluster.servers[h]
             if utilization is not None:
                 per_req = c.new_tokens * (hc.busy_token_ms + 0.0) + hc.busy_prefill_ms
-                per_req[h] += c.new_tokens * n * layer_b / bw[h] * 1e3 \
-                    + n * max(layer_b / bw[h], layer_b * c.prompt_tokens / (gf[h] * 1e9)) * 1e3
+                per_req[h] += c.new_tokens * n * layer_decode_ms(srv, layer_b) \
+                    + n * layer_prefill_ms(srv, layer_b, c.prompt_tokens)
                 utilization += c.rate_rps * per_req / 1e3
-            tok += n * layer_b / bw[h] * 1e3 + float(hc.decode_ms.sum())
-            ttft += n * max(layer_b / bw[h], layer_b * c.prompt_tokens / (gf[h] * 1e9)) * 1e3 \
-                + float(hc.prefill_ms.sum())
+            tok += n * layer_decode_ms(srv, layer_b) + float(hc.decode_ms.sum())
+            ttft += n * layer_prefill_ms(srv, layer_b, c.prompt_tokens) + float(hc.prefill_ms.sum())
             qual = max(qual, hc.quality_nats)
             prev = h
         if prev != coord:

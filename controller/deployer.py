@@ -114,6 +114,21 @@ def entry_holders(target: Plan, deployed: dict[str, set[ShardKey]], alive: set[s
     return out, unplaced
 
 
+def own_copies(target: Plan, entry: str, holders: dict[tuple[int, int], tuple[str, ...]]
+               ) -> dict[tuple[int, int], tuple[str, ...]]:
+    """What one entry is routed to. Offload plans give every coordinator its own copy of every
+    expert (resident or on demand) for its own entry: route each entry to its coordinator's
+    copies only (else an entry would spread its calls over the other entries' servers, which
+    the plan did not cost). Other plans: every holder (the entry picks replicas by latency)."""
+    if target.mode != "offload":
+        return holders
+    stages = target.backbone_map().get(entry)
+    if not stages:
+        return holders
+    coord = stages[0].server
+    return {k: ((coord,) if coord in hs else hs) for k, hs in holders.items()}
+
+
 def entry_compression(plan: Plan, entry: str, servers: set[str], enabled: bool = True,
                       problems: list[str] | None = None) -> dict[str, dict]:
     """Per holder server, the CompressionSettings header agreed for the pair (entry, holder);
@@ -220,9 +235,12 @@ class Deployer:
         self.attempts: dict[tuple[str, int, int, int], int] = {}
 
     def load(self, server: str, keys: list[ShardKey], outcome: DeployOutcome,
-             deployed: dict[str, set[ShardKey]]) -> None:
+             deployed: dict[str, set[ShardKey]], on_demand: set[tuple[int, int]] | frozenset = frozenset(),
+             buffer_slots: int = 2) -> None:
         """Load `keys` on `server` in chunks; failed keys are retried in rounds with exponential
-        back-off, each key at most max_attempts times (counted per (server, layer, expert, bits))."""
+        back-off, each key at most max_attempts times (counted per (server, layer, expert, bits)).
+        (layer, expert) in `on_demand` go to the agent's storage, loaded into a buffer of
+        `buffer_slots` shards when called (offload plans)."""
         todo = list(keys)
         backoff = self.cfg.backoff_initial_s
         while todo:
@@ -238,7 +256,7 @@ class Deployer:
                 chunks.append(cur)
             retry: list[ShardKey] = []
             for chunk in chunks:
-                err = self._send_chunk(server, chunk, outcome, deployed)
+                err = self._send_chunk(server, chunk, outcome, deployed, on_demand, buffer_slots)
                 if err is None:
                     continue
                 permanent = isinstance(err, RemoteError) and err.code in (P.ErrorCode.OVER_BUDGET.value,
@@ -257,13 +275,16 @@ class Deployer:
             todo = retry
 
     def _send_chunk(self, server: str, chunk: list[ShardKey], outcome: DeployOutcome,
-                    deployed: dict[str, set[ShardKey]]) -> Exception | None:
+                    deployed: dict[str, set[ShardKey]], on_demand: set[tuple[int, int]] | frozenset = frozenset(),
+                    buffer_slots: int = 2) -> Exception | None:
         client = self.client_for(server)
         if client is None:
             return NodeError(f"server {server}: no registered agent")
         descs, tensors = [], {}
         for i, (l, e, b) in enumerate(chunk):
             descs.append(self.source.desc(l, e, b))
+            if (l, e) in on_demand:
+                descs[-1].update(resident=False, buffer_slots=buffer_slots)
             for name, t in self.source.tensors(l, e, b).items():
                 tensors[f"{i}/{name}"] = t
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -48,6 +48,7 @@ class Peer:
     registers: int = 0
     ident: bytes = b""  # ROUTER identity of its controller link (for PROBE_PEER requests)
     live: L.PeerLiveness = field(default_factory=lambda: L.PeerLiveness(period_s=L.LivenessConfig().default_period_s))
+    perception: dict = field(default_factory=dict)  # nodes/perception.py report (REGISTER, later a HEARTBEAT)
 
     @property
     def alive(self) -> bool:
@@ -172,6 +173,8 @@ class Registry(ThreadedLoop):
                 if p is not None:
                     p.ident = ident
                     p.stats = stats
+                    if msg.body.get("perception"):  # measured again after a resource change
+                        p.perception = dict(msg.body["perception"])
                     if "cpu_percent" in stats:
                         p.cpu_hist = (p.cpu_hist + [float(stats["cpu_percent"])])[-64:]
                     note = L.heard(p.live, now, self.lcfg)
@@ -206,7 +209,8 @@ class Registry(ThreadedLoop):
                 note = L.heard(live, now, self.lcfg)
             self.peers[key] = Peer(b["name"], role, b["endpoint"], pid, now, dict(old.stats) if old else {},
                                    list(b.get("shards", [])), list(old.cpu_hist) if old else [],
-                                   (old.registers if old else 0) + 1, ident, live)
+                                   (old.registers if old else 0) + 1, ident, live,
+                                   dict(b.get("perception") or (old.perception if old else {})))
         restarted = old is not None and old.pid != pid
         self.notices.put(("registered" if old is None else "reregistered", role, b["name"], restarted, now))
         if note is not None:

@@ -41,7 +41,7 @@ from controller.detector import Detector
 from controller.prober import Prober, SuspectProber
 from controller.registry import Registry
 from controller.deployer import (DeployConfig, DeployOutcome, Deployer, ShardSource, effective_plan,
-                                 entry_compression, entry_holders, keep_set, transition_overflow)
+                                 entry_compression, entry_holders, keep_set, own_copies, transition_overflow)
 from nodes import protocol as P
 from nodes.security import load_keys, start_authenticator
 from nodes.transport import AgentClient, NodeError
@@ -58,6 +58,7 @@ class ControllerConfig:
     expect_agents: tuple[str, ...]
     expect_entries: tuple[str, ...] = ()
     strategy: str = "coel"
+    objective: str = "latency"  # controller.plan.OBJECTIVES: what the coel strategy optimises
     profile_path: str | None = None
     keys_dir: str | None = None
     run_dir: str | None = None
@@ -396,7 +397,13 @@ class Controller:
             mem, load = res.get(s.name, (None, 0.0))
             load = max(load, 0.5 if s.name in self.overloaded else 0.0)
             obs[s.name] = M.observation_of(self.probe_state.get(s.name), s.name in alive, load, mem)
-        return M.observed_cluster(self.base_cluster, obs, self.topo.controller.name)
+        cluster, notes = M.observed_cluster(self.base_cluster, obs, self.topo.controller.name)
+        from controller.perception import apply_perception  # measured speeds instead of nominal ones
+        peers = self.registry.snapshot()
+        reports = {r: {n: p.perception for (role, n), p in peers.items() if role == r and p.perception}
+                   for r in ("agent", "entry")}
+        cluster, pnotes = apply_perception(cluster, reports["agent"], reports["entry"])
+        return cluster, notes + pnotes
 
     def _requirements_for(self, cluster) -> Any:
         from controller.plan import Requirements
@@ -414,8 +421,9 @@ class Controller:
         t0 = time.monotonic_ns()
         cluster, notes = self._observed()
         reqs = self._requirements_for(cluster)
-        target = plan(self.profile, cluster, reqs, self.cfg.strategy, None, PlanOptions())
-        target, _ = renegotiate_compression(target, self.profile, cluster, reqs, PlanOptions())
+        opts = PlanOptions(objective=self.cfg.objective)
+        target = plan(self.profile, cluster, reqs, self.cfg.strategy, None, opts)
+        target, _ = renegotiate_compression(target, self.profile, cluster, reqs, opts)
         self.negotiated_on = cluster
         t1 = time.monotonic_ns()
         self.state = "deploying"
@@ -441,8 +449,9 @@ class Controller:
             want = [(l, e, target.bits[l][e]) for l, row in enumerate(target.placement)
                     for e, reps in enumerate(row) if s in reps]
             todo = [k for k in want if k not in self.deployed.get(s, set())]
-            if todo:
-                self.deployer.load(s, todo, out, self.deployed)
+            if todo:  # on-demand copies (offload plans) go to the agent's storage, not its memory
+                self.deployer.load(s, todo, out, self.deployed, on_demand=target.on_demand_map().get(s, set()),
+                                   buffer_slots=self.profile.cfg.top_k)
         t1 = time.monotonic()
         holders, out.unplaced = entry_holders(target, self.deployed, alive, self.holders)
         self._push_placement(target, holders, out)
@@ -476,7 +485,10 @@ class Controller:
             comp = entry_compression(target, name, servers, self.cfg.compression, problems)
             for why in problems:
                 self._event("compression_rejected", entry=name, reason=why)
-            body = {"version": self.placement_version, "holders": body_holders,
+            mine = own_copies(target, name, holders)
+            routed = body_holders if mine is holders else [  # offload: this entry's coordinator only
+                h for h in ([l, e, [ep_of[s] for s in hs if s in ep_of]] for (l, e), hs in sorted(mine.items())) if h[2]]
+            body = {"version": self.placement_version, "holders": routed,
                     "compression": {ep_of[s]: c for s, c in comp.items() if s in ep_of and c}}
             c = self._entry_client(name, p.endpoint)
             for attempt in range(3):
@@ -654,7 +666,7 @@ class Controller:
         try:
             cluster, notes = self._observed()
             reqs = self._requirements_for(cluster)
-            opts = PlanOptions()
+            opts = PlanOptions(objective=self.cfg.objective)
             target = plan(self.profile, cluster, reqs, self.cfg.strategy, self.plan, opts)
             if kind != "agent_lost" and self.plan is not None:
                 # links, load or SLO changed (or a schedule): the incremental plan keeps every expert
@@ -731,6 +743,8 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (expert weights are quantized from it)")
     p.add_argument("--profile", default=None, help="coel-profile JSON (default MODEL/profile.json)")
     p.add_argument("--strategy", default="coel", help="planner strategy: coel | uniform | pipeline | offload | random")
+    p.add_argument("--objective", default="latency", choices=("latency", "quality"),
+                   help="what coel optimises under the SLOs and quality floor (default: latency)")
     p.add_argument("--listen", required=True, help="ROUTER endpoint for REGISTER/HEARTBEAT, e.g. tcp://10.0.0.9:7000")
     p.add_argument("--control", required=True, help="control API endpoint, e.g. ipc://RUN/control.sock")
     p.add_argument("--keys", default=None, help="CURVE key directory (default: plain text)")
@@ -782,7 +796,8 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
                           rtt_rise_ratio=args.rtt_rise_ratio, rtt_rise_min_ms=args.rtt_rise_min_ms)
     return ControllerConfig(topology=args.topology, model_dir=args.model, listen=args.listen, control=args.control,
                             expect_agents=split(args.expect_agents), expect_entries=split(args.expect_entries),
-                            strategy=args.strategy, profile_path=args.profile, keys_dir=args.keys,
+                            strategy=args.strategy, objective=args.objective, profile_path=args.profile,
+                            keys_dir=args.keys,
                             run_dir=args.run_dir, static=args.static, replan_interval_s=args.replan_interval_s,
                             trace_path=args.trace, register_timeout_s=args.register_timeout_s,
                             compression=not args.no_compression, monitor=mon, liveness=live)

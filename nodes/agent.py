@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -135,18 +135,52 @@ class Shard:
     tokens: int = 0
 
 
-class ShardStore:
-    """The agent's shards and their byte accounting against the budget (no I/O)."""
+@dataclass(frozen=True)
+class StoredShard:
+    """An on-demand shard: its packed tensors on local storage, loaded into memory when called."""
+    desc: dict
+    path: str
+    nbytes: int
 
-    def __init__(self, budget_bytes: int, fp16_kernel: str = "exact"):
+
+class ShardStore:
+    """The agent's shards and their byte accounting against the budget.
+
+    Resident shards live in memory. On-demand shards (LOAD_SHARD desc "resident": false, what
+    offload plans send) are written to local storage and cost no memory until called: a call
+    loads one into an LRU buffer of `buffer_slots` shards (desc "buffer_slots", default 2 =
+    top_k), whose worst case (slots x the largest on-demand shard) is charged to the budget."""
+
+    def __init__(self, budget_bytes: int, fp16_kernel: str = "exact", storage_dir: str | None = None):
         self.budget_bytes = budget_bytes
         self.fp16_kernel = fp16_kernel
         self.shards: dict[tuple[int, int], Shard] = {}
         self.backbone_bytes = 0  # a pipeline stage's backbone slice (nodes.pipeline.StageServer)
+        self.stored: dict[tuple[int, int], StoredShard] = {}
+        self.buffer: "OrderedDict[tuple[int, int], Shard]" = OrderedDict()
+        self.buffer_slots = 2
+        self._storage_dir = storage_dir
+        self.ondemand_loads = 0
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.backbone_bytes + sum(s.nbytes for s in self.shards.values())
+
+    def _reserve(self, stored: dict[tuple[int, int], StoredShard], slots: int) -> int:
+        return slots * max((x.nbytes for x in stored.values()), default=0)
 
     @property
     def used_bytes(self) -> int:
-        return self.backbone_bytes + sum(s.nbytes for s in self.shards.values())
+        """Backbone slice + resident shards + the on-demand buffer's worst case (what the budget is
+        checked against)."""
+        return self.resident_bytes + self._reserve(self.stored, self.buffer_slots)
+
+    def storage_dir(self) -> str:
+        if self._storage_dir is None:
+            import tempfile
+            self._storage_dir = tempfile.mkdtemp(prefix="coel-agent-storage-")
+        os.makedirs(self._storage_dir, exist_ok=True)
+        return self._storage_dir
 
     def load(self, descs: list[dict], tensors: dict[str, torch.Tensor],
              replace: bool = True) -> list[tuple[int, int]]:
@@ -164,39 +198,99 @@ class ShardStore:
         keys = [(d["layer"], d["expert"]) for d in descs]
         if len(set(keys)) != len(keys):
             raise ShardError(P.ErrorCode.BAD_SHARD, f"duplicate (layer, expert) in one load: {keys}")
-        present = [k for k in keys if k in self.shards]
+        present = [k for k in keys if k in self.shards or k in self.stored]
         if present and not replace:
             raise ShardError(P.ErrorCode.BAD_SHARD, f"shard(s) {present[:4]} already loaded and replace=false; "
                                                     f"nothing was loaded")
-        replaced = sum(self.shards[k].nbytes for k in keys if k in self.shards)
-        incoming = sum(t.numel() * t.element_size() for t in tensors.values())
-        self._check_budget(keys, incoming, replaced)
+        resident = [d.get("resident", True) is not False for d in descs]
+        slots = max([int(d.get("buffer_slots", self.buffer_slots)) for d, r in zip(descs, resident) if not r]
+                    + [self.buffer_slots])
+        incoming = sum(t.numel() * t.element_size() for i, ts in enumerate(per) if resident[i] for t in ts.values())
+        self._check_budget(keys, resident, incoming, slots, per)
         built = [build_shard(d, ts, self.fp16_kernel) for d, ts in zip(descs, per)]
         sizes = [module_nbytes(m) for m in built]
-        self._check_budget(keys, sum(sizes), replaced)
-        for d, m, nb in zip(descs, built, sizes):
-            self.shards[(d["layer"], d["expert"])] = Shard(d["layer"], d["expert"], d["bits"], m, nb, d["d_model"])
+        self._check_budget(keys, resident, sum(nb for nb, r in zip(sizes, resident) if r), slots, per, sizes)
+        for d, m, nb, res, ts in zip(descs, built, sizes, resident, per):
+            k = (d["layer"], d["expert"])
+            self._forget(k)
+            if res:
+                self.shards[k] = Shard(d["layer"], d["expert"], d["bits"], m, nb, d["d_model"])
+            else:
+                path = os.path.join(self.storage_dir(), f"l{k[0]}-e{k[1]}-b{d['bits']}.pt")
+                torch.save({"desc": dict(d), "tensors": ts}, path)
+                self.stored[k] = StoredShard(dict(d), path, nb)
+        self.buffer_slots = slots
         return keys
 
-    def _check_budget(self, keys: list, new_bytes: int, replaced: int) -> None:
-        after = self.used_bytes - replaced + new_bytes
+    def _check_budget(self, keys: list, resident: list[bool], new_bytes: int, slots: int,
+                      per: list[dict[str, torch.Tensor]], sizes: list[int] | None = None) -> None:
+        replaced = sum(self.shards[k].nbytes for k in keys if k in self.shards)
+        stored = {k: v for k, v in self.stored.items() if k not in keys}
+        for i, (k, r) in enumerate(zip(keys, resident)):
+            if not r:
+                nb = sizes[i] if sizes else sum(t.numel() * t.element_size() for t in per[i].values())
+                stored[k] = StoredShard({}, "", nb)
+        after = self.resident_bytes - replaced + new_bytes + self._reserve(stored, slots)
         if after > self.budget_bytes:
             raise ShardError(P.ErrorCode.OVER_BUDGET,
                              f"loading {len(keys)} shard(s) {keys[:4]}{'...' if len(keys) > 4 else ''} "
-                             f"of {new_bytes} bytes needs {after} bytes in total, budget is "
-                             f"{self.budget_bytes} ({self.budget_bytes / MB:.1f} MiB), "
+                             f"of {new_bytes} resident bytes needs {after} bytes in total (with the on-demand "
+                             f"buffer), budget is {self.budget_bytes} ({self.budget_bytes / MB:.1f} MiB), "
                              f"{self.used_bytes} already used; nothing was loaded")
 
+    def _forget(self, k: tuple[int, int]) -> None:
+        self.shards.pop(k, None)
+        self.buffer.pop(k, None)
+        st = self.stored.pop(k, None)
+        if st is not None and st.path:
+            try:
+                os.unlink(st.path)
+            except OSError:
+                pass
+
+    def get(self, k: tuple[int, int]) -> tuple[Shard | None, int]:
+        """The shard to run and the ns spent loading it from storage (0 when it was in memory)."""
+        sh = self.shards.get(k)
+        if sh is not None:
+            return sh, 0
+        sh = self.buffer.get(k)
+        if sh is not None:
+            self.buffer.move_to_end(k)
+            return sh, 0
+        st = self.stored.get(k)
+        if st is None:
+            return None, 0
+        t0 = time.monotonic_ns()
+        doc = torch.load(st.path, weights_only=True)
+        m = build_shard(doc["desc"], doc["tensors"], self.fp16_kernel)
+        sh = Shard(k[0], k[1], int(st.desc["bits"]), m, st.nbytes, int(st.desc["d_model"]))
+        self.buffer[k] = sh
+        while len(self.buffer) > self.buffer_slots:
+            self.buffer.popitem(last=False)
+        self.ondemand_loads += 1
+        return sh, time.monotonic_ns() - t0
+
+    def close(self) -> None:
+        """Remove the on-demand shards' storage (a killed agent leaves it in /tmp)."""
+        if self._storage_dir is not None:
+            import shutil
+            shutil.rmtree(self._storage_dir, ignore_errors=True)
+
+    def held(self) -> list[tuple[int, int]]:
+        return sorted(set(self.shards) | set(self.stored))
+
     def unload(self, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        gone = [k for k in keys if k in self.shards]
+        gone = [k for k in keys if k in self.shards or k in self.stored]
         for k in gone:
-            del self.shards[k]
+            self._forget(k)
         return gone
 
     def describe(self) -> list[dict[str, int]]:
-        return [{"layer": s.layer, "expert": s.expert, "bits": s.bits, "nbytes": s.nbytes,
-                 "calls": s.calls, "tokens": s.tokens} for s in sorted(self.shards.values(),
-                                                                      key=lambda s: (s.layer, s.expert))]
+        out = [{"layer": s.layer, "expert": s.expert, "bits": s.bits, "nbytes": s.nbytes,
+                "calls": s.calls, "tokens": s.tokens} for s in self.shards.values()]
+        out += [{"layer": k[0], "expert": k[1], "bits": int(st.desc["bits"]), "nbytes": st.nbytes, "resident": False}
+                for k, st in self.stored.items()]
+        return sorted(out, key=lambda d: (d["layer"], d["expert"]))
 
 
 @dataclass(frozen=True)
@@ -211,6 +305,7 @@ class AgentConfig:
     max_batch_tokens: int = 4096  # largest merged batch of one expert
     heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S
     fp16_kernel: str = "exact"  # fp16 shards: "exact" (bit-identical upcast) | "fast" (fused kernel)
+    perceive: bool = False  # measure itself (nodes/perception.py) before registering; the CLI turns it on
 
     def __post_init__(self) -> None:
         if self.fp16_kernel not in ("exact", "fast"):
@@ -256,6 +351,9 @@ class Agent:
         self.link: ControllerLink | None = None
         self.warmup_ms = 0.0
         self.stage = None  # nodes.pipeline.StageServer once a LOAD_STAGE or STAGE_STEP arrives
+        self.perception: dict | None = None  # nodes/perception.py report, sent with REGISTER
+        self._perceived_limits: dict | None = None
+        self._next_limits_check = 0.0
 
     # ---------------- sockets ----------------
     def _bind(self) -> None:
@@ -276,7 +374,7 @@ class Agent:
         """What REGISTER carries (read from the link thread)."""
         return {"endpoint": self.cfg.endpoint, "memory_budget_bytes": self.cfg.memory_budget_bytes,
                 "threads": self.cfg.threads, "shards": self.store.describe(), "pid": os.getpid(),
-                "warmup_ms": self.warmup_ms}
+                "warmup_ms": self.warmup_ms, **({"perception": self.perception} if self.perception else {})}
 
     def _warm_up(self) -> None:
         """Load the kernels and make a first expert call of each kind before registering, so the
@@ -294,6 +392,27 @@ class Agent:
             quant.QuantizedExpert(spec, d, hid, *(quant.QuantizedLinear.from_float(t, spec) for t in w))(x)
         self.warmup_ms = round((time.monotonic_ns() - t0) / 1e6, 1)
 
+    def _perceive(self) -> None:
+        """Measure expert calls, messages and storage under this process's real limits."""
+        from nodes.perception import perceive
+        with torch.inference_mode():
+            self.perception = perceive()
+        self._perceived_limits = cgroup_limits()
+        if self.tracer is not None:
+            self.tracer.event("perception", **{k: v for k, v in self.perception.items() if k != "expert"})
+
+    def _perceive_again_on_change(self) -> None:
+        """After a resource change (the cgroup limits moved), measure again and send the report
+        with the next heartbeat."""
+        now = time.monotonic()
+        if self.perception is None or now < self._next_limits_check:
+            return
+        self._next_limits_check = now + 1.0
+        if cgroup_limits() != self._perceived_limits:
+            self._perceive()
+            if self.link is not None:
+                self.link.send_once("perception", self.perception)
+
     # ---------------- main loop ----------------
     def stop(self) -> None:
         self._stop.set()
@@ -301,6 +420,8 @@ class Agent:
     def run(self) -> None:
         try:
             self._bind()
+            if self.cfg.perceive:
+                self._perceive()
             # everything alive now (torch, modules, shards) lives for the whole run: keep it out of
             # the cyclic collector, whose full passes over it stalled random expert calls for ms
             self._warm_up()
@@ -325,6 +446,7 @@ class Agent:
                 self.auth.stop()
             if self.tracer is not None:
                 self.tracer.close()
+            self.store.close()
             if self._own_ctx:
                 self.ctx.term()
 
@@ -340,6 +462,7 @@ class Agent:
                 batch.extend(self.inbox.pop_ready())
             if batch:
                 self._process(batch)
+            self._perceive_again_on_change()
 
     def _drain_router(self, batch: list[_Pending], max_msgs: int = 256) -> None:
         r = self.router
@@ -483,13 +606,21 @@ class Agent:
 
     def _run_calls(self, key: tuple, items: list[_Pending]) -> None:
         layer, expert = key[0], key[1]
-        shard = self.store.shards.get((layer, expert))
+        t_load = time.monotonic_ns()
+        shard, load_ns = self.store.get((layer, expert))
         if shard is None:
             for it in items:
                 it.reply(P.error_frames(it.msg.req_id, P.ErrorCode.NOT_LOADED,
                                         f"agent {self.name} holds no shard (layer {layer}, expert {expert}); "
-                                        f"it holds {sorted(self.store.shards)[:8]}", self.name))
+                                        f"it holds {self.store.held()[:8]}", self.name))
             return
+        if load_ns:  # an on-demand shard read from storage: the caller pays it, the trace shows it
+            self.counters["ondemand_loads"] += 1
+            if self.tracer is not None:
+                for it in items:
+                    if it.msg.trace:
+                        self.tracer.span(it.msg.trace, "ondemand_load", t_load, t_load + load_ns, layer=layer,
+                                         expert=expert)
         # split into batches of at most max_batch_tokens
         groups, cur, n = [], [], 0
         for it in items:
@@ -582,7 +713,8 @@ class Agent:
         return {"cpu_percent": self.proc.cpu_percent(), "rss_bytes": mem.rss,
                 "available_bytes": psutil.virtual_memory().available, "load1": os.getloadavg()[0],
                 "memory_used_bytes": self.store.used_bytes, "memory_budget_bytes": self.store.budget_bytes,
-                "shards": len(self.store.shards), "expert_calls": self.counters["expert_calls"],
+                "shards": len(self.store.shards) + len(self.store.stored),
+                "expert_calls": self.counters["expert_calls"],
                 "backbone_bytes": self.store.backbone_bytes, **({"stage": self.stage.stats()} if self.stage else {}),
                 "t_ns": time.monotonic_ns(), **cgroup_limits()}  # cgroup: the controller sees squeezes
 

@@ -24,6 +24,8 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
                    help="fp16 shards: exact = bit-identical fp32 upcast; fast = fused fp16 GEMV kernel")
     p.add_argument("--delay-file", default=None,
                    help="emulated path delays (nodes.delayqueue JSON; default $COEL_DELAY_FILE)")
+    p.add_argument("--no-perceive", dest="perceive", action="store_false",
+                   help="do not measure expert calls, messages and storage before registering (nodes/perception.py)")
 
 
 def agent_config_from_args(args: argparse.Namespace):
@@ -35,7 +37,7 @@ def agent_config_from_args(args: argparse.Namespace):
                        threads=args.threads, controller=args.controller, keys_dir=args.keys,
                        name=args.name, trace_path=args.trace_out, max_batch_tokens=args.max_batch_tokens,
                        heartbeat_interval_s=args.heartbeat_s or P.HEARTBEAT_INTERVAL_S,
-                       fp16_kernel=args.fp16_kernel)
+                       fp16_kernel=args.fp16_kernel, perceive=getattr(args, "perceive", True))
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

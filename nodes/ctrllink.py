@@ -71,6 +71,13 @@ class ControllerLink:
         self._probe_done: queue.Queue = queue.Queue()
         self._prober: threading.Thread | None = None
         self._answered_register = False
+        self._once: dict[str, Any] = {}  # body fields for the next heartbeat only (send_once)
+        self._once_lock = threading.Lock()
+
+    def send_once(self, key: str, value: Any) -> None:
+        """Add a field to the next heartbeat's body (e.g. a new perception report)."""
+        with self._once_lock:
+            self._once[key] = value
 
     # ---------------- lifecycle ----------------
     def start(self) -> "ControllerLink":
@@ -114,7 +121,9 @@ class ControllerLink:
         except Exception:  # the owner's state changed under us (a load in flight): beat without stats
             self.counters["stats_errors"] += 1
             stats = {}
-        return {"name": self.cfg.name, "stats": stats}
+        with self._once_lock:
+            once, self._once = self._once, {}
+        return {"name": self.cfg.name, "stats": stats, **once}
 
     def _run(self) -> None:
         cfg = self.cfg

@@ -59,6 +59,7 @@ class EntryConfig:
     placement_wait_s: float = 10.0  # a failing step waits at most this long for a new placement
     first_placement_wait_s: float = 30.0  # a request arriving before any placement waits this long
     http: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP front (nodes.http_front); None = none
+    perceive: bool = False  # measure the backbone and messages (nodes/perception.py) before registering
 
     def __post_init__(self) -> None:
         if "://" not in self.listen:
@@ -148,6 +149,7 @@ class EntryService:
         from nodes.metrics import EntryMetrics
         self.metrics = EntryMetrics(cfg.name, self.metrics_snapshot)
         self.http_front = None  # nodes.http_front.HttpFront when --http is given
+        self.perception: dict | None = None  # nodes/perception.py report, sent with REGISTER
 
     # ---------------- routing state ----------------
     def apply_placement(self, body: dict) -> int:
@@ -224,6 +226,12 @@ class EntryService:
             pull.linger = 0
             self._out_addr = f"inproc://entry-out-{id(self)}"
             pull.bind(self._out_addr)
+            if self.cfg.perceive:
+                from nodes.perception import perceive
+                mc = self.model.cfg
+                self.perception = perceive(self.model, (mc.d_model, mc.expert_hidden))
+                if self.tracer is not None:
+                    self.tracer.event("perception", **{k: v for k, v in self.perception.items() if k != "expert"})
             for i in range(self.cfg.workers):
                 th = threading.Thread(target=self._worker, args=(i,), name=f"entry-worker-{i}", daemon=True)
                 th.start()
@@ -258,7 +266,8 @@ class EntryService:
     def _register_body(self) -> dict[str, Any]:
         """What REGISTER carries (read from the link thread)."""
         return {"endpoint": self.cfg.listen, "memory_budget_bytes": 0, "pid": os.getpid(), "role": "entry",
-                "workers": self.cfg.workers, "placement_version": self.routing_version()}
+                "workers": self.cfg.workers, "placement_version": self.routing_version(),
+                **({"perception": self.perception} if self.perception else {})}
 
     def _start_link(self) -> None:
         """Warm up (kernels loaded: never compiled here, see coel_model.kernels), then register."""
@@ -578,6 +587,8 @@ def add_entry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
     p.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible HTTP API and /health, /metrics here (docs/http-api.md)")
+    p.add_argument("--no-perceive", dest="perceive", action="store_false",
+                   help="do not measure the backbone and messages before registering (nodes/perception.py)")
 
 
 def cmd_entry(args: argparse.Namespace) -> int:
@@ -585,7 +596,7 @@ def cmd_entry(args: argparse.Namespace) -> int:
     cfg = EntryConfig(name=args.name, listen=args.listen, model_dir=args.model, controller=args.controller,
                       keys_dir=args.keys, trace_path=args.trace, workers=args.workers, threads=args.threads,
                       heartbeat_s=args.heartbeat_s, call_timeout_s=args.call_timeout_s,
-                      placement_wait_s=args.placement_wait_s, http=args.http)
+                      placement_wait_s=args.placement_wait_s, http=args.http, perceive=args.perceive)
     torch.set_num_threads(cfg.threads)
     svc = EntryService(cfg, lambda: delay_hook_from_env(args.delay_file))
     stop_on_signals(svc.stop)

@@ -126,8 +126,9 @@ _OPT_MAP = (dict, type(None))
 BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.REGISTER: {"name": (_STR, True), "endpoint": (_STR, True), "memory_budget_bytes": (_INT, True),
                        "threads": (_INT, False), "shards": (_LIST, False), "pid": (_INT, False),
-                       "heartbeat_s": (_NUM, False), "warmup_ms": (_NUM, False)},
-    MsgType.HEARTBEAT: {"name": (_STR, False), "stats": (_MAP, False)},
+                       "heartbeat_s": (_NUM, False), "warmup_ms": (_NUM, False),
+                       "perception": (_MAP, False)},  # nodes/perception.py report
+    MsgType.HEARTBEAT: {"name": (_STR, False), "stats": (_MAP, False), "perception": (_MAP, False)},
     MsgType.LOAD_SHARD: {"shards": (_LIST, True), "replace": ((bool,), False)},
     MsgType.UNLOAD_SHARD: {"shards": (_LIST, True)},
     MsgType.EXPERT_CALL: {"layer": (_INT, True), "expert": (_INT, True), "compression": (_OPT_MAP, False),
@@ -174,6 +175,8 @@ _ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
 SHARD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "layer": (_INT, True), "expert": (_INT, True), "bits": (_INT, True), "d_model": (_INT, True),
     "hidden": (_INT, True), "group_size": (_INT, False), "method": (_STR, False),
+    # on-demand (offload plans): kept on the agent's storage, loaded into a buffer of buffer_slots when called
+    "resident": ((bool,), False), "buffer_slots": (_INT, False),
 }
 VALID_BITS = (2, 3, 4, 8, 16, 32)
 
@@ -330,6 +333,8 @@ def validate_shard_desc(i: int, s: Any, req_id: int = 0) -> None:
     for k in ("d_model", "hidden"):
         if not 0 < s[k] <= 1 << 20:
             raise ProtocolError(f"shards[{i}]: {k}={s[k]} out of range", req_id)
+    if not 1 <= s.get("buffer_slots", 1) <= 64:
+        raise ProtocolError(f"shards[{i}]: buffer_slots={s['buffer_slots']} out of range (1..64)", req_id)
 
 
 _I62 = 1 << 62

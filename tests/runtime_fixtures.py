@@ -128,7 +128,10 @@ def start_cluster(procs: Procs, setup: dict, *, static: bool = False, replan_int
             "--heartbeat-s", "0.2", "--trace", str(raw / "ctl-controller.jsonl"), "--register-timeout-s", "60",
             *([] if compression else ["--no-compression"]),  # off: entries send fp32 (token-exact tests)
             # loopback on a shared 2-core machine: scheduling hiccups of several ms are not link changes
-            "--bw-drop-ratio", "0.05", "--rtt-rise-min-ms", "50"]
+            "--bw-drop-ratio", "0.05", "--rtt-rise-min-ms", "50",
+            # these tests exercise inter-server mechanics: the quality objective spreads the experts
+            # over a1-a3 (the latency objective may keep them all next to the entry)
+            "--objective", "quality"]
     if static:
         args.append("--static")
     if replan_interval_s:

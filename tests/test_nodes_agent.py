@@ -108,6 +108,38 @@ def test_over_budget_load_is_refused_atomically(agent):
                                       "replace": False}, {f"0/{k}": v for k, v in t.items()})
 
 
+def test_on_demand_shards_live_in_storage_and_only_a_buffer_counts(agent):
+    """Offload plans: more experts than the budget holds, kept on storage; a call loads one into
+    an LRU buffer of buffer_slots (charged to the budget) and pays the load."""
+    a, c = agent
+    per = 3 * D * HID * 2  # 12 KiB per fp16 expert, budget 64 KiB: 5 would fit resident, 8 do not
+    keys = [(0, e) for e in range(8)]
+    descs, tensors = [], {}
+    for i, (l, e) in enumerate(keys):
+        descs.append({"layer": l, "expert": e, "bits": 16, "d_model": D, "hidden": HID, "resident": False,
+                      "buffer_slots": 2})
+        for n, t in expert_tensors(_expert(100 * l + e), 16).items():
+            tensors[f"{i}/{n}"] = t
+    r = c.call(P.MsgType.LOAD_SHARD, {"shards": descs}, tensors, timeout_s=5)
+    assert r.body["memory_used_bytes"] == 2 * per  # the buffer's worst case, not 8 experts
+    _load(c, [(1, 0), (1, 1)])  # resident ones next to them
+    assert c.call(P.MsgType.STATUS).body["memory_used_bytes"] == 4 * per
+    x = torch.randn(3, D)
+    for e in (0, 1, 2, 0, 5):
+        assert torch.equal(_call(c, 0, e, x).tensors["y"], _reference(0, e, x))
+    assert a.store.ondemand_loads == 5 and len(a.store.buffer) == 2  # (0,0) was evicted by (0,2)
+    assert torch.equal(_call(c, 0, 5, x).tensors["y"], _reference(0, 5, x))  # buffered: no load
+    assert a.store.ondemand_loads == 5
+    st = c.call(P.MsgType.STATUS).body
+    assert sum(1 for s in st["shards"] if s.get("resident") is False) == 8
+    with pytest.raises(RemoteError) as ei:  # 4 more resident would need 8 x 12 KiB with the buffer
+        _load(c, [(2, 0), (2, 1), (2, 2)])
+    assert ei.value.code == "over_budget"
+    c.call(P.MsgType.UNLOAD_SHARD, {"shards": [[0, e] for e in range(8)]})
+    assert c.call(P.MsgType.STATUS).body["memory_used_bytes"] == 2 * per
+    assert not os.listdir(a.store.storage_dir())
+
+
 def test_bad_shard_tensors_are_refused(agent):
     a, c = agent
     t = expert_tensors(_expert(0), 16)

@@ -41,8 +41,10 @@ def run(name: str, setup: dict, events: list[str], **kw):
     from testbed.scenario import parse_scenario
     sc = parse_scenario(scenario_text(name, setup, events, **kw), f"{name}.yaml")
     log = io.StringIO()
-    res = run_scenario(sc, RunOptions(out_dir=setup["out"], live_progress=False, serving_timeout_s=180),
-                       stream=log)
+    # objective quality: CoEL spreads the experts over every tight-star-4 server (what these
+    # re-deployment tests need); the default latency objective may keep them on the entry
+    res = run_scenario(sc, RunOptions(out_dir=setup["out"], live_progress=False, serving_timeout_s=180,
+                                      extra_controller_args=("--objective", "quality")), stream=log)
     return res, log.getvalue()
 
 
