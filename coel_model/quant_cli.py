@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="exponent on popularity (mcmoe)")
     p.add_argument("--beta", type=float, default=1.5, help="exponent on mean routing weight (mcmoe)")
     p.add_argument("--bits", default="", help="allowed widths, e.g. 2,3,4 (default: all in the profile)")
-    p.add_argument("--method", choices=("rtn", "hqq"), default="rtn")
+    p.add_argument("--method", choices=("rtn", "hqq"), default="hqq",
+                   help="quantizer of the written experts (default hqq: with the kl weighting it measures best, "
+                        "docs/benchmarks.md 'Quantization quality'; rtn = round to nearest)")
     p.add_argument("--time-limit-s", type=float, default=10.0, help="ILP time limit")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--threads", type=int, default=2)

@@ -290,6 +290,9 @@ def evaluate(profile: Profile, cluster: Cluster, reqs: Requirements, lay: Layout
     for c in reqs.classes:
         stages = lay.stages[c.entry]
         coord = stages[0][0]
+        if not opts.stage_execution:  # what the runtime executes today: the entry runs every layer
+            coord = idx[c.entry]
+            stages = [(coord, 0, profile.n_layers)]
         tok = head_ms(cluster.servers[coord], head_b)
         ttft = tok
         e = idx[c.entry]

@@ -154,6 +154,10 @@ class PlanOptions:
     # an expert call to the coordinator's own server: the entry reaches its co-located agent through
     # a socket too (no link delay, but the message round trip)
     local_call_ms: float = 0.3
+    # False: the runtime runs every backbone layer on the entry's coordinator and calls the expert
+    # holders per layer, also for pipeline plans (stage execution is issue 14); the cost model then
+    # predicts that, not the stages. True once agents execute stages.
+    stage_execution: bool = False
     rto_ms: float = 200.0  # TCP retransmission timeout charged per lost packet
     header_bytes: int = 64  # per message
     headroom_frac: float = 0.08  # memory kept free on each server for re-homing after a failure

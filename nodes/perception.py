@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import threading
 import time
 from typing import Any, Callable
 
@@ -94,46 +93,66 @@ def measure_storage(d_model: int = REF_D_MODEL, hidden: int = REF_HIDDEN, reps: 
     return {"ms_fixed": round(max(y0 - per_mb * x0, 0.0), 4), "ms_per_mb": round(per_mb, 4)}
 
 
-def measure_message_rtt(d_model: int = REF_D_MODEL, reps: int = 60) -> float:
-    """Round trip of one batch-1 expert call and its reply over tcp loopback (ROUTER echo in a
-    thread), encoded and decoded with the wire protocol at both ends."""
+def _echo_server(port_w: int, reps: int) -> None:
+    """Child process: ROUTER on a random loopback port (written to the pipe), echoes expert calls."""
     import zmq
     from nodes import protocol as P
     ctx = zmq.Context()
     srv = ctx.socket(zmq.ROUTER)
     srv.linger = 0
     port = srv.bind_to_random_port("tcp://127.0.0.1")
-    cli = ctx.socket(zmq.DEALER)
-    cli.linger = 0
-    cli.connect(f"tcp://127.0.0.1:{port}")
-    stop = threading.Event()
+    os.write(port_w, f"{port}\n".encode())
+    for _ in range(reps):
+        if not srv.poll(5000):
+            break
+        frames = srv.recv_multipart()
+        msg = P.decode(frames[2:] if frames[1] == b"" else frames[1:])
+        srv.send_multipart([frames[0], b""] + P.encode(P.MsgType.EXPERT_REPLY, msg.req_id,
+                                                       {"queue_ns": 0, "compute_ns": 0}, {"y": msg.tensors["x"]}))
+    srv.close(0)
+    ctx.term()
 
-    def echo() -> None:
-        while not stop.is_set():
-            if not srv.poll(50):
-                continue
-            frames = srv.recv_multipart()
-            msg = P.decode(frames[2:] if frames[1] == b"" else frames[1:])
-            y = msg.tensors["x"]
-            srv.send_multipart([frames[0], b""] + P.encode(P.MsgType.EXPERT_REPLY, msg.req_id,
-                                                           {"queue_ns": 0, "compute_ns": 0}, {"y": y}))
 
-    th = threading.Thread(target=echo, daemon=True)
-    th.start()
-    x = torch.randn(1, d_model)
+def measure_message_rtt(d_model: int = REF_D_MODEL, reps: int = 60) -> float:
+    """Round trip of one batch-1 expert call and its reply between two processes of this server
+    (a forked echo: same cgroup) over tcp loopback, encoded and decoded with the wire protocol at
+    both ends: the software cost of every call and hop, without the link."""
+    import zmq
+    from nodes import protocol as P
+    warmup = 5
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no torch work, only sockets
+        code = 0
+        try:
+            os.close(r)
+            _echo_server(w, reps + warmup)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(w)
     try:
-        def call() -> None:
-            cli.send_multipart([b""] + P.encode(P.MsgType.EXPERT_CALL, 1, {"layer": 0, "expert": 0}, {"x": x}))
-            frames = cli.recv_multipart()
-            P.decode(frames[1:] if frames[0] == b"" else frames)
+        with os.fdopen(r) as fh:
+            port = int(fh.readline().strip() or 0)
+        ctx = zmq.Context()
+        cli = ctx.socket(zmq.DEALER)
+        cli.linger = 0
+        cli.connect(f"tcp://127.0.0.1:{port}")
+        x = torch.randn(1, d_model)
+        try:
+            def call() -> None:
+                cli.send_multipart([b""] + P.encode(P.MsgType.EXPERT_CALL, 1, {"layer": 0, "expert": 0}, {"x": x}))
+                if not cli.poll(5000):
+                    raise TimeoutError("perception: the echo process did not answer")
+                frames = cli.recv_multipart()
+                P.decode(frames[1:] if frames[0] == b"" else frames)
 
-        return round(_median_ms(call, reps, warmup=5), 4)
+            return round(_median_ms(call, reps, warmup=warmup), 4)
+        finally:
+            cli.close(0)
+            ctx.term()
     finally:
-        stop.set()
-        th.join(2)
-        cli.close(0)
-        srv.close(0)
-        ctx.term()
+        os.waitpid(pid, 0)
 
 
 def measure_backbone(model, prompt_tokens: int = 32, decode_steps: int = 12) -> dict[str, float]:

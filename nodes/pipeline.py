@@ -75,7 +75,7 @@ class _StoreExperts:
         self.cfg, self.store = cfg, store
 
     def expert(self, layer: int, e: int):
-        shard = self.store.shards.get((layer, e))
+        shard, _ = self.store.get((layer, e))  # resident, or loaded on demand from storage
         if shard is None:
             from nodes.coordinator import RemoteExpertError
             raise RemoteExpertError(f"expert (layer {layer}, expert {e}) is placed here but not loaded")

@@ -326,8 +326,41 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _register_compare(sub) -> None:
+    p = sub.add_parser("compare", help="run one scenario per strategy (same traffic and faults), side by side",
+                       description="Runs SCENARIO once per strategy and repeat in Mininet with the same seeded "
+                       "traffic and fault schedule (each run is a normal `coel run` folder), then writes "
+                       "compare.json, compare.txt and plots (testbed/compare.py). The last line printed is "
+                       "the compare folder.")
+    p.add_argument("scenario", help="bundled scenario name (testbed/scenarios) or a YAML path")
+    p.add_argument("--strategies", default="coel,uniform,pipeline,offload,random",
+                   help="comma-separated planner strategies (default: all)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per strategy (figures are medians)")
+    p.add_argument("--no-quality", action="store_true",
+                   help="skip measuring the deployed widths' held-out perplexity and top-1 agreement")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+    from testbed.compare import parse_strategies, run_compare
+    from testbed.netbuild import check_can_build
+    strategies = parse_strategies(args.strategies)
+    check_can_build()
+    opt = replace(_run_options(args), strategy=None)
+    doc = run_compare(args.scenario, strategies, args.repeats, opt, Path(args.out), quality=not args.no_quality)
+    print(doc["table"])
+    print(doc["folder"], flush=True)
+    failed = [s for s, v in doc["strategies"].items() if any(r["outcome"] != "completed" for r in v["runs"])]
+    if failed:
+        print(f"coel compare: runs not completed for {failed} (see their run folders)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 REGISTRARS = [_register_clean, _register_topo, _register_net, _register_run, _register_demo, _register_inject,
-              _register_report, _register_deploy]
+              _register_report, _register_deploy, _register_compare]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -88,3 +88,13 @@ def test_perceive_measures_every_part_quickly():
     f = server_fields(r, r)
     assert {"call_ms", "bytes_per_s", "msg_ms", "layer_decode_ms", "storage_ms"} <= set(f)
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.unit
+def test_a_cpu_capped_server_is_slower_by_its_share():
+    capped = dict(report(), limits={"cgroup_cpu_cores": 0.5})
+    f = server_fields(capped, {"backbone": {"layer_decode_ms": 0.2, "head_ms": 0.1}, "limits": {"cgroup_cpu_cores": 0.5}})
+    assert f["msg_ms"] == pytest.approx(0.8) and f["layer_decode_ms"] == pytest.approx(0.4)
+    assert f["call_ms"] == pytest.approx(0.1) and f["bytes_per_s"] == pytest.approx(1e9)
+    free = server_fields(dict(report(), limits={"cgroup_cpu_cores": 2.0}), None)
+    assert free["msg_ms"] == pytest.approx(0.4)
