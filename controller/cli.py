@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the plan JSON instead of tables")
     p.set_defaults(func=cmd_plan)
 
-    # the running controller (engineer G): registration, probes, deploy, monitor, re-deploy
+    # the running controller: registration, probes, deploy, monitor, re-deploy
     from controller.service import add_controller_args, cmd_controller
     p = sub.add_parser("controller", help="run the controller of a deployment (contract: docs/protocol.md)")
     add_controller_args(p)

@@ -335,7 +335,7 @@ def server_bytes(plan_: Plan, profile: Profile, server: str) -> int:
     return tot
 
 
-# ---------------------------------------------------------------- link re-negotiation (engineer G2)
+# ---------------------------------------------------------------- link re-negotiation
 
 @dataclass(frozen=True)
 class CompressionChange:

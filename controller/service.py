@@ -1,5 +1,5 @@
 """The controller process (`coel controller`): registration, probing, planning, deployment,
-monitoring and re-deployment of one CoEL run (contract: /tmp/tasks/runtime_contract.md).
+monitoring and re-deployment of one CoEL run.
 
 Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
   registry    ROUTER on --listen (CURVE): REGISTER/HEARTBEAT of agents and entries, answered at

@@ -119,7 +119,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_serve_local)
 
-    # runtime commands (engineer G): the entry service and the workload client
+    # runtime commands: the entry service and the workload client
     from nodes.client import add_client_args, cmd_client
     from nodes.entry import add_entry_args, cmd_entry
     p = sub.add_parser("entry", help="run an entry service: backbone here, experts on the agents, streams tokens")

@@ -39,6 +39,7 @@ def test_keys_layout_and_permissions(tmp_path):
         make_keys(out)
 
 
+@pytest.mark.integration
 def test_authorized_client_is_served(secured):
     a, keys, _ = secured
     c = AgentClient(a.cfg.endpoint, keys)
@@ -56,6 +57,7 @@ def _assert_served(a, keys):
         c.close()
 
 
+@pytest.mark.integration
 def test_stranger_key_is_rejected_and_agent_stays_up(secured):
     a, keys, stranger = secured
     # the stranger knows the server's public key but its own client key is not authorized
@@ -69,6 +71,7 @@ def test_stranger_key_is_rejected_and_agent_stays_up(secured):
     _assert_served(a, keys)
 
 
+@pytest.mark.integration
 def test_plain_text_peer_is_rejected_and_agent_stays_up(secured):
     a, keys, _ = secured
     c = AgentClient(a.cfg.endpoint, None)
@@ -86,6 +89,7 @@ def test_plain_text_peer_is_rejected_and_agent_stays_up(secured):
     _assert_served(a, keys)
 
 
+@pytest.mark.integration
 def test_coel_keys_command(tmp_path):
     out = make_keys(tmp_path / "cli-keys")
     old = (out / "server.key").read_bytes()

@@ -105,7 +105,7 @@ def test_infeasible_and_bad_input_are_one_line_errors(files, tmp_path, capsys):
     assert rc == 2 and "deepseek-v3" in err  # lists the bundled configs
 
 
-BUNDLED = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "tiny-moe"
+BUNDLED = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
 
 
 @pytest.mark.skipif(not (BUNDLED / "profile.json").exists(), reason="models/tiny-moe/profile.json not committed yet")

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from runtime_fixtures import Procs, make_setup, read_events, start_cluster, wait_serving
+from tests.runtime_fixtures import Procs, make_setup, read_events, start_cluster, wait_serving
 
-pytestmark = pytest.mark.timeout(200)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(200)]
 
 
 class ByteTokenizer:

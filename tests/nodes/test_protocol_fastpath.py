@@ -85,6 +85,7 @@ def agent_ep():
         th.join(5)
 
 
+@pytest.mark.integration
 def test_agent_fast_path_replies_in_request_dtype_and_matches_module(agent_ep):
     d, hid = 32, 16
     g = torch.Generator().manual_seed(0)
@@ -108,6 +109,7 @@ def test_agent_fast_path_replies_in_request_dtype_and_matches_module(agent_ep):
         c.close()
 
 
+@pytest.mark.integration
 def test_client_keeps_replies_that_come_due_together(agent_ep):
     c = AgentClient(agent_ep, name="t", delay=_Hold(time.monotonic_ns() + 300_000_000))
     try:

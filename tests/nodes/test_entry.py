@@ -10,7 +10,7 @@ import torch
 
 from coel_model.errors import ConfigError
 from nodes import protocol as P
-from runtime_fixtures import make_setup
+from tests.runtime_fixtures import make_setup
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def test_bundled_set_and_default_constraints():
     mem = sorted(s.memory_bytes for s in t.servers)
     from coel_model.checkpoint import load_config
     from pathlib import Path
-    counts = load_config(Path(__file__).resolve().parents[1] / "models" / "tiny-moe").param_counts()
+    counts = load_config(Path(__file__).resolve().parents[2] / "models" / "tiny-moe").param_counts()
     fp16_bytes = 2 * counts["total"]
     assert mem[0] < fp16_bytes, "smallest server must not hold the bundled fp16 model alone"
     assert mem[-1] < fp16_bytes, "no server holds the fp16 model: inter-server cooperation is needed"

@@ -12,7 +12,7 @@ import pytest
 from controller import monitor as M
 from controller.compression import DEFAULT_COSTS, request_quality_score
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOPO = REPO / "testbed" / "scenarios" / "topologies" / "tight-star-4.yaml"
 QUALITY = {c.name: c.quality_nats for c in DEFAULT_COSTS}
 

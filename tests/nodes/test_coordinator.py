@@ -59,6 +59,7 @@ def cluster():
         c.stop()
 
 
+@pytest.mark.integration
 def test_remote_generation_equals_local_and_writes_spans(cluster, tmp_path):
     model = tiny_model()
     prompt = [3, 14, 15, 92, 65]
@@ -100,6 +101,7 @@ def test_replica_chooser_prefers_fast_and_idle_and_avoids_banned():
     assert ch.rtt_ms["a"] == pytest.approx(3.0)
 
 
+@pytest.mark.integration
 def test_failover_to_replica_when_a_holder_is_dead(cluster):
     model = tiny_model(1)
     prompt = [5, 6, 7]
@@ -118,6 +120,7 @@ def test_failover_to_replica_when_a_holder_is_dead(cluster):
         coord.close()
 
 
+@pytest.mark.integration
 def test_no_holder_answers_gives_clear_error_within_bound():
     model = tiny_model(2)
     dead = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
@@ -135,6 +138,7 @@ def test_no_holder_answers_gives_clear_error_within_bound():
     assert "layer 0 expert" in msg and "no reply within 0.25 s" in msg and dead[0] in msg and dead[1] in msg
 
 
+@pytest.mark.integration
 def test_error_reply_fails_over_and_placement_swap_is_atomic(cluster):
     model = tiny_model(3)
     prompt = [9, 8, 7, 6]
@@ -159,6 +163,7 @@ def test_error_reply_fails_over_and_placement_swap_is_atomic(cluster):
         coord.close()
 
 
+@pytest.mark.integration
 def test_killing_an_agent_mid_request_completes_through_replica():
     """Real processes: SIGKILL one agent while a generation is running."""
     model = tiny_model(4)
@@ -185,6 +190,7 @@ def test_killing_an_agent_mid_request_completes_through_replica():
             coord.close()
 
 
+@pytest.mark.integration
 def test_coordinator_holds_replies_for_the_emulated_path_delay(cluster, tmp_path):
     from coel_model.model import route
     from nodes.delayqueue import DelayTable, write_delay_file

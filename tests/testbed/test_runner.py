@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_testbed_run_helpers import assert_clean, events_of, mininet_test, run, setup_dir
+from tests.testbed.run_helpers import assert_clean, events_of, mininet_test, run, setup_dir
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -148,14 +148,14 @@ def test_ctrl_c_stops_everything_and_still_reports(tmp_path):
     import signal
     import subprocess
     import sys
-    from test_testbed_run_helpers import scenario_text
+    from tests.testbed.run_helpers import scenario_text
     setup = setup_dir(tmp_path)
     sc = tmp_path / "tb-interrupt.yaml"
     sc.write_text(scenario_text("tb-interrupt", setup, ["{at_s: 20, kind: server_crash, server: s2}"],
                                 duration_s=40))
     p = subprocess.Popen([sys.executable, "-m", "coel_model.cli", "run", str(sc), "--out", str(setup["out"])],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=str(Path(__file__).resolve().parents[1]))
+                         cwd=str(Path(__file__).resolve().parents[2]))
     try:
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline and not list(Path(setup["out"]).glob("*/runner.pid")):

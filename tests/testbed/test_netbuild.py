@@ -24,7 +24,7 @@ pytestmark = [
                        reason="needs root and Mininet's mnexec"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BW_MBIT, DELAY_MS, BACKUP_DELAY_MS = 20.0, 10.0, 15.0
 
 TOPO = textwrap.dedent(f"""\

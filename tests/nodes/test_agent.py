@@ -18,6 +18,8 @@ from nodes.agent import MB, Agent, AgentConfig, _Pending, expert_tensors, serve_
 from nodes.local import free_port
 from nodes.transport import AgentClient, NodeTimeout, RemoteError
 
+pytestmark = pytest.mark.integration
+
 D, HID = 32, 64
 torch.set_num_threads(1)
 
@@ -282,7 +284,7 @@ def test_rss_growth_tracks_accounted_bytes():
     """A real agent process: RSS after loading ~48 MiB of shards grows by about what it accounts."""
     ep = _ep()
     proc = subprocess.Popen([sys.executable, "-m", "nodes.agent", "--endpoint", ep, "--memory-mb", "64"],
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     c = AgentClient(ep)
     try:
         deadline = time.monotonic() + 30

@@ -15,7 +15,7 @@ def mininet_test(f):
     f = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mnexec"), reason="needs root and Mininet's mnexec")(f)
     return pytest.mark.mininet(f)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # every server holds experts (0.25 MiB each for ~0.8 MiB of experts at 8 bits); s1 is the entry
 TOPO_PATH = REPO / "testbed" / "scenarios" / "topologies" / "tight-star-4.yaml"
 SMALL_MODEL = dict(d_model=64, n_layers=2, expert_hidden=256, vocab_size=256, seed=5)

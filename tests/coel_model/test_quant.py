@@ -19,7 +19,7 @@ from coel_model.quant import QuantSpec
 
 torch.set_num_threads(1)
 INT_BITS = (2, 3, 4, 8)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(**kw) -> MoEConfig:
@@ -198,6 +198,7 @@ def test_float_matmul_matches_reference(dtype):
                 assert torch.allclose(y, x @ w.float().T, atol=1e-4, rtol=1e-4), (force, n)
 
 
+@pytest.mark.integration
 def test_fallback_selected_when_disabled():
     """COEL_KERNELS=off (or no compiler/AVX2) must give the pure-torch path, same numbers."""
     code = ("import torch; from coel_model import kernels, quant;"

@@ -19,7 +19,7 @@ from coel_model.model import MoEModel, init_weights
 from coel_model.tokenizer import Tokenizer, train_tokenizer
 from coel_model.train import TrainConfig, lr_at, train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "models" / "tiny-moe"
 
 

@@ -17,7 +17,9 @@ from coel_model.tokenizer import train_tokenizer
 from nodes.coordinator import Coordinator
 from nodes.local import LocalCluster, deploy_experts, round_robin_placement
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = ["the quick brown fox jumps over the lazy dog", "edge servers hold quantized experts",
         "mixture of experts routes each token to two experts", "tokens travel between servers"] * 20
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_testbed_run_helpers import assert_clean, events_of, mininet_test, run, setup_dir
+from tests.testbed.run_helpers import assert_clean, events_of, mininet_test, run, setup_dir
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,7 +73,7 @@ def test_bandwidth_drop_changes_placement_or_compression(setup):
     resp = next(f for f in s["fault_responses"] if f["kind"] == "bw")
     assert resp["detect_s"] is not None and resp["detected_by"] == "link_degraded", resp
     # the controller re-negotiates the token compression of the pair whose measured route changed
-    # (issue 7; engineer G2): tighter on the 10x slower route
+    # (issue 7): tighter on the 10x slower route
     red = [e["attrs"] for e in events_of(res.run_dir) if e["event"] == "redeployment"]
     ch = [(r, c) for r in red for c in r.get("compression_changes", []) if "s2" in c["link"].split("|")]
     assert ch, ([r.get("reasons") for r in red], [e["attrs"].get("reasons") for e in events_of(res.run_dir)

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from coel_model.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _read(p: Path) -> str:
@@ -28,6 +30,7 @@ def test_topo_validate_bundled_and_show(capsys):
     assert "m1 -> m2: 3 ms" in out and "m1 > r1 > r2 > m2" in out
 
 
+@pytest.mark.integration
 def test_malformed_topology_fails_before_anything_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nservers:\n  - {name: e1, memory_mb: 8, colour: red}\n"

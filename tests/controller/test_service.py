@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from runtime_fixtures import (Procs, generate_remote, make_setup, read_events, reference_tokens, start_cluster,
+from tests.runtime_fixtures import (Procs, generate_remote, make_setup, read_events, reference_tokens, start_cluster,
                               wait_serving)
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 PROMPT = [5, 17, 33, 2, 99, 100, 7, 8]
 

@@ -182,9 +182,7 @@ class FakeAgent:
 def _deployer(agents, **kw):
     from coel_model.model import MoEModel, init_weights
     from controller.deployer import DeployConfig, Deployer, ShardSource
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from runtime_fixtures import tiny_cfg
+    from tests.runtime_fixtures import tiny_cfg
     model = MoEModel(tiny_cfg())
     init_weights(model, seed=0)
     sleeps = []
@@ -293,10 +291,7 @@ def test_resource_observation_reads_squeezes_from_cgroup_limits():
 
 def test_replan_after_a_memory_squeeze_drops_and_rehomes_copies():
     """What a resource_change trigger runs: the observed cluster with a server's squeezed budget."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
-    from runtime_fixtures import tiny_cfg
+    from tests.runtime_fixtures import tiny_cfg
     from controller.cluster import cluster_from_dict
     from controller.plan import PlanOptions, single_class
     from controller.planner import plan
