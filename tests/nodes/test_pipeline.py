@@ -15,7 +15,7 @@ from nodes import protocol as P
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "models" / "tiny-moe"
 PROMPT = [47, 78, 303, 1036, 268, 272, 706, 12]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_testbed_run_helpers import assert_clean, mininet_test, scenario_text, setup_dir
+from tests.testbed.run_helpers import assert_clean, mininet_test, scenario_text, setup_dir
 
 pytestmark = pytest.mark.timeout(200)
 

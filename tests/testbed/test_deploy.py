@@ -1,5 +1,5 @@
 """`coel deploy`: the runtime on "real hosts" reached over SSH. Here the hosts are network
-namespaces with their own sshd (tests/sshns.py), at addresses inside those namespaces, with a
+namespaces with their own sshd (tests/testbed/sshns.py), at addresses inside those namespaces, with a
 key made for the test. Deploy, serve, crash one agent, recover with 0 lost; clear errors for an
 unreachable host, a wrong key, a missing checkout or venv; nothing left behind."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sshns import SshHosts, have_sshd
-from test_testbed_run_helpers import SMALL_MODEL
+from tests.testbed.sshns import SshHosts, have_sshd
+from tests.testbed.run_helpers import SMALL_MODEL
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 needs_sshd = pytest.mark.skipif(not have_sshd(), reason="needs root and openssh-server (sshd)")
 
 
