@@ -359,8 +359,24 @@ def _cmd_compare(args) -> int:
     return 1 if failed else 0
 
 
+def _register_forward(sub) -> None:
+    p = sub.add_parser("forward", help="reach a running `coel run`'s HTTP API and /metrics from this machine",
+                       description="Relays 127.0.0.1:BASE (the controller's /metrics) and BASE+1... (each entry's "
+                       "OpenAI-compatible API and /metrics) into the run's Mininet hosts, and writes "
+                       "RUN/prometheus.yml for them (docs/http-api.md).")
+    p.add_argument("run_dir", help="folder of a run in progress")
+    p.add_argument("--base-port", type=int, default=8000, help="local port of the controller; entries follow")
+    p.add_argument("--bind", default="127.0.0.1", help="local address to listen on")
+    p.set_defaults(func=_cmd_forward)
+
+
+def _cmd_forward(args) -> int:
+    from testbed.forward import forward_run
+    return forward_run(args.run_dir, args.base_port, args.bind)
+
+
 REGISTRARS = [_register_clean, _register_topo, _register_net, _register_run, _register_demo, _register_inject,
-              _register_report, _register_deploy, _register_compare]
+              _register_report, _register_deploy, _register_compare, _register_forward]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,12 +1,11 @@
 """`coel run` with HTTP clients: the user host replays a request trace through the entry's
 OpenAI-compatible API with the `openai` package; the run loses nothing, its report carries the same
-latency fields as a native-client run, and the entry's /metrics answers from inside a user host
-while traffic flows. Plus the trace-file reader and the scenario's workload fields (no root)."""
+latency fields as a native-client run, and while traffic flows `coel forward`'s relays reach the
+entry's API and /metrics and the controller's /metrics from the root namespace. Plus the trace-file reader, the scenario's workload fields and the
+controller's metrics (no root)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -63,19 +62,37 @@ def test_http_clients_run_replays_a_trace_with_no_loss(tmp_path):
         f"workload: {{api: openai, trace_csv: {trace}}}\n"
     scraped: dict = {}
 
-    def scrape_during_traffic() -> None:
+    def scrape_during_traffic() -> None:  # through `coel forward`'s relays, from the root namespace
+        import urllib.request
+
+        import openai
+
+        from nodes.local import free_port
+        from testbed.forward import Forwarder, prometheus_config, run_targets
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             pids = list(Path(setup["out"]).glob("*/runner.pid"))
             if pids:
-                time.sleep(5.0)
-                meta = json.loads((pids[0].parent / "meta.json").read_text())
-                for who in ("s1", "ctl"):  # the entry's and the controller's /metrics, from the user host
-                    url = meta["metrics"][who]
-                    code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
-                    r = subprocess.run(["mnexec", "-a", str(meta["shell_pids"]["u1"]), sys.executable, "-c", code],
-                                       capture_output=True, text=True, timeout=30)
-                    scraped[who] = (r.returncode, r.stdout, r.stderr[-2000:])
+                time.sleep(4.0)
+                try:
+                    base = free_port()
+                    targets = run_targets(pids[0].parent, base)
+                    fwd = Forwarder(targets)
+                    try:
+                        for t in targets:
+                            url = f"http://127.0.0.1:{t.local_port}/metrics"
+                            scraped[t.host] = urllib.request.urlopen(url, timeout=10).read().decode()
+                        entry = next(t for t in targets if t.role == "entry")
+                        client = openai.OpenAI(base_url=f"http://127.0.0.1:{entry.local_port}/v1", api_key="x",
+                                               max_retries=0, timeout=30)
+                        r = client.completions.create(model=client.models.list().data[0].id, prompt="def ",
+                                                      max_tokens=3, temperature=0)
+                        scraped["completion_tokens"] = r.usage.completion_tokens
+                        scraped["config"] = prometheus_config("x", targets)
+                    finally:
+                        fwd.stop()
+                except Exception as exc:  # reported by the asserts below
+                    scraped["error"] = repr(exc)
                 return
             time.sleep(0.2)
 
@@ -96,9 +113,11 @@ def test_http_clients_run_replays_a_trace_with_no_loss(tmp_path):
         reqs = [r for r in spans if r.get("span") == "request"]
         assert len(reqs) == 10 and all(r["attrs"]["api"] == "openai" and r["attrs"]["ok"] for r in reqs)
         assert sorted(r["attrs"]["prompt_tokens"] for r in reqs) == list(range(12, 22))
-        assert scraped.get("s1", (1,))[0] == 0 and scraped.get("ctl", (1,))[0] == 0, scraped
+        # the extra completion sent through the relay above is served too (api "http" on the entry)
+        assert "error" not in scraped and {"s1", "ctl"} <= set(scraped), scraped
+        assert scraped["completion_tokens"] == 3 and "job_name: coel-entry" in scraped["config"]
         m = {(x.name, tuple(sorted(x.labels.items()))): x.value
-             for who in ("s1", "ctl") for fam in text_string_to_metric_families(scraped[who][1]) for x in fam.samples}
+             for who in ("s1", "ctl") for fam in text_string_to_metric_families(scraped[who]) for x in fam.samples}
         assert m[("coel_generation_tokens_total", (("api", "http"),))] > 0
         assert m[("coel_placement_version", ())] >= 1
         assert m[("coel_controller_state", (("state", "serving"),))] == 1
@@ -134,3 +153,43 @@ def test_controller_metrics_render_status_and_redeployments():
     assert m[("coel_probe_goodput_bits_per_second", (("agent", "e2"),))] == 80e6
     assert m[("coel_peer_up", (("name", "e3"), ("role", "agent")))] == 0
     assert m[("coel_entry_served_total", (("entry", "e4"),))] == 12
+
+
+@pytest.mark.unit
+def test_dashboard_and_scrape_configs_name_only_metrics_we_export():
+    import re
+
+    import yaml
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from controller.metrics import ControllerCollector
+    from nodes.metrics import EntryMetrics
+    from testbed.forward import Target, prometheus_config
+    repo = Path(__file__).resolve().parents[1]
+    stats = {"peers": {"tcp://a:1": {"calls": 1, "bytes_sent": 2, "bytes_received": 3, "rtt_ms": 1.0}},
+             "failovers": 0, "step_retries": 0, "placement_updates": 0, "placement_version": 1, "blocked": 0,
+             "healthy": True}
+    em = EntryMetrics("e3", lambda: stats)
+    sink = type("S", (), {"token": lambda *a: None, "done": lambda *a: None, "error": lambda *a: None,
+                          "cancelled": lambda self: False})()
+    ms = em.wrap(sink, "http", time.monotonic_ns())
+    ms.token(0, 1), ms.token(1, 2), ms.done({"prompt_tokens": 3})
+    reg = CollectorRegistry()
+    reg.register(ControllerCollector(lambda: {"state": "serving", "agents": {"e2": {
+        "alive": True, "rtt_ms": 1, "baseline_rtt_ms": 1, "goodput_mbit": 1, "baseline_goodput_mbit": 1,
+        "memory_used_bytes": 1, "memory_budget_bytes": 2, "cpu_percent": 3, "shards": 1}}},
+        lambda: [{"trigger": "agent_lost", "detect_s": 1, "replan_s": 1, "migrate_s": 1, "bytes_moved": 1}]))
+    exported = {s.name for text in (em.exposition().decode(), generate_latest(reg).decode())
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+    dash = json.loads((repo / "docs" / "monitoring" / "grafana-coel.json").read_text())
+    used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"coel_[a-z_]+", t["expr"])}
+    assert used and used <= exported, used - exported
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    for text in ((repo / "docs" / "monitoring" / "prometheus.yml").read_text(),
+                 prometheus_config("r1", [Target("ctl", "controller", "10.0.0.9", 8000, 1, 9000),
+                                          Target("e3", "entry", "10.0.0.3", 8000, 2, 9001)])):
+        cfg = yaml.safe_load(text)
+        jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+        assert set(jobs) == {"coel-controller", "coel-entry"}
+        assert all(":" in t for j in jobs.values() for sc in j["static_configs"] for t in sc["targets"])
