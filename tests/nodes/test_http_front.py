@@ -268,3 +268,49 @@ def test_closing_the_connection_cancels_the_request_and_stop_strings_end_it(serv
     r = _client(server).completions.create(model="tiny-moe", prompt="def ", max_tokens=40, temperature=0, stop=[cut])
     assert r.choices[0].text == full.choices[0].text.split(cut)[0] and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < full.usage.completion_tokens
+
+
+@pytest.mark.integration
+def test_health_is_503_without_a_placement_and_while_requests_wait_for_a_new_one():
+    import threading
+
+    from coel_model.checkpoint import load_model
+    from nodes.entry import EntryConfig, serve_in_thread
+    from nodes.local import LocalCluster, deploy_experts, free_port, round_robin_placement
+    model = load_model(str(MODEL))
+    mc = model.cfg
+    with LocalCluster(1, 64.0) as cluster:
+        good = round_robin_placement(mc.n_layers, mc.n_experts, cluster.endpoints)
+        deploy_experts(model, cluster, good, 16)
+        port = free_port()
+        svc, th = serve_in_thread(EntryConfig(name="h", listen=f"tcp://127.0.0.1:{free_port()}", model_dir=str(MODEL),
+                                              http=f"127.0.0.1:{port}", call_timeout_s=0.3, layer_deadline_s=0.6,
+                                              placement_wait_s=30))
+        try:
+            status, body = _get(port, "/health")
+            assert status == 503 and "no expert placement" in json.loads(body)["reason"], body
+            dead = f"tcp://127.0.0.1:{free_port()}"  # nobody listens: every expert call fails
+            svc.apply_placement({"version": 1, "holders": [[l, e, [dead]] for (l, e) in good]})
+            answer: dict = {}
+            req = threading.Thread(target=lambda: answer.update(r=_post(port, "/v1/completions", json.dumps(
+                {"model": "tiny-moe", "prompt": "def ", "max_tokens": 4, "temperature": 0}).encode())))
+            req.start()
+            deadline = time.monotonic() + 15
+            while True:
+                status, body = _get(port, "/health")
+                if status == 503 and "re-deployment in progress" in json.loads(body)["reason"]:
+                    break
+                assert time.monotonic() < deadline, (status, body)
+                time.sleep(0.1)
+            assert _metrics(port)["coel_requests_blocked"] == 1
+            svc.apply_placement({"version": 2, "holders": [[l, e, eps] for (l, e), eps in good.items()]})
+            req.join(30)
+            status, doc = answer["r"]
+            assert status == 200 and doc["usage"]["completion_tokens"] == 4, doc
+            assert _get(port, "/health")[0] == 200
+            m = _metrics(port)
+            assert m["coel_step_retries_total"] >= 1 and m["coel_redeployments_total"] == 1
+            assert m["coel_placement_version"] == 2 and m["coel_requests_blocked"] == 0
+        finally:
+            svc.stop()
+            th.join(10)
