@@ -290,6 +290,27 @@ def _tokenizer(model_dir: str):
         return Tokenizer.load(model_dir)
 
 
+def _local_layout(cfg: ServeLocalConfig, model: MoEModel, names: list[str]) -> tuple[dict, dict, list, list[float]]:
+    """Placement and stages on placeholder agent names, expert bits, and each agent's budget (MiB):
+    sizes first, so each agent's budget can default to what it will hold."""
+    mc = model.cfg
+    if cfg.plan_path:
+        placement0, bits = load_plan_placement(cfg.plan_path, names)
+    else:
+        placement0, bits = round_robin_placement(mc.n_layers, mc.n_experts, names, cfg.replicas), {}
+    bits_of = {k: bits.get(k, cfg.bits) for k in placement0}
+    stages0 = load_plan_stages(cfg.plan_path, names) if cfg.plan_path else []
+    need = {n: 0 for n in names}
+    for key, eps in placement0.items():
+        _, ts = shard_message(model, [key], bits_of[key])
+        nb = sum(t.numel() * t.element_size() for t in ts.values())
+        for ep in eps:
+            need[ep] += nb
+    for ep, l0, l1 in stages0:  # each stage's backbone counts against its agent's budget
+        need[ep] += sum(t.numel() * t.element_size() for t in stage_message(model, l0, l1, placement0, 0)[1].values())
+    return placement0, bits_of, stages0, [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
+
+
 def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
     from coel_model.checkpoint import load_model
     model = load_model(cfg.model_dir)
@@ -304,23 +325,8 @@ def serve_local(cfg: ServeLocalConfig) -> dict[str, Any]:
     compression = parse_compression(cfg.compression)
     with tempfile.TemporaryDirectory(prefix="coel-serve-local-") as tmp:
         keys_dir = str(make_keys(Path(tmp) / "keys")) if cfg.secure else None
-        # sizes first, so each agent's budget can default to what it will hold
         names = [f"tcp://placeholder:{i}" for i in range(cfg.n_agents)]
-        if cfg.plan_path:
-            placement0, bits = load_plan_placement(cfg.plan_path, names)
-        else:
-            placement0, bits = round_robin_placement(mc.n_layers, mc.n_experts, names, cfg.replicas), {}
-        bits_of = {k: bits.get(k, cfg.bits) for k in placement0}
-        stages0 = load_plan_stages(cfg.plan_path, names) if cfg.plan_path else []
-        need = {n: 0 for n in names}
-        for key, eps in placement0.items():
-            _, ts = shard_message(model, [key], bits_of[key])
-            nb = sum(t.numel() * t.element_size() for t in ts.values())
-            for ep in eps:
-                need[ep] += nb
-        for ep, l0, l1 in stages0:  # each stage's backbone counts against its agent's budget
-            need[ep] += sum(t.numel() * t.element_size() for t in stage_message(model, l0, l1, placement0, 0)[1].values())
-        mems = [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
+        placement0, bits_of, stages0, mems = _local_layout(cfg, model, names)
         with LocalCluster(cfg.n_agents, mems, keys_dir, threads=cfg.threads) as cluster:
             rename = dict(zip(names, cluster.endpoints))
             placement = {k: [rename[e] for e in eps] for k, eps in placement0.items()}
@@ -431,23 +437,15 @@ def serve_local_http(cfg: ServeLocalConfig, listen: str, stop: Any = None,
     from nodes.entry import EntryConfig, serve_in_thread
     from coel_model.checkpoint import load_model
     model = load_model(cfg.model_dir)
-    mc = model.cfg
     compression = parse_compression(cfg.compression)
     stop = stop or threading.Event()
     with tempfile.TemporaryDirectory(prefix="coel-serve-local-") as tmp:
         keys_dir = str(make_keys(Path(tmp) / "keys")) if cfg.secure else None
         names = [f"tcp://placeholder:{i}" for i in range(cfg.n_agents)]
-        if cfg.plan_path:
-            placement0, bits = load_plan_placement(cfg.plan_path, names)
-        else:
-            placement0, bits = round_robin_placement(mc.n_layers, mc.n_experts, names, cfg.replicas), {}
-        bits_of = {k: bits.get(k, cfg.bits) for k in placement0}
-        need = {n: 0 for n in names}
-        for key, eps in placement0.items():
-            _, ts = shard_message(model, [key], bits_of[key])
-            for ep in eps:
-                need[ep] += sum(t.numel() * t.element_size() for t in ts.values())
-        mems = [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
+        placement0, bits_of, stages0, mems = _local_layout(cfg, model, names)
+        if stages0:
+            raise ConfigError(f"{cfg.plan_path}: a plan with backbone stages cannot be served over --http yet "
+                              "(the entry runs every layer itself); drop --http or use a plan without stages")
         with LocalCluster(cfg.n_agents, mems, keys_dir, threads=cfg.threads) as cluster:
             rename = dict(zip(names, cluster.endpoints))
             placement = {k: [rename[e] for e in eps] for k, eps in placement0.items()}
