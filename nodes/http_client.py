@@ -92,21 +92,22 @@ async def _run(cfg: ClientConfig, served_model: str | None, delay: Any, stop: An
         loop = asyncio.get_running_loop()
         t_start = loop.time()
         tasks: list[asyncio.Task] = []
+        stopped = (lambda: stop is not None and stop.is_set())  # noqa: E731  (SIGTERM / SIGINT)
         for a in arrivals:
-            wait = t_start + a.t_s - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if stop is not None and stop.is_set():
+            while not stopped() and loop.time() < t_start + a.t_s:
+                await asyncio.sleep(min(0.2, t_start + a.t_s - loop.time()))
+            if stopped():
                 break
             tasks.append(asyncio.create_task(request(a)))
             results["sent"] += 1
-        left = t_start + cfg.duration_s + cfg.drain_s - loop.time()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, left))
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+        end = t_start + cfg.duration_s + cfg.drain_s
+        pending = set(tasks)
+        while pending and not stopped() and loop.time() < end:
+            _, pending = await asyncio.wait(pending, timeout=min(0.2, max(0.0, end - loop.time())))
+        for t in pending:  # lost: not finished within the drain time (or the client was stopped)
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
     finally:
         await client.close()
         if tracer is not None:
