@@ -166,7 +166,7 @@ def test_dashboard_and_scrape_configs_name_only_metrics_we_export():
     from controller.metrics import ControllerCollector
     from nodes.metrics import EntryMetrics
     from testbed.forward import Target, prometheus_config
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     stats = {"peers": {"tcp://a:1": {"calls": 1, "bytes_sent": 2, "bytes_received": 3, "rtt_ms": 1.0}},
              "failovers": 0, "step_retries": 0, "placement_updates": 0, "placement_version": 1, "blocked": 0,
              "healthy": True}
