@@ -51,6 +51,9 @@ def server_fields(agent: dict[str, Any] | None, entry: dict[str, Any] | None) ->
         out["layer_decode_ms"] = float(bb["layer_decode_ms"])
         out["prefill_token_layer_ms"] = float(bb.get("prefill_token_layer_ms") or 0.0)
         out["head_ms"] = float(bb.get("head_ms") or 0.0)
+        if bb.get("layer_call_ms") is not None:  # the coordinator's own scatter/gather work per layer,
+            # beyond one message round trip (which the cost model counts per server called)
+            out["layer_decode_ms"] += max(float(bb["layer_call_ms"]) - float((entry or {}).get("msg_rtt_ms") or 0.0), 0.0)
     # the measurements are short bursts that fit in the CFS quota period, so they show unthrottled
     # speed; under sustained load the server's processes get cgroup_cpu_cores of a CPU
     cores = min([c for c in (float((r.get("limits") or {}).get("cgroup_cpu_cores") or 0) for r in (agent, entry) if r)

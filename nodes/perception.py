@@ -103,14 +103,49 @@ def _echo_server(port_w: int, reps: int) -> None:
     port = srv.bind_to_random_port("tcp://127.0.0.1")
     os.write(port_w, f"{port}\n".encode())
     for _ in range(reps):
-        if not srv.poll(5000):
+        if not srv.poll(2000):  # idle: the measuring side is done
             break
         frames = srv.recv_multipart()
-        msg = P.decode(frames[2:] if frames[1] == b"" else frames[1:])
-        srv.send_multipart([frames[0], b""] + P.encode(P.MsgType.EXPERT_REPLY, msg.req_id,
-                                                       {"queue_ns": 0, "compute_ns": 0}, {"y": msg.tensors["x"]}))
+        head = frames[:2] if frames[1] == b"" else frames[:1]  # answer in the caller's envelope
+        msg = P.decode(frames[len(head):])
+        srv.send_multipart(head + P.encode(P.MsgType.EXPERT_REPLY, msg.req_id,
+                                           {"queue_ns": 0, "compute_ns": 0}, {"y": msg.tensors["x"]}))
     srv.close(0)
     ctx.term()
+
+
+class EchoProcess:
+    """A forked child (same cgroup, so the same CPU limit) that answers expert calls with their
+    input: the other end of a real cross-process socket round trip. Use as a context manager."""
+
+    def __init__(self, max_messages: int = 100_000):
+        self.max_messages = max_messages
+        self.pid = 0
+        self.endpoint = ""
+
+    def __enter__(self) -> "EchoProcess":
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child: no torch work, only sockets
+            code = 0
+            try:
+                os.close(r)
+                _echo_server(w, self.max_messages)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            self.endpoint = f"tcp://127.0.0.1:{int(fh.readline().strip() or 0)}"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # done measuring (it would leave after 2 s idle)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
 
 
 def measure_message_rtt(d_model: int = REF_D_MODEL, reps: int = 60) -> float:
@@ -120,24 +155,11 @@ def measure_message_rtt(d_model: int = REF_D_MODEL, reps: int = 60) -> float:
     import zmq
     from nodes import protocol as P
     warmup = 5
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no torch work, only sockets
-        code = 0
-        try:
-            os.close(r)
-            _echo_server(w, reps + warmup)
-        except BaseException:
-            code = 1
-        os._exit(code)
-    os.close(w)
-    try:
-        with os.fdopen(r) as fh:
-            port = int(fh.readline().strip() or 0)
+    with EchoProcess(reps + warmup) as echo:
         ctx = zmq.Context()
         cli = ctx.socket(zmq.DEALER)
         cli.linger = 0
-        cli.connect(f"tcp://127.0.0.1:{port}")
+        cli.connect(echo.endpoint)
         x = torch.randn(1, d_model)
         try:
             def call() -> None:
@@ -151,14 +173,15 @@ def measure_message_rtt(d_model: int = REF_D_MODEL, reps: int = 60) -> float:
         finally:
             cli.close(0)
             ctx.term()
-    finally:
-        os.waitpid(pid, 0)
 
 
-def measure_backbone(model, prompt_tokens: int = 32, decode_steps: int = 12) -> dict[str, float]:
+def measure_backbone(model, prompt_tokens: int = 32, decode_steps: int = 12, with_calls: bool = True
+                     ) -> dict[str, float]:
     """Per decoder layer: decode ms (one token with a KV cache) and prefill ms per token; the head
     (final norm + lm_head). Experts are skipped (a zero executor): their cost is measured on the
-    servers that run them."""
+    servers that run them. With `with_calls`, also the decode ms per layer when every routed
+    expert goes through the real Coordinator to another process of this server that echoes it
+    (`layer_call_ms`: the scatter/gather of one layer without the link and the expert math)."""
     from coel_model.model import KVCache, expert_inputs
     L = model.cfg.n_layers
 
@@ -184,9 +207,31 @@ def measure_backbone(model, prompt_tokens: int = 32, decode_steps: int = 12) -> 
                 model(one, cache, executor=no_experts)
             steps.append((time.perf_counter_ns() - t0) / 1e6 / decode_steps)
         step_ms = float(statistics.median(steps))
-    return {"layer_decode_ms": round(max(step_ms - head_ms, 0.0) / L, 4),
-            "prefill_token_layer_ms": round(max(pre_ms - head_ms, 0.0) / (L * prompt_tokens), 5),
-            "head_ms": round(head_ms, 4), "n_layers": L}
+    out = {"layer_decode_ms": round(max(step_ms - head_ms, 0.0) / L, 4),
+           "prefill_token_layer_ms": round(max(pre_ms - head_ms, 0.0) / (L * prompt_tokens), 5),
+           "head_ms": round(head_ms, 4), "n_layers": L}
+    if with_calls:
+        from nodes.coordinator import Coordinator
+        with EchoProcess() as echo:
+            import zmq
+            ctx = zmq.Context()
+            holders = {(l, e): [echo.endpoint] for l in range(L) for e in range(model.cfg.n_experts)}
+            coord = Coordinator(model, holders, ctx=ctx)
+            try:
+                with torch.inference_mode():
+                    calls = []
+                    for _ in range(3):
+                        cache = KVCache(model.cfg, 1)
+                        model(toks[:, :4], cache, executor=coord)
+                        t0 = time.perf_counter_ns()
+                        for _ in range(decode_steps):
+                            model(toks[:, :1], cache, executor=coord)
+                        calls.append((time.perf_counter_ns() - t0) / 1e6 / decode_steps)
+                out["layer_call_ms"] = round(max(float(statistics.median(calls)) - step_ms, 0.0) / L, 4)
+            finally:
+                coord.close()
+                ctx.term()
+    return out
 
 
 def perceive(model=None, expert_shape: tuple[int, int] | None = None) -> dict[str, Any]:
