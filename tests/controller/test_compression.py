@@ -13,7 +13,7 @@ from controller.cluster import Cluster, Link, Server
 from controller.compression import (DEFAULT_COSTS, AgentCapabilities, LinkView, Traffic, agree, answer_message,
                                     costs_from_measurements, decision_message, parse_answer, propose,
                                     propose_message)
-from controller.plan import single_class
+from controller.plan import PlanOptions, single_class
 from controller.planner import diff, plan, replan
 from controller.profile import (bundled_model_configs, load_model_spec, load_profile, profile_from_dict,
                                 synthetic_profile)
@@ -90,7 +90,7 @@ def test_a_link_change_renegotiates_compression_in_replan():
     links = (Link("s0", "hub", 10_000, 0.2), Link("s1", "hub", 10_000, 0.2), Link("s2", "hub", 10_000, 0.2))
     cl = Cluster(servers, links, nodes=("hub",))
     reqs = single_class("s0", token_slo_ms=1e6, max_loss_nats=0.5)
-    p = plan(prof, cl, reqs, "coel")
+    p = plan(prof, cl, reqs, "coel", options=PlanOptions(objective="quality"))  # experts on s1 and s2 too
     assert all(v["name"] == "none" for v in p.compression_map().values())
     slow = cl.with_link("s1", "hub", bw_mbit=0.5, latency_ms=30)
     p2 = replan(p, prof, slow, reqs)
