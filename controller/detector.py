@@ -27,8 +27,9 @@ LAG_WINDOW_S = 2.0  # self-awareness looks at the worst lateness within this win
 
 class Detector:
     def __init__(self, registry: Registry, cfg: L.LivenessConfig, prober: SuspectProber,
-                 event: Callable[..., None]):
+                 event: Callable[..., None], recent_rtt_ms: Callable[[str], list[float]] | None = None):
         self.registry, self.cfg, self.prober, self._event = registry, cfg, prober, event
+        self.recent_rtt_ms = recent_rtt_ms or (lambda name: [])  # the Prober's latest RTTs to an agent
         self.verdicts: queue.Queue = queue.Queue()
         self.lags: collections.deque = collections.deque(maxlen=200)  # (t_ns, own lateness s)
         self.serving_ns = 0  # silence counts only from serving on (start-up work is not silence)
@@ -105,11 +106,13 @@ class Detector:
                     self.stats["suspects"] += 1
                     self._rounds += 1
                     helpers = L.pick_helpers(name, agents_alive, self.cfg.indirect_probes, self._rounds)
-                    to_probe.append((role, name, live.suspicion, p.endpoint, self.cfg.probe_timeout_s * factor,
-                                     helpers))
+                    timeout_s = L.probe_timeout_s(self.cfg, factor,
+                                                  self.recent_rtt_ms(name) if role == "agent" else None)
+                    to_probe.append((role, name, live.suspicion, p.endpoint, timeout_s, helpers))
                     events.append(("suspect", dict(role=role, name=name, silent_s=round(silent_s, 3),
                                                    limit_s=round(L.suspect_after_s(live, self.cfg, factor), 3),
-                                                   self_factor=round(factor, 2), helpers=helpers)))
+                                                   self_factor=round(factor, 2), helpers=helpers,
+                                                   probe_timeout_s=round(timeout_s, 3))))
                 elif v == "lost":  # on probation and silent again: it never was back
                     events.append(("probation_failed", dict(role=role, name=name, silent_s=round(silent_s, 3))))
                 if L.conclude(live, now_ns, self.cfg, factor) == "lost":
@@ -131,6 +134,6 @@ class Detector:
             with self.registry.lock:
                 p = self.registry.peers.get((role, name))
                 if p is not None and p.live.suspicion == suspicion:
-                    L.expect_probes(p.live, 1 + len(asked))
+                    L.expect_probes(p.live, 1 + len(asked), timeout_s)
         for kind, attrs in events:
             self._event(kind, now_ns, **attrs)

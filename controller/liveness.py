@@ -66,6 +66,7 @@ class PeerLiveness:
     heard_again_ns: int = 0  # probation: when the peer was first heard after being lost
     max_gap_since_heard_s: float = 0.0  # probation: the longest gap since then
     probes_expected: int = 0  # suspect: probe answers awaited (direct + indirect)
+    probe_timeout_s: float = 0.0  # suspect: the timeout its probes were sent with (0: not sent yet)
     probes_failed: int = 0
     probe_reached_by: str = ""  # suspect: who reached it (refutation)
     suspicion: int = 0  # id of the current suspicion (probe answers of an older one are ignored)
@@ -155,9 +156,22 @@ def check_silence(pl: PeerLiveness, now_ns: int, cfg: LivenessConfig, self_facto
     return None
 
 
-def expect_probes(pl: PeerLiveness, n: int) -> None:
-    """The caller sent n probes (1 direct + the indirect ones it could ask for)."""
-    pl.probes_expected = n
+def probe_timeout_s(cfg: LivenessConfig, self_factor: float = 1.0, recent_rtt_ms: list[float] | None = None) -> float:
+    """Timeout for the probes of a suspect: probe_timeout_s x self factor, but at least 3x the
+    worst RTT recently measured to it (a path slowed to seconds still answers: slow is not lost),
+    at most MAX_PROBE_TIMEOUT_S."""
+    t = cfg.probe_timeout_s * self_factor
+    if recent_rtt_ms:
+        t = max(t, 3.0 * max(recent_rtt_ms) / 1e3)
+    return min(t, MAX_PROBE_TIMEOUT_S)
+
+
+MAX_PROBE_TIMEOUT_S = 5.0
+
+
+def expect_probes(pl: PeerLiveness, n: int, timeout_s: float) -> None:
+    """The caller sent n probes (1 direct + the indirect ones it could ask for) with this timeout."""
+    pl.probes_expected, pl.probe_timeout_s = n, timeout_s
 
 
 def probe_result(pl: PeerLiveness, reached: bool, via: str, suspicion: int) -> str | None:
@@ -174,12 +188,13 @@ def probe_result(pl: PeerLiveness, reached: bool, via: str, suspicion: int) -> s
 
 
 def conclude(pl: PeerLiveness, now_ns: int, cfg: LivenessConfig, self_factor: float = 1.0) -> str | None:
-    """"lost" for a suspect once every probe failed, or once the probe window (probe_timeout_s x
-    self factor, plus one period for the answers to travel) passed with none answering; else None."""
+    """"lost" for a suspect once every probe failed, or once the probe window (the probes' timeout,
+    else probe_timeout_s x self factor, plus one period for the answers to travel) passed with none
+    answering; else None."""
     if pl.state != SUSPECT:
         return None
     all_failed = pl.probes_expected > 0 and pl.probes_failed >= pl.probes_expected
-    window_s = cfg.probe_timeout_s * self_factor + pl.period_s
+    window_s = max(pl.probe_timeout_s, cfg.probe_timeout_s * self_factor) + pl.period_s
     if all_failed or (now_ns - pl.since_ns) / 1e9 > window_s:
         pl.state, pl.since_ns = LOST, now_ns
         pl.lost_count += 1

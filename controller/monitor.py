@@ -118,6 +118,16 @@ def goodput_mbit(rtt_small_ms: float, rtt_big_ms: float, payload_bytes: int, min
     return 2 * payload_bytes * 8 / (extra_ms / 1e3) / 1e6
 
 
+def train_goodput_mbit(first_bytes: int, dispersion_ms: float, min_transfer_ms: float) -> float:
+    """Goodput from a packet pair (a payload message, then a tiny one, sent back to back): the
+    tiny one reaches the agent once the bottleneck has drained the payload, so their arrival
+    dispersion at the agent (its own clock, taken before any emulated delay) is first_bytes at
+    the bottleneck rate. Unlike an RTT, this is not hidden by a path delay longer than the
+    transfer, nor by a shaper that lets one large segment through on credit (issue 12: a 10x
+    drop read as no change at all)."""
+    return first_bytes * 8 / (max(dispersion_ms, min_transfer_ms) / 1e3) / 1e6
+
+
 def probe_payload_bytes(st: ProbeState | None, nominal_mbit: float | None, cfg: MonitorConfig) -> int:
     """Goodput payload for the next probe: probe_bytes when probe_transfer_ms is 0 (the default);
     else ~probe_transfer_ms at the best recent rate (else the nominal path rate, else
@@ -368,6 +378,7 @@ def prefer_full_plan(incremental: dict[str, Any], full: dict[str, Any], moved_by
     `min_gain` lower per-token latency (Petals rebalances below 0.75 of optimal throughput), and
     moves at most `budget_bytes`. Returns (decision, reason with the numbers)."""
     t_inc, t_full = float(incremental.get("token_ms_max", math.inf)), float(full.get("token_ms_max", math.inf))
+    budget = "unbounded" if math.isinf(budget_bytes) else str(int(budget_bytes))
     for key in ("meets_slo", "meets_quality"):
         if incremental.get(key) and not full.get(key):
             return False, f"full re-plan rejected: it would not meet {key[6:]}"
@@ -375,8 +386,8 @@ def prefer_full_plan(incremental: dict[str, Any], full: dict[str, Any], moved_by
         return False, (f"full re-plan not worth it: {t_full:.3f} vs {t_inc:.3f} ms/token predicted "
                        f"(needs {min_gain:.0%} less)")
     if moved_bytes > budget_bytes:
-        return False, (f"full re-plan rejected: it moves {moved_bytes} bytes > budget {int(budget_bytes)} "
+        return False, (f"full re-plan rejected: it moves {moved_bytes} bytes > budget {budget} "
                        f"for {t_full:.3f} vs {t_inc:.3f} ms/token")
     return True, (f"full re-plan adopted: {t_full:.3f} vs {t_inc:.3f} ms/token predicted, moving {moved_bytes} bytes "
-                  f"(budget {int(budget_bytes)})")
+                  f"(budget {budget})")
 

@@ -17,7 +17,7 @@ import zmq
 from controller import monitor as M
 from nodes import protocol as P
 from nodes.security import KeyDir
-from nodes.transport import AgentClient, NodeError, NodeTimeout
+from nodes.transport import AgentClient, NodeError, next_req_id
 
 
 class Prober:
@@ -59,20 +59,35 @@ class Prober:
         return rtt, self.payload_once(client, rtt, payload_bytes)
 
     def payload_once(self, client: AgentClient, rtt: float, payload_bytes: int | None = None) -> float:
-        """Goodput (Mbit/s) of one PROBE carrying payload_bytes each way, given the small RTT."""
-        import torch
+        """Goodput (Mbit/s) of a packet pair: a PROBE carrying payload_bytes each way and a tiny
+        PROBE sent right behind it. The lower of two estimates: the payload's round trip beyond the
+        small RTT, and the pair's arrival dispersion at the agent (monitor.train_goodput_mbit)."""
+        import numpy as np
         nb = payload_bytes or self.cfg.probe_bytes
-        payload = torch.zeros(nb, dtype=torch.uint8)
         self.bytes_sent += nb
+        rid_p, rid_q = next_req_id(), next_req_id()
+        timeout_ms = self.cfg.probe_timeout_s * 1e3
         t1 = time.monotonic_ns()
-        try:
-            client.call(P.MsgType.PROBE, {"echo": 2}, {"payload": payload}, timeout_s=self.cfg.probe_timeout_s)
-        except NodeTimeout:
-            # the agent answers small probes but not this payload in time: the path is at most this fast
-            # (recording it lets the window fill, so the next payload is sized down instead of timing out again)
-            return M.goodput_mbit(0.0, self.cfg.probe_timeout_s * 1e3, nb, self.cfg.min_transfer_ms)
-        t2 = time.monotonic_ns()
-        return M.goodput_mbit(rtt, (t2 - t1) / 1e6, nb, self.cfg.min_transfer_ms)
+        client.send(P.encode(P.MsgType.PROBE, rid_p, {"echo": 2}, {"payload": np.zeros(nb, np.uint8)},
+                             src=client.name))
+        client.send(P.encode(P.MsgType.PROBE, rid_q, {"echo": 3}, src=client.name))
+        got: dict[int, tuple[P.Message, int]] = {}
+        while len(got) < 2:
+            left_ms = timeout_ms - (time.monotonic_ns() - t1) / 1e6
+            m = client.recv(left_ms) if left_ms > 0 else None
+            if m is None:
+                # the agent answers small probes but not this payload in time: the path is at most this fast
+                # (recording it lets the window fill, so the next payload is sized down instead of timing out again)
+                client.reconnect()
+                return M.goodput_mbit(0.0, timeout_ms, nb, self.cfg.min_transfer_ms)
+            if m.req_id in (rid_p, rid_q):
+                got[m.req_id] = (m, time.monotonic_ns())
+        gp = M.goodput_mbit(rtt, (got[rid_p][1] - t1) / 1e6, nb, self.cfg.min_transfer_ms)
+        rp, rq = got[rid_p][0].body.get("recv_ns"), got[rid_q][0].body.get("recv_ns")
+        if isinstance(rp, int) and isinstance(rq, int) and (rq - rp) / 1e6 > self.cfg.min_transfer_ms:
+            # a dispersion below min_transfer_ms measures nothing (a fast path): the round trip decides
+            gp = min(gp, M.train_goodput_mbit(nb, (rq - rp) / 1e6, self.cfg.min_transfer_ms))
+        return gp
 
     def _run(self) -> None:
         clients: dict[str, AgentClient] = {}

@@ -558,7 +558,7 @@ class Agent:
         elif m.type == T.STATUS:
             self._ok(it, self.status(), T.STATUS)
         elif m.type == T.PROBE:
-            self._ok(it, {"echo": m.body.get("echo")}, T.PROBE, dict(m.tensors))
+            self._ok(it, {"echo": m.body.get("echo"), "recv_ns": it.t_recv_ns}, T.PROBE, dict(m.tensors))
         elif m.type == T.SET_PATH_DELAYS:
             self._set_delays({k: float(v) for k, v in m.body["delays_ms"].items()})
             self._ok(it)

@@ -64,7 +64,8 @@ class MsgType(enum.IntEnum):
     EXPERT_CALL = 5  # -> agent: run (layer, expert) on token vectors x (n, d)
     EXPERT_REPLY = 6  # agent -> caller: y (n, d), queue and compute time
     STATUS = 7  # -> agent: request; the reply is a STATUS with the body filled
-    PROBE = 8  # -> agent: echo (RTT and bandwidth probes); reply PROBE with the same payload
+    PROBE = 8  # -> agent: echo (RTT and bandwidth probes); reply PROBE with the same payload and recv_ns (when
+    #            the agent took it off its socket, before any emulated delay: packet-train dispersion)
     ERROR = 9  # any reply: {"code", "reason"}
     OK = 10  # generic success reply
     SET_PATH_DELAYS = 11  # -> agent: one-way delays per peer for the in-transport delay queue
@@ -136,7 +137,7 @@ BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.EXPERT_REPLY: {"queue_ns": (_INT, True), "compute_ns": (_INT, True), "batch": (_INT, False),
                            "compression": (_OPT_MAP, False), "meta": (_OPT_MAP, False)},
     MsgType.STATUS: {},
-    MsgType.PROBE: {"echo": ((int, float, str, type(None)), False)},
+    MsgType.PROBE: {"echo": ((int, float, str, type(None)), False), "recv_ns": (_INT, False)},
     MsgType.ERROR: {"code": (_STR, True), "reason": (_STR, True)},
     MsgType.OK: {},
     MsgType.SET_PATH_DELAYS: {"delays_ms": (_MAP, True)},

@@ -255,18 +255,18 @@ def _cmd_deploy(args) -> int:
 
 
 _INJECT_VALUES = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "cpu_share", "memory_mb", "slo_ttft_ms",
-                  "slo_tpot_ms")  # numeric event fields, given as --bw-mbit etc.
+                  "slo_tpot_ms", "cores", "duration_s")  # numeric event fields, given as --bw-mbit etc.
 
 
 def _register_inject(sub) -> None:
     p = sub.add_parser("inject", help="inject a fault into a running `coel run`",
                        description="Examples: coel inject RUN link_down e2 hub | coel inject RUN bw e5 hub "
                        "--bw-mbit 20 | coel inject RUN server_crash e2 | coel inject RUN slo interactive "
-                       "--slo-tpot-ms 200")
+                       "--slo-tpot-ms 200 | coel inject RUN cpu_hog machine --cores 2 --duration-s 30")
     p.add_argument("run_dir", help="folder of a run in progress")
     p.add_argument("kind", help="link_down, link_up, bw, delay, loss, restore, server_crash, server_restart, "
-                   "cpu_squeeze, mem_squeeze, slo")
-    p.add_argument("target", nargs="+", help="A B (a link), SERVER, or SLO_CLASS")
+                   "cpu_squeeze, mem_squeeze, cpu_hog, slo")
+    p.add_argument("target", nargs="+", help="A B (a link), SERVER, or SLO_CLASS (cpu_hog: SERVER or 'machine')")
     for k in _INJECT_VALUES:
         p.add_argument("--" + k.replace("_", "-"), type=float, default=None)
     p.add_argument("--process", choices=("all", "agent", "entry"), default=None,
@@ -290,7 +290,11 @@ def _cmd_inject(args) -> int:
     else:
         if len(args.target) != 1:
             raise ConfigError(f"{args.kind} needs one name, got {args.target}")
-        ev["server" if "server" in req else "slo_class"] = args.target[0]
+        if args.kind == "cpu_hog":
+            if args.target[0] != "machine":
+                ev["server"] = args.target[0]
+        else:
+            ev["server" if "server" in req else "slo_class"] = args.target[0]
     for k in _INJECT_VALUES:
         v = getattr(args, k)
         if v is not None:

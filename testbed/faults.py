@@ -9,7 +9,10 @@ send it. Every injection is recorded as one trace event {"event": "fault", "attr
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,12 +70,14 @@ def event_from_dict(d: dict[str, Any], source: str = "<inject>") -> Event:
                 x = float(v)
             except (TypeError, ValueError):
                 raise ConfigError(f"{source}: {kind}: {k} must be a number, got {v!r}") from None
-            if x < 0 or (k in ("bw_mbit", "memory_mb", "cpu_share") and x <= 0) or \
+            if x < 0 or (k in ("bw_mbit", "memory_mb", "cpu_share", "cores", "duration_s") and x <= 0) or \
                     (k == "cpu_share" and x > 1) or (k == "loss_pct" and x >= 100):
                 raise ConfigError(f"{source}: {kind}: {k}={x:g} is out of range")
             kw[k] = x
     if kind == "slo" and kw.get("slo_ttft_ms") is None and kw.get("slo_tpot_ms") is None:
         raise ConfigError(f"{source}: slo needs slo_ttft_ms and/or slo_tpot_ms")
+    if kind == "cpu_hog" and kw["cores"] != int(kw["cores"]):
+        raise ConfigError(f"{source}: cpu_hog: cores must be a whole number, got {kw['cores']:g}")
     return Event(**kw)
 
 
@@ -88,13 +93,14 @@ class FaultInjector:
         self.control = control  # controller.api.ControlClient (only for slo)
         self.history: list[FaultResult] = []
         self.current_cpu: dict[str, float] = {}  # CPU shares changed by cpu_squeeze
+        self.hogs: list[subprocess.Popen] = []  # cpu_hog processes (each ends by itself; close() kills the rest)
 
     def apply(self, ev: Event, source: str = "scenario") -> FaultResult:
         """Inject one event; failures are recorded (ok=false) and returned, never raised, so a
         bad injection does not tear down a run that is otherwise fine."""
         attrs: dict[str, Any] = {"kind": ev.kind, "source": source, "at_s": ev.at_s}
         for k in ("link", "server", "bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "cpu_share",
-                  "memory_mb", "slo_class", "slo_ttft_ms", "slo_tpot_ms", "process"):
+                  "memory_mb", "slo_class", "slo_ttft_ms", "slo_tpot_ms", "process", "cores", "duration_s"):
             v = getattr(ev, k)
             if v is not None:
                 attrs[k] = list(v) if k == "link" else v
@@ -137,6 +143,8 @@ class FaultInjector:
             return self._cpu(ev.server, ev.cpu_share)
         elif k == "mem_squeeze":
             return self._mem(ev.server, ev.memory_mb)
+        elif k == "cpu_hog":
+            return self._hog(ev.server, int(ev.cores), ev.duration_s)
         elif k == "slo":
             if self.control is None:
                 raise ConfigError("slo event: no controller control API to send SET_SLO to")
@@ -179,6 +187,30 @@ class FaultInjector:
         host.setCPUFrac(share, sched="cfs")
         self.current_cpu[server] = share
         return {"cpu_share_before": before}
+
+    def _hog(self, server: str | None, cores: int, duration_s: float) -> dict[str, Any]:
+        """Busy processes on `cores` cores for duration_s (testbed.hog): in the server's host (its
+        namespace and cgroups: they compete with its agent and entry), or on the machine."""
+        argv = [sys.executable, "-m", "testbed.hog", str(cores), f"{duration_s:g}"]
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if server is not None:
+            p = self.net.popen(server, argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+        self.hogs = [h for h in self.hogs if h.poll() is None] + [p]
+        return {"hog_pid": p.pid, "where": server or "machine"}
+
+    def close(self) -> None:
+        """Kill what cpu_hog events left running (their workers would end at their deadline anyway)."""
+        for p in self.hogs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    p.kill()
+                p.wait(5)
+        self.hogs = []
 
     def _mem(self, server: str, memory_mb: float) -> dict[str, Any]:
         """Lower (or raise) the server's memory cgroup limit to memory_mb + agent_overhead_mb."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from testbed.traces import Trace, merge, to_chrome, write_jsonl
 
-DISRUPTIVE = {"link_down", "bw", "delay", "loss", "server_crash", "cpu_squeeze", "mem_squeeze"}
+DISRUPTIVE = {"link_down", "bw", "delay", "loss", "server_crash", "cpu_squeeze", "mem_squeeze", "cpu_hog"}
 RESTORING = {"link_up", "server_restart", "restore"}
 RECOVERY_TOLERANCE = 1.2  # per-token latency back within 20% of the pre-event p50
 

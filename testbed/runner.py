@@ -590,6 +590,8 @@ class Runner:
         except Exception as exc:  # a bug: still clean up and keep what was recorded
             outcome, error = "crashed", f"{type(exc).__name__}: {exc}"
         finally:
+            if self.injector is not None:
+                self.injector.close()  # cpu_hog processes
             self._stop_processes()
             if self.net is not None:
                 self.net.stop()

@@ -29,6 +29,7 @@ EVENT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "server_restart": (("server",), ()),
     "cpu_squeeze": (("server", "cpu_share"), ()),
     "mem_squeeze": (("server", "memory_mb"), ()),
+    "cpu_hog": (("cores", "duration_s"), ("server",)),  # busy processes on `cores` cores, in a host or the machine
     "slo": (("slo_class",), ("slo_ttft_ms", "slo_tpot_ms")),
 }
 
@@ -53,6 +54,8 @@ class Event:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     process: str | None = None  # server_crash: which of the server's processes die (None = all)
+    cores: float | None = None  # cpu_hog: busy cores (a whole number)
+    duration_s: float | None = None  # cpu_hog: how long
 
     def describe(self) -> str:
         target = "-".join(self.link) if self.link else (self.server or self.slo_class or "")
@@ -132,11 +135,13 @@ def _event(doc: Doc, value: Any, path: tuple) -> Event:
             kw[name] = None if v == "all" else v
         else:
             bounds = {"cpu_share": dict(gt=0, le=1), "loss_pct": dict(ge=0, lt=100)}.get(name, dict(ge=0))
-            if name in ("bw_mbit", "memory_mb"):
+            if name in ("bw_mbit", "memory_mb", "cores", "duration_s"):
                 bounds = dict(gt=0)
             kw[name] = f.num(name, **bounds) if name in req else f.num(name, None, **bounds)
     if kind == "slo" and kw.get("slo_ttft_ms") is None and kw.get("slo_tpot_ms") is None:
         raise doc.err(path, "slo event needs slo_ttft_ms and/or slo_tpot_ms")
+    if kind == "cpu_hog" and kw["cores"] != int(kw["cores"]):
+        raise doc.err(path + ("cores",), f"must be a whole number of cores, got {kw['cores']:g}")
     return Event(**kw)
 
 

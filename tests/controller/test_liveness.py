@@ -41,14 +41,14 @@ def test_a_heartbeat_refutes_a_suspicion_and_the_gap_is_not_learned():
 def test_indirect_probe_answer_refutes_and_only_all_failures_convict():
     pl, t = _beating()
     L.check_silence(pl, t + int(0.6 * S), CFG)
-    L.expect_probes(pl, 3)
+    L.expect_probes(pl, 3, 0.3)
     assert L.probe_result(pl, False, "controller", pl.suspicion) is None
     assert L.conclude(pl, t + int(0.7 * S), CFG) is None  # 1 of 3 failed: wait
     assert L.probe_result(pl, True, "e3", pl.suspicion) == "refuted"  # e3 reached it: slow, not lost
     assert pl.state == L.ALIVE and pl.probe_reached_by == "e3"
     # a new suspicion: all three fail -> lost at once, before the window closes
     L.check_silence(pl, t + int(1.5 * S), CFG)
-    L.expect_probes(pl, 3)
+    L.expect_probes(pl, 3, 0.3)
     for via in ("controller", "e3", "e4"):
         L.probe_result(pl, False, via, pl.suspicion)
     assert L.conclude(pl, t + int(1.6 * S), CFG) == "lost" and pl.lost_count == 1
@@ -71,7 +71,7 @@ def test_no_answer_within_the_probe_window_convicts_a_real_failure_within_1_s():
     while verdict is None and now < t + 2 * S:
         now += int(0.02 * S)
         if L.check_silence(pl, now, CFG) == "suspect":
-            L.expect_probes(pl, 3)
+            L.expect_probes(pl, 3, 0.3)
         verdict = L.conclude(pl, now, CFG)
     assert verdict == "lost" and (now - fault) / S <= 1.0
 
@@ -98,8 +98,20 @@ def test_self_awareness_stretches_deadlines_when_the_controller_itself_ran_late(
     assert L.check_silence(pl, t + int(0.6 * S), CFG, f) is None  # would be suspect at factor 1
     assert L.check_silence(pl, t + int(0.6 * S), CFG, 1.0) == "suspect"
     # and the probe window stretches too
-    L.expect_probes(pl, 3)
+    L.expect_probes(pl, 3, 0.3)
     assert L.conclude(pl, t + int(0.6 * S) + int(0.6 * S), CFG, f) is None
+
+
+def test_probe_timeout_follows_a_slow_path_and_the_window_with_it():
+    assert L.probe_timeout_s(CFG) == CFG.probe_timeout_s
+    assert L.probe_timeout_s(CFG, 2.0) == 2 * CFG.probe_timeout_s
+    assert L.probe_timeout_s(CFG, 1.0, [20.0, 900.0]) == pytest.approx(2.7)  # a 1 Mbit/s path: slow, not lost
+    assert L.probe_timeout_s(CFG, 1.0, [1e5]) == L.MAX_PROBE_TIMEOUT_S
+    pl, t = _beating()
+    L.check_silence(pl, t + int(0.6 * S), CFG)
+    L.expect_probes(pl, 3, 2.7)
+    assert L.conclude(pl, t + int(2.0 * S), CFG) is None  # still inside its 2.7 s probe window
+    assert L.probe_result(pl, True, "controller", pl.suspicion) == "refuted"
 
 
 def test_rejoin_needs_steady_heartbeats_and_a_relapse_is_no_flap():
