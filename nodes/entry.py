@@ -544,7 +544,7 @@ class EntryService:
                     p["rtt_ms"] = rtt if p["rtt_ms"] is None else min(rtt, p["rtt_ms"])
         return {"peers": peers, "failovers": failovers, "step_retries": self.counters["step_retries"],
                 "placement_updates": self.placement_updates, "placement_version": self.routing_version(),
-                "blocked": len(self._blocked), "healthy": self.health()[0]}
+                "blocked": len(self._blocked), "queued": self.jobs.qsize(), "healthy": self.health()[0]}
 
     # ---------------- reporting ----------------
     def stats(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class EntryMetrics:
                               ["api"], buckets=TPOT_BUCKETS_S, registry=r)
         self.http = Counter("coel_http_requests", "HTTP requests by route and status code", ["route", "code"],
                             registry=r)
-        self.running = Gauge("coel_requests_running", "Requests in service or queued", registry=r)
+        self.running = Gauge("coel_requests_running", "Requests a worker is decoding", registry=r)
         r.register(_EntryCollector(server, stats))
 
     def wrap(self, sink: Any, api: str, t_recv_ns: int) -> "MeteredSink":
@@ -124,6 +124,7 @@ class _EntryCollector:
                                 value=s["placement_version"])
         yield GaugeMetricFamily("coel_requests_blocked", "Requests waiting for a new placement",
                                 value=s["blocked"])
+        yield GaugeMetricFamily("coel_requests_queued", "Requests waiting for a free worker", value=s["queued"])
         up = GaugeMetricFamily("coel_entry_healthy", "1 when the entry can serve a request now", labels=["server"])
         up.add_metric([self.server], 1.0 if s["healthy"] else 0.0)
         yield up

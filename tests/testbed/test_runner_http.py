@@ -168,7 +168,7 @@ def test_dashboard_and_scrape_configs_name_only_metrics_we_export():
     from testbed.forward import Target, prometheus_config
     repo = Path(__file__).resolve().parents[2]
     stats = {"peers": {"tcp://a:1": {"calls": 1, "bytes_sent": 2, "bytes_received": 3, "rtt_ms": 1.0}},
-             "failovers": 0, "step_retries": 0, "placement_updates": 0, "placement_version": 1, "blocked": 0,
+             "failovers": 0, "step_retries": 0, "placement_updates": 0, "placement_version": 1, "blocked": 0, "queued": 0,
              "healthy": True}
     em = EntryMetrics("e3", lambda: stats)
     sink = type("S", (), {"token": lambda *a: None, "done": lambda *a: None, "error": lambda *a: None,
