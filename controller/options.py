@@ -108,3 +108,25 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
                             run_dir=args.run_dir, static=args.static, replan_interval_s=args.replan_interval_s,
                             trace_path=args.trace, register_timeout_s=args.register_timeout_s,
                             compression=not args.no_compression, monitor=mon, liveness=live)
+
+
+def run_profile(cfg: ControllerConfig, mc) -> tuple:
+    """(profile, note) for the run: --profile, else MODEL/profile.json, else synthetic statistics;
+    raises ConfigError when the profile does not describe the model's shape."""
+    from pathlib import Path
+    from controller.profile import load_profile, synthetic_profile
+    path = cfg.profile_path or str(Path(cfg.model_dir) / "profile.json")
+    if Path(path).exists() or cfg.profile_path:
+        prof = load_profile(path)
+        note = f"profile {path}"
+    else:
+        bb = mc.param_counts().get("backbone")
+        prof = synthetic_profile(mc, backbone_params=bb, source=f"synthetic for {cfg.model_dir}")
+        note = f"no profile at {path}: synthetic statistics (measured ones come from `coel profile`)"
+    pc = prof.cfg
+    if (pc.n_layers, pc.n_experts, pc.d_model, pc.expert_hidden) != \
+            (mc.n_layers, mc.n_experts, mc.d_model, mc.expert_hidden):
+        raise ConfigError(f"{path}: profile is for {pc.n_layers} layers x {pc.n_experts} experts d={pc.d_model} "
+                          f"hidden={pc.expert_hidden}, the model {cfg.model_dir} has {mc.n_layers} x "
+                          f"{mc.n_experts} d={mc.d_model} hidden={mc.expert_hidden}")
+    return prof, note

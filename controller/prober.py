@@ -130,6 +130,18 @@ class Prober:
                 c.close()
 
 
+def nominal_rates(topo: Any) -> dict[str, float]:
+    """Bottleneck rate (Mbit/s) of the topology path controller -> each server (probe sizing, caps)."""
+    from topologies import bottleneck_bw_mbit, shortest_path
+    out = {}
+    for s in topo.servers:
+        path = shortest_path(topo, topo.controller.name, s.name)
+        bw = bottleneck_bw_mbit(topo, path) if path else None
+        if bw:
+            out[s.name] = float(bw)
+    return out
+
+
 class SuspectProber:
     """Thread: direct PROBEs of suspects; results (name, suspicion id, reached, rtt_ms or None) go
     to `results`."""

@@ -9,8 +9,9 @@ Threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
   prober      controller.prober: RTT + packet-pair goodput probes of every live agent.
   control     REP on --control (controller.api): STATUS, PLAN, SET_SLO, REPLAN, SHUTDOWN.
   main        waiting -> probing -> planning -> deploying -> serving; each tick turns verdicts and
-              observations into triggers (controller.triggers, pure) and, unless --static, re-plans
-              incrementally and executes the diff make-before-break (controller.rollout).
+              observations into triggers (controller.monitoring; decisions in controller.triggers,
+              pure) and, unless --static, re-plans incrementally and executes the diff
+              make-before-break (controller.rollout).
 Every re-deployment is a trace event "redeployment" (trigger, detected_ns, detect_s, replan_s,
 migrate_s, bytes_moved, actions, compression_changes, reasons); a re-plan that changes nothing is
 an event "replan" with actions 0.
@@ -25,7 +26,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -34,21 +34,22 @@ from coel_model.errors import CoelError, ConfigError
 from controller import control_views as C
 from controller import liveness as L
 from controller import monitor as M
-from controller import triggers as T
 from controller.detector import Detector
 from controller.prober import Prober, SuspectProber
 from controller.registry import Registry
+from controller.monitoring import Monitoring
 from controller.rollout import Rollout
-from controller.options import ControllerConfig, add_controller_args, config_from_args
+from controller.options import ControllerConfig, add_controller_args, config_from_args, run_profile
+from controller.prober import nominal_rates
 from controller.deployer import DeployOutcome, Deployer, ShardSource
 from nodes import protocol as P
 from nodes.security import load_keys, start_authenticator
-from nodes.transport import AgentClient, NodeError
+from nodes.transport import AgentClient
 
 TICK_S = 0.05
 
 
-class Controller(Rollout):
+class Controller(Monitoring, Rollout):
     def __init__(self, cfg: ControllerConfig, delay_factory: Any = None):
         from coel_model.checkpoint import load_model
         from controller.cluster import cluster_from_topology
@@ -65,7 +66,7 @@ class Controller(Rollout):
         self.base_cluster = cluster_from_topology(self.topo)
         self.reqs = requirements_from_topology(self.topo, default_entry=(cfg.expect_entries or (None,))[0])
         self.model = load_model(cfg.model_dir)
-        self.profile, self.profile_note = self._load_profile()
+        self.profile, self.profile_note = run_profile(cfg, self.model.cfg)
         self.keys = load_keys(cfg.keys_dir) if cfg.keys_dir else None
         self.tracer = None
         if cfg.trace_path:
@@ -96,7 +97,7 @@ class Controller(Rollout):
         self.registry = Registry(cfg.listen, self.keys, self.ctx, self.delay_factory(), cfg.liveness)
         self.detector = Detector(self.registry, cfg.liveness, SuspectProber(self.keys, self.ctx, self.delay_factory),
                                  self._event, self._recent_rtt_ms)
-        self.nominal_mbit = self._nominal_rates()
+        self.nominal_mbit = nominal_rates(self.topo)
         self.prober = Prober(self.registry, self.keys, cfg.monitor, self.ctx, self.delay_factory,
                              lambda name: M.probe_payload_bytes(self.probe_state.get(name), self.nominal_mbit.get(name),
                                                                 cfg.monitor),
@@ -109,42 +110,6 @@ class Controller(Rollout):
         self.emulation_mode = getattr(dt, "mode", "none") if dt is not None else "none"
 
     # ---------------- inputs ----------------
-    def _load_profile(self):
-        from controller.profile import load_profile, synthetic_profile
-        path = self.cfg.profile_path or str(Path(self.cfg.model_dir) / "profile.json")
-        mc = self.model.cfg
-        if Path(path).exists() or self.cfg.profile_path:
-            prof = load_profile(path)
-            note = f"profile {path}"
-        else:
-            bb = mc.param_counts().get("backbone")
-            prof = synthetic_profile(mc, backbone_params=bb, source=f"synthetic for {self.cfg.model_dir}")
-            note = f"no profile at {path}: synthetic statistics (measured ones come from `coel profile`)"
-        pc = prof.cfg
-        if (pc.n_layers, pc.n_experts, pc.d_model, pc.expert_hidden) != \
-                (mc.n_layers, mc.n_experts, mc.d_model, mc.expert_hidden):
-            raise ConfigError(f"{path}: profile is for {pc.n_layers} layers x {pc.n_experts} experts d={pc.d_model} "
-                              f"hidden={pc.expert_hidden}, the model {self.cfg.model_dir} has {mc.n_layers} x "
-                              f"{mc.n_experts} d={mc.d_model} hidden={mc.expert_hidden}")
-        return prof, note
-
-    def _cap_goodput(self, name: str, gp: float) -> float:
-        """A probe cannot be faster than its path: shaper bursts and timing artifacts are clipped
-        at goodput_cap_factor x the topology's bottleneck rate."""
-        nominal = self.nominal_mbit.get(name)
-        return min(gp, self.cfg.monitor.goodput_cap_factor * nominal) if nominal else gp
-
-    def _nominal_rates(self) -> dict[str, float]:
-        """Bottleneck rate (Mbit/s) of the topology path controller -> each server (probe sizing)."""
-        from topologies import bottleneck_bw_mbit, shortest_path
-        out = {}
-        for s in self.topo.servers:
-            path = shortest_path(self.topo, self.topo.controller.name, s.name)
-            bw = bottleneck_bw_mbit(self.topo, path) if path else None
-            if bw:
-                out[s.name] = float(bw)
-        return out
-
     def _agent_client(self, server: str) -> AgentClient | None:
         p = self.registry.peers.get(("agent", server))
         if p is None:
@@ -288,22 +253,6 @@ class Controller(Rollout):
                                   f"{self.cfg.listen}: {[f'{r} {n}' for r, n in missing]}")
             time.sleep(0.05)
 
-    def _baseline_probes(self) -> None:
-        mc = self.cfg.monitor
-        for name in sorted(self.cfg.expect_agents):
-            st = self.probe_state.setdefault(name, M.ProbeState())
-            c = self._agent_client(name)
-            for _ in range(mc.baseline_probes):
-                try:
-                    rtt, quick = self.prober.probe_once(c, mc.quick_probe_bytes)
-                    gp = self.prober.payload_once(c, rtt, M.probe_payload_bytes(None, self.nominal_mbit.get(name), mc))
-                except NodeError as exc:
-                    self._event("probe_failed", server=name, reason=str(exc)[:200])
-                    continue
-                M.add_quick(st, rtt, quick, time.monotonic_ns(), mc, full=True)
-                M.add_probe(st, rtt, self._cap_goodput(name, gp), time.monotonic_ns(), mc)
-            self._event("baseline", server=name, rtt_ms=st.base_rtt_ms, goodput_mbit=st.base_goodput_mbit)
-
     def _serve_loop(self) -> None:
         mc = self.cfg.monitor
         next_sched = time.monotonic() + self.cfg.replan_interval_s if self.cfg.replan_interval_s else math.inf
@@ -319,44 +268,8 @@ class Controller(Rollout):
             for name in sorted(self.entries_behind):  # an entry that missed an update gets it once heard again
                 if self._agent_heard_recently(name, "entry"):
                     self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
-            # 3. probes
-            while True:
-                try:
-                    name, t_ns, rtt, gp, err, quick = self.prober.results.get_nowait()
-                except queue.Empty:
-                    break
-                if err is not None:
-                    continue  # a silent agent is judged by its heartbeats
-                st = self.probe_state.setdefault(name, M.ProbeState())
-                M.add_quick(st, rtt, quick, t_ns, mc, full=gp is not None)
-                if self.tracer is not None:  # the samples behind every link verdict, for the report
-                    self.tracer.counter(f"probe_rtt_ms:{name}", round(rtt, 3), t_ns)
-                    self.tracer.counter(f"probe_quick_mbit:{name}", round(quick, 2), t_ns)
-                if gp is not None:
-                    M.add_probe(st, rtt, self._cap_goodput(name, gp), t_ns, mc)
-                    if self.tracer is not None:
-                        self.tracer.counter(f"probe_goodput_mbit:{name}", round(self._cap_goodput(name, gp), 2), t_ns)
-                ev, trig = T.probe_step(name, st, self.probe_state, t_ns, mc)
-                if ev is not None and trig is None:  # discounted as contention: said once per episode
-                    if name not in self.discounted:
-                        self._event(ev.kind, t_ns, **ev.attrs)
-                    self.discounted.add(name)
-                    continue
-                self.discounted.discard(name)
-                if ev is not None:
-                    self._event(ev.kind, t_ns, **ev.attrs)
-                    pending.append(trig)
-            # 4. overload and cgroup squeezes (memory limit / CPU quota changed under an agent)
-            peers = self.registry.snapshot()
-            self.overloaded, trigs = T.overload_step({n: p.cpu_hist for (r, n), p in peers.items()
-                                                      if r == "agent" and p.alive}, self.overloaded, cores_of, now, mc)
-            pending += trigs
-            if self.plan is not None:
-                self.planned_resources, events, trigs = T.resource_step(self._resources(peers), self.planned_resources,
-                                                                        now)
-                for ev in events:
-                    self._event(ev.kind, **ev.attrs)
-                pending += trigs
+            # 3. probes, overload and cgroup squeezes (controller.monitoring)
+            pending += self._probe_triggers() + self._resource_triggers(now, cores_of)
             # 5. API and schedule
             while True:
                 try:
@@ -378,46 +291,6 @@ class Controller(Rollout):
                         self._event("redeploy_error", triggers=[t.kind for t in pending],
                                     error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc(limit=4)[-1500:])
                 pending = []
-
-    def _liveness_triggers(self, now: int) -> list[M.Trigger]:
-        """The detector's verdicts and the registry's notices -> triggers (and resyncs, placements)."""
-        out: list[M.Trigger] = []
-        while True:
-            try:
-                verdict, role, name, t_ns, extra = self.detector.verdicts.get_nowait()
-            except queue.Empty:
-                break
-            if verdict == "lost" and role == "agent":
-                out.append(M.Trigger("agent_lost", t_ns, f"agent {name} silent for {extra:.2f} s and unreachable "
-                                                         f"by direct and indirect probes", name, extra))
-            elif verdict == "back" and role == "agent":
-                self._resync_agent(name)
-                out.append(M.Trigger("agent_rejoined", t_ns, f"agent {name} back (heard steadily"
-                                                             f"{', a restarted process' if extra else ''})", name))
-            elif verdict == "back":
-                self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
-        while True:
-            try:
-                kind, role, name, restarted, t_ns = self.registry.notices.get_nowait()
-            except queue.Empty:
-                break
-            if kind in ("refuted", "heard_again"):
-                self._event(f"{role}_{'heartbeat_resumed' if kind == 'refuted' else 'heard_again'}", t_ns, name=name)
-                continue
-            self._event(f"{role}_{kind}", t_ns, name=name, restarted=restarted)
-            with self.registry.lock:
-                p = self.registry.peers.get((role, name))
-                state = p.live.state if p is not None else L.LOST
-            if kind == "registered" or state not in (L.ALIVE, L.SUSPECT):
-                continue  # a new peer no plan names yet, or one on probation (the detector says when it is back)
-            if role == "entry":
-                self._push_placement(self.plan, self.holders, DeployOutcome(), only=name)
-            elif restarted:  # a crash and restart faster than detection: its shards are gone
-                with self.registry.lock:
-                    p.live.new_process = False
-                self._resync_agent(name)
-                out.append(M.Trigger("agent_rejoined", t_ns, f"agent {name} restarted (new process)", name))
-        return out
 
 # ---------------------------------------------------------------- command line
 def cmd_controller(args: argparse.Namespace) -> int:
