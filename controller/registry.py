@@ -145,6 +145,9 @@ class Registry(ThreadedLoop):
             except queue.Empty:
                 return
             rid = next(self._ids)
+            if len(self._pending_peer_probes) >= 1024:  # answers that never came (helper lost meanwhile)
+                for old in sorted(self._pending_peer_probes)[:512]:
+                    del self._pending_peer_probes[old]
             self._pending_peer_probes[rid] = (target, suspicion, helper)
             self._send(sock, ident, P.encode(P.MsgType.PROBE_PEER, rid, {"target": endpoint,
                                                                           "timeout_ms": round(timeout_s * 1e3, 1)},
