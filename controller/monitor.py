@@ -46,6 +46,9 @@ class MonitorConfig:
     probe_min_bytes: int = 16 * 1024  # ... within these bounds
     probe_max_bytes: int = 256 * 1024
     quick_probe_bytes: int = 48 * 1024  # the every-interval payload; a full probe follows only when it is suspect
+    degraded_probe_ms: float = 20.0  # on a degraded link, payloads shrink to last about this long at its rate ...
+    degraded_probe_min_bytes: int = 4 * 1024  # ... but not below this (a 48 KiB probe every 0.5 s alone would
+    #                                           saturate a link collapsed to 1 Mbit/s and starve its heartbeats)
     quick_suspect_ratio: float = 0.5  # quick goodput below this x its own baseline = suspect (run a full probe)
     probe_timeout_s: float = 1.0
     probe_window: int = 3  # recent samples for delay changes and recoveries: the best/worst must be beyond
@@ -128,12 +131,26 @@ def train_goodput_mbit(first_bytes: int, dispersion_ms: float, min_transfer_ms: 
     return first_bytes * 8 / (max(dispersion_ms, min_transfer_ms) / 1e3) / 1e6
 
 
+def degraded_cap_bytes(st: ProbeState | None, nbytes: int, cfg: MonitorConfig) -> int:
+    """nbytes, or less on a link known degraded: ~degraded_probe_ms at its current (degraded)
+    baseline rate, at least degraded_probe_min_bytes. Probes must not eat a collapsed link."""
+    if st is None or not st.degraded or not st.base_goodput_mbit:
+        return nbytes
+    fit = int(st.base_goodput_mbit * 1e6 / 8 * cfg.degraded_probe_ms / 1e3)
+    return max(min(cfg.degraded_probe_min_bytes, nbytes), min(nbytes, fit))
+
+
+def quick_payload_bytes(st: ProbeState | None, cfg: MonitorConfig) -> int:
+    """The every-interval quick probe's payload: quick_probe_bytes, less on a degraded link."""
+    return degraded_cap_bytes(st, cfg.quick_probe_bytes, cfg)
+
+
 def probe_payload_bytes(st: ProbeState | None, nominal_mbit: float | None, cfg: MonitorConfig) -> int:
-    """Goodput payload for the next probe: probe_bytes when probe_transfer_ms is 0 (the default);
-    else ~probe_transfer_ms at the best recent rate (else the nominal path rate, else
-    probe_bytes), clamped to [probe_min_bytes, probe_max_bytes]."""
+    """Goodput payload for the next probe: probe_bytes when probe_transfer_ms is 0 (the default;
+    less on a degraded link, degraded_cap_bytes); else ~probe_transfer_ms at the best recent rate
+    (else the nominal path rate, else probe_bytes), clamped to [probe_min_bytes, probe_max_bytes]."""
     if cfg.probe_transfer_ms <= 0:
-        return cfg.probe_bytes
+        return degraded_cap_bytes(st, cfg.probe_bytes, cfg)
     rate = max(st.goodput_mbit[-cfg.probe_window:]) if st is not None and st.goodput_mbit else nominal_mbit
     if not rate or not math.isfinite(rate):
         return cfg.probe_bytes

@@ -29,10 +29,12 @@ class Prober:
     drop comes ~0.2 s later; nothing extra is sent while nothing changes)."""
 
     def __init__(self, registry: Any, keys: KeyDir | None, cfg: M.MonitorConfig, ctx: zmq.Context,
-                 delay_factory: Any, payload_for: Any = None, suspect: Any = None, need_full: Any = None):
+                 delay_factory: Any, payload_for: Any = None, suspect: Any = None, need_full: Any = None,
+                 quick_for: Any = None):
         self.registry, self.keys, self.cfg, self.ctx = registry, keys, cfg, ctx
         self.delay_factory = delay_factory
         self.payload_for = payload_for or (lambda name: None)  # agent -> goodput payload bytes
+        self.quick_for = quick_for or (lambda name: cfg.quick_probe_bytes)  # agent -> quick payload bytes
         self.suspect = suspect or (lambda name, rtt, gp: False)  # agent, full sample -> re-probe soon?
         self.need_full = need_full or (lambda name, rtt, quick: True)  # agent, quick sample -> full probe now?
         self.bytes_sent = 0  # probe payload bytes sent (each is echoed back: 2x on the wire)
@@ -110,7 +112,7 @@ class Prober:
                         c = clients[p.name] = AgentClient(p.endpoint, self.keys, self.ctx, name="controller",
                                                           delay=self.delay_factory())
                     try:
-                        rtt, quick = self.probe_once(c, self.cfg.quick_probe_bytes)
+                        rtt, quick = self.probe_once(c, self.quick_for(p.name))
                         gp = None
                         if rechecks.get(p.name, 0) or self.need_full(p.name, rtt, quick):
                             gp = self.payload_once(c, rtt, self.payload_for(p.name))

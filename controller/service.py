@@ -104,7 +104,8 @@ class Controller(Monitoring, Rollout):
                              lambda name, rtt, gp: M.probe_suspect(self.probe_state.get(name), rtt,
                                                                    self._cap_goodput(name, gp), cfg.monitor),
                              lambda name, rtt, quick: M.quick_suspect(self.probe_state.get(name), rtt, quick,
-                                                                      cfg.monitor))
+                                                                      cfg.monitor),
+                             lambda name: M.quick_payload_bytes(self.probe_state.get(name), cfg.monitor))
         self.api = None
         dt = self.delay_factory()
         self.emulation_mode = getattr(dt, "mode", "none") if dt is not None else "none"

@@ -88,3 +88,16 @@ def test_choose_full_plan():
     assert T.choose_full_plan("slo_change", missed, full, 5000, 1000, {})[0]  # a missed SLO lifts the budget
     assert not T.choose_full_plan("bw", inc, {"token_ms_max": 9.5, "meets_slo": True, "meets_quality": True},
                                   0, 1000, {})[0]  # not 20% better
+
+
+def test_probes_shrink_on_a_degraded_link():
+    st = _state([2.0] * 5, [100.0] * 3 + [1.0] * 2)
+    assert M.quick_payload_bytes(st, CFG) == CFG.quick_probe_bytes  # no verdict yet: full size
+    ev, trig = T.probe_step("a", st, {"a": st}, 5, CFG)
+    assert trig.kind == "bw" and st.degraded
+    # 1 Mbit/s: 20 ms of it is 2.5 kB -> the 4 KiB floor, for the quick and the full probe
+    assert M.quick_payload_bytes(st, CFG) == CFG.degraded_probe_min_bytes
+    assert M.probe_payload_bytes(st, 100.0, CFG) == CFG.degraded_probe_min_bytes
+    st2 = _state([2.0] * 5, [100.0] * 3 + [5.0] * 2)
+    T.probe_step("a", st2, {"a": st2}, 5, CFG)
+    assert M.quick_payload_bytes(st2, CFG) == 12500  # 20 ms at 5 Mbit/s
