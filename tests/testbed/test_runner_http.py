@@ -193,3 +193,21 @@ def test_dashboard_and_scrape_configs_name_only_metrics_we_export():
         jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
         assert set(jobs) == {"coel-controller", "coel-entry"}
         assert all(":" in t for j in jobs.values() for sc in j["static_configs"] for t in sc["targets"])
+
+
+@pytest.mark.unit
+def test_forward_targets_come_from_the_run_folder(tmp_path):
+    from coel_model.errors import CoelError
+    from testbed.forward import run_targets
+    with pytest.raises(CoelError, match="not a run folder"):
+        run_targets(tmp_path, 9000)
+    (tmp_path / "meta.json").write_text(json.dumps({"entries": ["e4", "e3"]}))
+    with pytest.raises(CoelError, match="no HTTP endpoints yet"):
+        run_targets(tmp_path, 9000)
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "entries": ["e4", "e3"], "shell_pids": {"ctl": 11, "e3": 13, "e4": 14},
+        "metrics": {"e4": "http://10.0.0.4:8000/metrics", "ctl": "http://10.0.0.9:8000/metrics",
+                    "e3": "http://10.0.0.3:8000/metrics"}}))
+    got = [(t.host, t.role, t.ip, t.port, t.pid, t.local_port) for t in run_targets(tmp_path, 9000)]
+    assert got == [("ctl", "controller", "10.0.0.9", 8000, 11, 9000), ("e3", "entry", "10.0.0.3", 8000, 13, 9001),
+                   ("e4", "entry", "10.0.0.4", 8000, 14, 9002)]
