@@ -178,6 +178,7 @@ class HubCost:
     used_pairs: frozenset[tuple[int, int]]
     busy_token_ms: np.ndarray  # (S,) expected expert compute per decoded token on each server
     busy_prefill_ms: np.ndarray  # (S,) expert compute per prefill on each server
+    calls_per_token: np.ndarray  # (S,) expected expert calls per decoded token to each server
 
 
 def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tokens: int,
@@ -237,7 +238,7 @@ def hub_cost(profile: Profile, cluster: Cluster, lay: Layout, h: int, prompt_tok
     qn = max([float(qual[v]) for v in np.nonzero(used)[0] if v != h] + [0.0])
     busy_tok = (work + co[None, :] * psum).sum(0)
     busy_pre = np.where(qT > 0, np.maximum(read_ms, flop_ms), 0.0).sum(0)
-    return HubCost(decode, prefill, qn, used_pairs, busy_tok, busy_pre)
+    return HubCost(decode, prefill, qn, used_pairs, busy_tok, busy_pre, psum.sum(0))
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,15 @@ def evaluate(profile: Profile, cluster: Cluster, reqs: Requirements, lay: Layout
                     + n * layer_prefill_ms(srv, layer_b, c.prompt_tokens)
                 utilization += c.rate_rps * per_req / 1e3
             tok += n * layer_decode_ms(srv, layer_b) + float(hc.decode_ms.sum())
+            if h == coord and len(stages) == 1 and srv.msg_ms is not None:
+                # a perceived server: its processes share its CPU, so a token also takes at least the
+                # CPU time they spend on it there (the entry's layers and its half of every call, the
+                # co-located agent's half of the local calls and their expert work)
+                m = float(srv.msg_ms)
+                local = float(hc.calls_per_token[h])
+                cpu = head_ms(srv, head_b) + n * layer_decode_ms(srv, layer_b) + float(hc.busy_token_ms[h]) \
+                    + m * local + m / 2 * (float(hc.calls_per_token.sum()) - local)
+                tok = max(tok, cpu)
             ttft += n * layer_prefill_ms(srv, layer_b, c.prompt_tokens) + float(hc.prefill_ms.sum())
             qual = max(qual, hc.quality_nats)
             prev = h

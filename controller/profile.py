@@ -151,6 +151,11 @@ def profile_from_dict(doc: dict[str, Any], source: str = "<dict>") -> Profile:
             for j, b in enumerate(bits):
                 loss[l, e, j] = float(ent["loss_increase"][str(b)]) if b != 16 else float(
                     ent["loss_increase"].get("16", 0.0))
+                kl = (ent.get("output_kl") or {}).get(str(b))
+                if kl is not None:  # the loss increase of one expert is noise-level at >= 3 bits
+                    # (docs/benchmarks.md, quantization quality); its output KL is measurable and
+                    # never negative: a width's damage is the larger of the two
+                    loss[l, e, j] = max(loss[l, e, j], float(kl))
                 nbytes[l, e, j] = int(ent["bytes"][str(b)])
         except KeyError as exc:
             raise _fail(source, f"{where}: missing {exc}") from None

@@ -74,7 +74,8 @@ def memory_per_server(meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], 
 
 
 def class_tpot(run_dir: Path) -> dict[str, dict[str, float | None]]:
-    """Per request class and phase: TPOT p50 from the run's summary.csv."""
+    """Per request class (the client group, as the planner names classes) and phase: TPOT p50
+    from the run's summary.csv."""
     rows: dict[tuple[str, str], list[float]] = {}
     path = run_dir / "summary.csv"
     if not path.exists():
@@ -82,7 +83,7 @@ def class_tpot(run_dir: Path) -> dict[str, dict[str, float | None]]:
     with open(path) as fh:
         for r in csv.DictReader(fh):
             if r["ok"] == "1" and r["tpot_ms"] not in ("", "None"):
-                rows.setdefault((r["class"] or r["client"], r["phase"]), []).append(float(r["tpot_ms"]))
+                rows.setdefault((r["client"], r["phase"]), []).append(float(r["tpot_ms"]))
     out: dict[str, dict[str, float | None]] = {}
     for (cls, ph), xs in rows.items():
         out.setdefault(cls, {})[ph] = percentile(xs, 50)
@@ -126,9 +127,20 @@ def widths_quality(model_dir: str, bits: list[list[int]], group_size: int = 64, 
     return out
 
 
+def weighted_class_p50(class_ms: dict[str, dict[str, float | None]], requirements: dict[str, Any] | None,
+                       phase: str = "before") -> float | None:
+    """The classes' measured TPOT p50 in `phase`, weighted by arrival rate like predicted_tpot_ms."""
+    rates = {c["name"]: float(c.get("rate_rps", 1.0)) for c in (requirements or {}).get("classes", [])}
+    pts = [(rates.get(k, 1.0), v.get(phase)) for k, v in class_ms.items() if v.get(phase) is not None]
+    tot = sum(w for w, _ in pts)
+    return sum(w * x for w, x in pts) / tot if tot > 0 else None
+
+
 def run_figures(run_dir: Path, summary: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str, Any]:
     """One run's figures for compare.json."""
     s = summary or {}
+    reqs = (meta.get("final_status") or {}).get("requirements")
+    cls = class_tpot(run_dir)
     phases = s.get("phases") or {}
     plan = meta.get("initial_plan") or {}
     mem, ratio = memory_per_server(meta)
@@ -141,9 +153,10 @@ def run_figures(run_dir: Path, summary: dict[str, Any] | None, meta: dict[str, A
         "requests": s.get("requests"), "lost": s.get("lost_requests"),
         "bytes_on_wire": s.get("bytes_on_wire"), "bytes_controller_links": s.get("bytes_controller_links"),
         "memory_per_server": mem, "max_memory_ratio": ratio,
-        "predicted_tpot_ms": _r(predicted_tpot_ms(plan, (meta.get("final_status") or {}).get("requirements"))), "predicted_ttft_ms": ov.get("ttft_ms_max"),
+        "predicted_tpot_ms": _r(predicted_tpot_ms(plan, reqs)),
+        "measured_class_tpot_ms": _r(weighted_class_p50(cls, reqs)), "predicted_ttft_ms": ov.get("ttft_ms_max"),
         "predicted_loss_nats": ov.get("quality_loss_nats"),
-        "class_tpot_ms": class_tpot(run_dir),
+        "class_tpot_ms": cls,
         "predicted_class_tpot_ms": {k: v.get("token_ms") for k, v in (plan.get("predicted") or {}).items()
                                     if not k.startswith("_")},
         "redeployments": len(s.get("redeployments") or []),
@@ -167,7 +180,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = {ph: {q: _r(_median([(r[key].get(ph) or {}).get(q) for r in runs]))
                          for q in ("p50", "p95")} for ph in list(PHASES) + ["all"]
                     if any(ph in r[key] for r in runs)}
-    for key in ("lost", "requests", "bytes_on_wire", "max_memory_ratio", "predicted_tpot_ms", "predicted_ttft_ms",
+    for key in ("lost", "requests", "bytes_on_wire", "max_memory_ratio", "predicted_tpot_ms", "measured_class_tpot_ms",
+                "predicted_ttft_ms",
                 "predicted_loss_nats", "redeployments"):
         out[key] = _median([r[key] for r in runs])
     out["memory_per_server"] = first["memory_per_server"]
@@ -176,6 +190,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     before = out["tpot_ms"].get("before", out["tpot_ms"].get("all", {})).get("p50")
     pred = out["predicted_tpot_ms"]
     out["predicted_over_measured"] = _r(pred / before, 3) if pred and before else None
+    per_class = out["measured_class_tpot_ms"]  # the same classes' weighting on both sides
+    out["predicted_over_measured_classes"] = _r(pred / per_class, 3) if pred and per_class else None
     out["runs"] = runs
     return out
 
@@ -185,7 +201,8 @@ def compare_table(doc: dict[str, Any]) -> str:
         return "-" if x is None else f"{x:.{nd}f}"
 
     hdr = (f"{'strategy':<9} {'mode':<9} {'bits':>5} {'TPOT p50 b/d/a (ms)':>21} {'p95 all':>8} {'TTFT p50':>9} "
-           f"{'lost':>4} {'wire MB':>8} {'mem max':>7} {'pred TPOT':>9} {'pred/meas':>9} {'ppl':>7} {'top1':>6}")
+           f"{'lost':>4} {'wire MB':>8} {'mem max':>7} {'pred TPOT':>9} {'meas cls':>8} {'pred/meas':>9} {'ppl':>7} "
+           f"{'top1':>6}")
     lines = [f"coel compare {doc['scenario']}: {doc['repeats']} repeat(s), emulation {doc.get('emulation_mode')}", hdr]
     for name, s in doc["strategies"].items():
         t = s["tpot_ms"]
@@ -195,10 +212,13 @@ def compare_table(doc: dict[str, Any]) -> str:
                      f"{f((t.get('all') or {}).get('p95')):>8} {f((s['ttft_ms'].get('all') or {}).get('p50')):>9} "
                      f"{f(s.get('lost'), 0):>4} {f((s.get('bytes_on_wire') or 0) / 1e6):>8} "
                      f"{f(s.get('max_memory_ratio'), 2):>7} {f(s.get('predicted_tpot_ms')):>9} "
-                     f"{f(s.get('predicted_over_measured'), 2):>9} {f(q.get('perplexity'), 3):>7} "
+                     f"{f(s.get('measured_class_tpot_ms')):>8} "
+                     f"{f(s.get('predicted_over_measured_classes'), 2):>9} {f(q.get('perplexity'), 3):>7} "
                      f"{f(q.get('top1_agreement'), 3):>6}")
-    lines.append("TPOT p50 b/d/a: before/during/after the first fault; pred/meas: predicted TPOT over the "
-                 "measured before-phase p50; ppl/top1: the deployed widths on held-out text vs fp32")
+    lines.append("TPOT p50 b/d/a: before/during/after the first fault (all requests); pred TPOT: the plan's "
+                 "per-class prediction weighted by arrival rate; meas cls: the classes' measured before-phase p50 "
+                 "weighted the same way; pred/meas: their ratio; ppl/top1: the deployed widths on held-out text vs "
+                 "fp32")
     return "\n".join(lines)
 
 
@@ -264,16 +284,17 @@ def plot_compare(doc: dict[str, Any], folder: Path) -> list[Path]:
     hi = 1.0
     for n in names:
         s = doc["strategies"][n]
-        meas = ((s["tpot_ms"].get("before") or s["tpot_ms"].get("all") or {}).get("p50"))
-        pred = s.get("predicted_tpot_ms")
-        if meas is None or pred is None:
-            continue
-        ax.scatter([meas], [pred], color=colors[n], s=40, label=n)
-        hi = max(hi, meas, pred)
+        pred_c = s.get("predicted_class_tpot_ms") or {}
+        meas_c = s.get("class_tpot_ms") or {}
+        pts = [(meas_c[k].get("before"), v) for k, v in pred_c.items()
+               if k in meas_c and meas_c[k].get("before") is not None and v is not None]
+        if pts:  # one point per request class, before the fault
+            ax.scatter([m for m, _ in pts], [p for _, p in pts], color=colors[n], s=30, label=n)
+            hi = max([hi] + [max(m, p) for m, p in pts])
     ax.plot([0, hi * 1.1], [0, hi * 1.1], color="gray", lw=1)
     ax.fill_between([0, hi * 1.1], [0, hi * 1.1 * 0.75], [0, hi * 1.1 * 1.25], color="gray", alpha=0.15,
                     label="+-25 %")
-    ax.set_xlabel("measured TPOT p50, before the fault (ms)")
+    ax.set_xlabel("measured TPOT p50 per request class, before the fault (ms)")
     ax.set_ylabel("predicted TPOT (ms)")
     ax.set_title(f"{doc['scenario']}: predicted vs measured")
     ax.grid(alpha=0.3)
