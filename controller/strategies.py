@@ -390,6 +390,58 @@ def baseline_candidates(ctx: Context, reasons: list[str]) -> list[Candidate]:
     return out
 
 
+def _coel_hybrids(ctx: Context, bits_options: list[np.ndarray]) -> list[Candidate]:
+    """Hybrid layouts (only when the runtime executes stages): pipeline stages of contiguous
+    layers, each stage server holding the hottest of its layers' experts (CoEL's mixed widths)
+    that fit, the others placed on other servers by the placement greedy (remote experts only
+    where memory forces it). Stages need room for 50 % or 75 % of their experts, so fewer stages
+    suffice than in a pure pipeline."""
+    if not ctx.opts.stage_execution:
+        return []
+    main = max(ctx.reqs.classes, key=lambda c: (ctx.reqs.weights()[c.name], c.name))
+    out: list[Candidate] = []
+    for bits in bits_options:
+        for share in (0.5, 0.75):
+            res = pipeline_dp(ctx, bits, main.entry, expert_share=share)
+            if res is None:
+                continue
+            stages = res[1]
+            stages_for = {c.entry: list(stages) for c in ctx.reqs.classes}
+            base = Layout(bits.copy(), np.zeros((ctx.L, ctx.E, ctx.S), bool), np.zeros((ctx.L, ctx.E, ctx.S), bool),
+                          stages_for)
+            left = np.where(ctx.usable, ctx.capacity - layout_memory(ctx.profile, ctx.cluster, base), 0.0)
+            eb = ctx.profile.expert_bytes(bits).astype(np.float64)
+            hosted = base.hosted
+            for v, l0, l1 in stages:
+                if l1 <= l0:
+                    continue
+                cells = sorted(((l, e) for l in range(l0, l1) for e in range(ctx.E)),
+                               key=lambda le: (-ctx.profile.popularity[le], le))
+                for l, e in cells:
+                    if eb[l, e] <= left[v]:
+                        hosted[l, e, v] = True
+                        left[v] -= eb[l, e]
+            todo = ~hosted.any(2)
+            n_remote = int(todo.sum())
+            if n_remote:
+                try:
+                    hosted, bits2, _ = place_experts(ctx.profile, ctx.cluster, ctx.reqs, bits, np.maximum(left, 0.0),
+                                                     ctx.coords, ctx.usable, ctx.opts, hosted=hosted, todo=todo)
+                except InfeasibleError:
+                    continue
+            else:
+                bits2 = bits
+            lay = Layout(bits2, hosted, np.zeros_like(hosted), stages_for)
+            if (layout_memory(ctx.profile, ctx.cluster, lay) > ctx.capacity + 0.5).any():
+                continue
+            preds, cn = _finish(ctx, lay)
+            out.append(Candidate(f"hybrid-{share:.0%}", "pipeline", lay, preds, [
+                f"hybrid: stages " + ", ".join(f"{ctx.name(v)}[{a}:{z}]" for v, a, z in stages if z > a)
+                + f" holding their hottest experts, {n_remote} experts remote where memory forced it, "
+                  f"{bits2.mean():.2f} average bits"] + cn))
+    return out
+
+
 def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     floor = ctx.reqs.max_loss_nats
     objective = ctx.opts.objective
@@ -423,6 +475,7 @@ def strategy_coel(ctx: Context) -> tuple[Layout, str, list[str]]:
     pipe = _coel_pipeline(ctx, floor_bits, lean)
     if pipe is not None:
         cands.append(Candidate("pipeline", "pipeline", pipe[1][0], pipe[1][1], pipe[2]))
+    cands += _coel_hybrids(ctx, [floor_bits] + ([lean] if not np.array_equal(lean, floor_bits) else []))
     try:
         off = strategy_offload(ctx, floor_bits=lean)
         cands.append(Candidate("offload", "offload", off[0],
@@ -513,16 +566,22 @@ def _pipeline_layout(ctx: Context, bits: np.ndarray, stages_for: dict[str, list[
     return Layout(bits, hosted, np.zeros_like(hosted), stages_for)
 
 
-def pipeline_dp(ctx: Context, bits: np.ndarray, entry: str) -> tuple[float, list[tuple[int, int, int]]] | None:
+def pipeline_dp(ctx: Context, bits: np.ndarray, entry: str,
+                expert_share: float = 1.0) -> tuple[float, list[tuple[int, int, int]]] | None:
     """EdgeShard-style DP. Devices in order of latency from the coordinator (which holds the
     embeddings and head and may run the first stage). dp[i][j]: best decode time with layers
     [0, i) done and the hidden state on device j; a stage runs layers [i', i) on device j after
-    device j' < j (memory per stage checked). The last stage sends the hidden state back."""
+    device j' < j (memory per stage checked). The last stage sends the hidden state back.
+    `expert_share` < 1: a stage needs room for only that share of its layers' expert bytes
+    (hybrid plans place the rest elsewhere)."""
     h = ctx.coords[entry]
     lat = ctx.cluster.latency_matrix_ms[h]
     devs = [h] + sorted((v for v in range(ctx.S) if v != h and ctx.usable[v]), key=lambda v: (lat[v], v))
     D, L = len(devs), ctx.L
     mem_l, read_l = _layer_bytes(ctx, bits)
+    if expert_share < 1.0:
+        layer_b, _ = ctx.profile.backbone_layer_bytes()
+        mem_l = layer_b + expert_share * (mem_l - layer_b)
     cmem = np.concatenate([[0.0], np.cumsum(mem_l)])
     cread = np.concatenate([[0.0], np.cumsum(read_l)])
     bw = np.array([ctx.cluster.servers[v].effective_bytes_per_s for v in devs])

@@ -105,3 +105,16 @@ def test_coel_is_never_predicted_worse_than_a_baseline_that_keeps_floor_and_slo(
         ov = bp.predicted_map()["_overall"]
         if ov["meets_quality"] and (ov["meets_slo"] or not c_ov["meets_slo"]):
             assert c_ms <= weighted_token_ms(bp) + 1e-6, (b, c_ms, weighted_token_ms(bp), coel.reasons[-2:])
+
+
+def test_hybrid_candidates_exist_with_stage_execution_and_keep_memory():
+    prof = synthetic_profile(cfg(n_layers=4, n_experts=6), seed=3)
+    need = prof.backbone_bytes + float(prof.nbytes[:, :, prof.bit_index(4)].sum())
+    cl = star([need * 0.45, need * 0.35, need * 0.35, need * 0.35], [100, 100, 100, 100], [1, 2, 3, 4])
+    reqs = single_class("s0", max_loss_nats=0.2)
+    p = plan(prof, cl, reqs, "coel", options=PlanOptions(stage_execution=True))
+    assert any("hybrid" in r for r in p.reasons), p.reasons[-3:]
+    cap = {s.name: s.memory_bytes for s in cl.servers}
+    assert all(b <= cap[s] for s, b in p.memory_map().items())
+    q = plan(prof, cl, reqs, "coel")  # the runtime without stages: no hybrid candidates
+    assert not any("hybrid" in r for r in q.reasons)
