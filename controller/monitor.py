@@ -61,6 +61,8 @@ class MonitorConfig:
     bw_drop_ratio: float = 0.3  # goodput below this x baseline = bandwidth drop
     rtt_rise_ratio: float = 2.5  # RTT above this x baseline = delay rise ...
     rtt_rise_min_ms: float = 5.0  # ... and at least this many ms above it (loopback noise)
+    delay_confirm_s: float = 1.0  # ... for at least this long: a busy agent answers late for a few hundred ms
+    #                               (the re-probes 0.05 s apart all fell into one such burst: a false "delay")
     goodput_cap_factor: float = 1.5  # measurements above this x the path's nominal rate are artifacts
     min_transfer_ms: float = 1.0  # goodput probes faster than this are clamped (sub-ms scheduling noise
     #                               on fast links is not a "drop"; with 32 KiB this caps at ~524 Mbit/s)
@@ -104,6 +106,7 @@ class Trigger:
 class ProbeState:
     """Probe history of one agent (mutable record; the decisions on it are pure functions)."""
     rtt_ms: list[float] = field(default_factory=list)
+    rtt_t_ns: list[int] = field(default_factory=list)  # when each rtt_ms sample was taken
     goodput_mbit: list[float] = field(default_factory=list)
     quick_mbit: list[float] = field(default_factory=list)  # quick-probe goodput (relative use only)
     base_quick_mbit: float | None = None
@@ -180,6 +183,7 @@ def add_quick(st: ProbeState, rtt_ms: float, quick_mbit: float, now_ns: int, cfg
         st.base_quick_mbit = statistics.median(st.quick_mbit[-cfg.baseline_probes:])
     if not full:
         st.rtt_ms = (st.rtt_ms + [rtt_ms])[-keep:]
+        st.rtt_t_ns = (st.rtt_t_ns + [now_ns])[-keep:]
         st.last_ok_ns = now_ns
 
 
@@ -200,6 +204,7 @@ def quick_suspect(st: ProbeState | None, rtt_ms: float, quick_mbit: float, cfg: 
 def add_probe(st: ProbeState, rtt_ms: float, gp_mbit: float, now_ns: int, cfg: MonitorConfig) -> None:
     """Record one probe; the first baseline_probes samples define the baseline."""
     st.rtt_ms = (st.rtt_ms + [rtt_ms])[-cfg.history_len:]
+    st.rtt_t_ns = (st.rtt_t_ns + [now_ns])[-cfg.history_len:]
     st.goodput_mbit = (st.goodput_mbit + [gp_mbit])[-cfg.history_len:]
     st.last_ok_ns = now_ns
     if st.base_rtt_ms is None and len(st.rtt_ms) >= cfg.baseline_probes:
@@ -232,9 +237,11 @@ def probe_change(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str, str] | N
         return None
     rtts, gps = st.rtt_ms[-cfg.probe_window:], st.goodput_mbit[-cfg.probe_window:]
     n = cfg.probe_window
-    if min(rtts) > cfg.rtt_rise_ratio * b_rtt and min(rtts) - b_rtt >= cfg.rtt_rise_min_ms:
+    high = cfg.rtt_rise_ratio * b_rtt
+    span_s = high_for_s(st, high, b_rtt + cfg.rtt_rise_min_ms)
+    if min(rtts) > high and min(rtts) - b_rtt >= cfg.rtt_rise_min_ms and span_s >= cfg.delay_confirm_s:
         return "link_degraded", "delay", (f"RTT >= {min(rtts):.2f} ms in the last {n} probes > {cfg.rtt_rise_ratio} x "
-                                 f"baseline {b_rtt:.2f} ms")
+                                          f"baseline {b_rtt:.2f} ms for {span_s:.2f} s")
     if min(gps) * cfg.bw_drop_ratio > b_gp:
         return "link_recovered", "bw", (f"goodput >= {min(gps):.1f} Mbit/s in the last {n} probes > baseline "
                                   f"{b_gp:.1f} Mbit/s / {cfg.bw_drop_ratio}")
@@ -242,6 +249,19 @@ def probe_change(st: ProbeState, cfg: MonitorConfig) -> tuple[str, str, str] | N
         return "link_recovered", "delay", (f"RTT <= {max(rtts):.2f} ms in the last {n} probes < baseline {b_rtt:.2f} ms "
                                   f"/ {cfg.rtt_rise_ratio}")
     return None
+
+
+def high_for_s(st: ProbeState, above_ms: float, at_least_ms: float) -> float:
+    """How long (s) the RTT samples have stayed above both thresholds: from the earliest sample of
+    the unbroken run of high samples that ends with the latest one, to the latest one."""
+    if not st.rtt_ms or len(st.rtt_t_ns) != len(st.rtt_ms):
+        return 0.0
+    k = len(st.rtt_ms)
+    while k > 0 and st.rtt_ms[k - 1] > above_ms and st.rtt_ms[k - 1] >= at_least_ms:
+        k -= 1
+    if k == len(st.rtt_ms):
+        return 0.0
+    return (st.rtt_t_ns[-1] - st.rtt_t_ns[k]) / 1e9
 
 
 def rebase(st: ProbeState, cfg: MonitorConfig, n_samples: int | None = None) -> None:

@@ -16,7 +16,7 @@ S = 1_000_000_000
 def _probed(rtts, gps):
     st = M.ProbeState()
     for i, (r, g) in enumerate(zip(rtts, gps)):
-        M.add_probe(st, r, g, i, CFG)
+        M.add_probe(st, r, g, i * S // 2, CFG)
     return st
 
 
@@ -50,13 +50,16 @@ def test_probe_verdicts_bandwidth_drop_delay_rise_recovery_and_noise():
 
 def test_delay_rise_needs_ratio_and_absolute_margin():
     st = _probed([0.3, 0.3, 0.3], [1000, 1000, 1000])
-    for r in (1.5, 1.5, 1.5):  # 5x but only +1.2 ms: loopback noise, not a link change
-        M.add_probe(st, r, 1000, 0, CFG)
+    for i, r in enumerate((1.5, 1.5, 1.5)):  # 5x but only +1.2 ms: loopback noise, not a link change
+        M.add_probe(st, r, 1000, (3 + i) * S // 2, CFG)
     assert M.probe_verdict(st, CFG) is None
-    for r in (20.0, 21.0, 19.0):
-        M.add_probe(st, r, 1000, 0, CFG)
+    # high for 0.1 s only (re-probes of a busy agent, 0.05 s apart): not yet a delay change
+    for i, r in enumerate((20.0, 21.0, 19.0)):
+        M.add_probe(st, r, 1000, 3 * S + i * S // 20, CFG)
+    assert M.probe_verdict(st, CFG) is None
+    M.add_probe(st, 19.5, 1000, 4 * S + S // 10, CFG)  # still high 1.1 s after the first high sample
     kind, why = M.probe_verdict(st, CFG)
-    assert kind == "link_degraded" and "RTT >= 19.00 ms" in why
+    assert kind == "link_degraded" and "RTT >= 19.00 ms" in why and "for 1.10 s" in why, why
     M.rebase(st, CFG)
     assert M.observation_of(st, True).extra_delay_ms == pytest.approx((19.0 - 0.3) / 2)
 

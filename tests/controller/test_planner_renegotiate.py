@@ -150,10 +150,10 @@ def test_probe_change_names_bandwidth_or_delay():
         M.add_probe(st, 2.0, 125.0, 0, cfg)
     assert M.probe_change(st, cfg)[:2] == ("link_recovered", "bw")
     st2 = M.ProbeState()
-    for _ in range(3):
-        M.add_probe(st2, 2.0, 100.0, 0, cfg)
-    for _ in range(3):
-        M.add_probe(st2, 22.0, 100.0, 0, cfg)
+    for i in range(3):
+        M.add_probe(st2, 2.0, 100.0, i * 500_000_000, cfg)
+    for i in range(3, 6):  # high for 1 s (monitor.delay_confirm_s)
+        M.add_probe(st2, 22.0, 100.0, i * 500_000_000, cfg)
     assert M.probe_change(st2, cfg)[:2] == ("link_degraded", "delay")
     assert M.probe_verdict(st2, cfg)[0] == "link_degraded"
 

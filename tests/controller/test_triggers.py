@@ -16,8 +16,8 @@ S = 1_000_000_000
 def _state(rtts, gps, quick=None):
     st = M.ProbeState()
     for i, (r, g) in enumerate(zip(rtts, gps)):
-        M.add_quick(st, r, (quick or gps)[i], i, CFG, full=True)
-        M.add_probe(st, r, g, i, CFG)
+        M.add_quick(st, r, (quick or gps)[i], i * S // 2, CFG, full=True)
+        M.add_probe(st, r, g, i * S // 2, CFG)
     return st
 
 
