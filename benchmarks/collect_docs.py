@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "bench"
-ORDER = ["quant_kernels", "quant_quality", "nodes", "compression", "planner", "net",
+ORDER = ["quant_kernels", "quant_quality", "nodes", "compression", "planner", "compare", "net",
          "runtime_failover", "redeploy", "api"]
 
 

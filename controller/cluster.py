@@ -44,6 +44,7 @@ class Server:
     layer_decode_ms: float | None = None  # one decoder layer without its experts, decode, batch 1
     prefill_token_layer_ms: float | None = None  # the same per prompt token in prefill
     head_ms: float | None = None  # final norm + lm_head per token
+    cpu_cores: float | None = None  # the cgroup's CPU limit (cores) the perceived figures were taken under
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -7,7 +7,7 @@ import pytest
 from coel_model.config import MoEConfig
 from controller.cluster import Cluster, Link, Server
 from controller.costmodel import evaluate
-from controller.perception import apply_perception, expert_line, server_fields
+from controller.perception import CPU_SHARE_EXPONENT, apply_perception, expert_line, server_fields
 from controller.plan import PlanOptions, single_class
 from controller.planner import plan
 from controller.profile import synthetic_profile
@@ -94,7 +94,8 @@ def test_perceive_measures_every_part_quickly():
 def test_a_cpu_capped_server_is_slower_by_its_share():
     capped = dict(report(), limits={"cgroup_cpu_cores": 0.5})
     f = server_fields(capped, {"backbone": {"layer_decode_ms": 0.2, "head_ms": 0.1}, "limits": {"cgroup_cpu_cores": 0.5}})
-    assert f["msg_ms"] == pytest.approx(0.8) and f["layer_decode_ms"] == pytest.approx(0.4)
-    assert f["call_ms"] == pytest.approx(0.1) and f["bytes_per_s"] == pytest.approx(1e9)
+    slow = 0.5 ** -CPU_SHARE_EXPONENT
+    assert f["msg_ms"] == pytest.approx(0.4 * slow) and f["layer_decode_ms"] == pytest.approx(0.2 * slow)
+    assert f["call_ms"] == pytest.approx(0.05 * slow) and f["bytes_per_s"] == pytest.approx(2e9 / slow)
     free = server_fields(dict(report(), limits={"cgroup_cpu_cores": 2.0}), None)
     assert free["msg_ms"] == pytest.approx(0.4)
