@@ -26,7 +26,7 @@ import zmq  # noqa: E402
 
 from coel_model.model import SwiGLUExpert  # noqa: E402
 from nodes import protocol as P  # noqa: E402
-from nodes.agent import build_shard, expert_tensors  # noqa: E402
+from nodes.shards import build_shard, expert_tensors  # noqa: E402
 from nodes.local import LocalCluster  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coel_model import kernels, quant  # noqa: E402
+from coel_model import kernels, packing, quant  # noqa: E402
 from coel_model.model import SwiGLUExpert  # noqa: E402
 
 MIXTRAL = ("mixtral-8x7b", 4096, 14336)
@@ -102,7 +102,7 @@ def random_packed_expert(spec: quant.QuantSpec, d: int, h: int, gen: torch.Gener
     dims = {"w_gate": (h, d), "w_up": (h, d), "w_down": (d, h)}
     t = {}
     for p, (o, i) in dims.items():
-        for name, (shape, dtype) in quant.packed_shapes(o, i, spec).items():
+        for name, (shape, dtype) in packing.packed_shapes(o, i, spec).items():
             if name == "scales":
                 v = (torch.rand(shape, generator=gen) * 0.004 + 0.001).half()
             elif name == "zeros":

@@ -234,7 +234,7 @@ def profile_model(model: MoEModel, ids: list[int], bits: tuple[int, ...] = DEFAU
     `bits` are the widths whose loss is measured; 16 is always listed with loss 0.0 (the fp
     reference). The model must be unquantized (float experts).
     """
-    from coel_model.quant import QuantSpec, packed_expert_bytes
+    from coel_model.packing import QuantSpec, packed_expert_bytes
 
     cfg = model.cfg
     L, E, k, d = cfg.n_layers, cfg.n_experts, cfg.top_k, cfg.d_model

@@ -168,7 +168,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                      solve_uniform)
     from coel_model.checkpoint import load_config, load_model
     from coel_model.profile import load_profile
-    from coel_model.quant import QuantSpec, packed_expert_bytes, save_quantized
+    from coel_model.checkpoint import save_quantized
+    from coel_model.packing import QuantSpec, packed_expert_bytes
 
     torch.set_num_threads(max(1, args.threads))
     _require_float_model(args.model)

@@ -68,7 +68,7 @@ class ShardSource:
     def tensors(self, l: int, e: int, bits: int) -> dict[str, torch.Tensor]:
         key = (l, e, bits)
         if key not in self._cache:
-            from nodes.agent import expert_tensors
+            from nodes.shards import expert_tensors
             module = self.model.expert(l, e)
             if bits not in (16, 32):
                 from coel_model import quant

@@ -70,7 +70,7 @@ class Controller(Monitoring, Rollout):
         self.keys = load_keys(cfg.keys_dir) if cfg.keys_dir else None
         self.tracer = None
         if cfg.trace_path:
-            from testbed.traces import TraceWriter
+            from common.tracing import TraceWriter
             self.tracer = TraceWriter(cfg.trace_path, self.topo.controller.name)
         self.ctx = zmq.Context()
         self.state = "starting"
@@ -296,7 +296,7 @@ class Controller(Monitoring, Rollout):
 # ---------------------------------------------------------------- command line
 def cmd_controller(args: argparse.Namespace) -> int:
     from controller.planner import strategy_names
-    from nodes.agent import delay_hook_from_env
+    from nodes.delayqueue import delay_hook_from_env
     if args.strategy not in strategy_names():
         raise ConfigError(f"unknown strategy {args.strategy!r}; valid strategies: {strategy_names()}")
     cfg = config_from_args(args)

@@ -24,7 +24,6 @@ import numpy as np
 import psutil
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import zmq
 
 from nodes.background import start_in_thread, stop_on_signals
@@ -32,95 +31,15 @@ from nodes.background import start_in_thread, stop_on_signals
 from coel_model.errors import ConfigError
 from nodes import protocol as P
 from nodes.cgroups import cgroup_limits
+from nodes.delayqueue import delay_hook_from_env
 from nodes.ctrllink import ControllerLink, LinkConfig
 from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
+from nodes.shards import HalfExpert, ShardError, build_shard, module_nbytes
 from nodes.transport import (DelayHook, HeldInbox, decode_activations, encode_activations, peer_address,
                              split_envelope)
 
 MB = 1 << 20  # memory_mb is MiB: memory_bytes = memory_mb * 2**20
 _NP_FLOAT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}  # activation fast path
-
-
-class ShardError(Exception):
-    def __init__(self, code: P.ErrorCode, reason: str):
-        super().__init__(reason)
-        self.code = code
-
-
-class HalfExpert(nn.Module):
-    """An fp16/fp32 SwiGLU expert held as received (zero-copy); computes in float32.
-
-    kernel "exact": upcast the weights per call, so results are bit-identical to a float32 model
-    loaded from the same fp16 checkpoint (what `coel generate` runs); costs a transient fp32 copy
-    of one matrix. kernel "fast": coel_model.kernels.float_matmul (fused convert + dot, fp32
-    accumulation, ~1e-7 relative difference, no copy); the better choice for large experts.
-    """
-
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, kernel: str = "exact"):
-        super().__init__()
-        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
-        self.kernel = kernel
-
-    def _lin(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if w.dtype == torch.float32:
-            return F.linear(x, w)
-        if self.kernel == "fast":
-            from coel_model import kernels
-            return kernels.float_matmul(x, w)
-        return F.linear(x, w.to(torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, d) -> (n, d)
-        return self._lin(F.silu(self._lin(x, self.w_gate)) * self._lin(x, self.w_up), self.w_down)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w_gate, self.w_up, self.w_down))
-
-
-SWIGLU_TENSORS = ("w_gate", "w_up", "w_down")
-
-
-def expert_tensors(module: nn.Module, bits: int) -> dict[str, torch.Tensor]:
-    """What LOAD_SHARD carries for one expert: fp weights (bits 16/32) or the packed tensors."""
-    if bits in (16, 32) and hasattr(module, "w_gate") and isinstance(module.w_gate, nn.Linear):
-        dt = torch.float16 if bits == 16 else torch.float32
-        return {n: getattr(module, n).weight.detach().to(dt).contiguous() for n in SWIGLU_TENSORS}
-    if hasattr(module, "to_tensors"):
-        return module.to_tensors()
-    raise ShardError(P.ErrorCode.BAD_SHARD, f"cannot serialise {type(module).__name__} at {bits} bits")
-
-
-def build_shard(desc: dict[str, Any], tensors: dict[str, torch.Tensor], fp16_kernel: str = "exact") -> nn.Module:
-    """Module for one shard description + its tensors; raises ShardError naming the problem."""
-    l, e, bits, d, hid = desc["layer"], desc["expert"], desc["bits"], desc["d_model"], desc["hidden"]
-    where = f"shard (layer {l}, expert {e}, {bits} bits)"
-    if bits in (16, 32) and set(tensors) == set(SWIGLU_TENSORS):
-        want_dt = torch.float16 if bits == 16 else torch.float32
-        shapes = {"w_gate": (hid, d), "w_up": (hid, d), "w_down": (d, hid)}
-        for n, t in tensors.items():
-            if t.dtype != want_dt or tuple(t.shape) != shapes[n]:
-                raise ShardError(P.ErrorCode.BAD_SHARD, f"{where}: tensor {n} is {tuple(t.shape)} {t.dtype}, "
-                                 f"expected {shapes[n]} {want_dt}")
-        return HalfExpert(tensors["w_gate"], tensors["w_up"], tensors["w_down"], fp16_kernel)
-    try:
-        from coel_model import quant
-    except ModuleNotFoundError:
-        raise ShardError(P.ErrorCode.UNSUPPORTED, f"{where}: quantized shards need coel_model.quant, "
-                         f"which this install lacks") from None
-    try:
-        spec = quant.QuantSpec(bits=bits, group_size=desc.get("group_size", 64),
-                               method=desc.get("method", "rtn"))
-        # own the memory: received frames are read-only views
-        return quant.QuantizedExpert.from_tensors(spec, d, hid, {k: v.clone() for k, v in tensors.items()})
-    except Exception as exc:
-        raise ShardError(P.ErrorCode.BAD_SHARD, f"{where}: {type(exc).__name__}: {exc}") from None
-
-
-def module_nbytes(m: nn.Module) -> int:
-    nb = getattr(m, "nbytes", None)
-    if nb is not None:
-        return int(nb)
-    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
 @dataclass
@@ -344,7 +263,7 @@ class Agent:
         self.proc.cpu_percent()
         self.tracer = None
         if cfg.trace_path:
-            from testbed.traces import TraceWriter
+            from common.tracing import TraceWriter
             self.tracer = TraceWriter(cfg.trace_path, self.name)
         self.auth = None
         self.router: zmq.Socket | None = None
@@ -742,29 +661,51 @@ def run_agent_process(cfg: AgentConfig, delay: DelayHook | None = None) -> int:
     return 0
 
 
+def add_agent_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", required=True, help="ROUTER endpoint to bind, e.g. tcp://10.0.0.2:5555")
+    p.add_argument("--memory-mb", type=float, required=True,
+                   help="model-shard memory budget in MiB (the topology's memory_mb)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
+    p.add_argument("--controller", default=None, help="controller endpoint to register and heartbeat with")
+    p.add_argument("--keys", default=None, help="CURVE key directory from `coel keys` (default: plain text)")
+    p.add_argument("--name", default="", help="agent name in traces and registration")
+    p.add_argument("--trace-out", default=None, help="append remote_queue/remote_compute spans (JSONL)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096)
+    p.add_argument("--heartbeat-s", type=float, default=None, help="heartbeat interval (s)")
+    p.add_argument("--fp16-kernel", choices=("exact", "fast"), default="exact",
+                   help="fp16 shards: exact = bit-identical fp32 upcast; fast = fused fp16 GEMV kernel")
+    p.add_argument("--delay-file", default=None,
+                   help="emulated path delays (nodes.delayqueue JSON; default $COEL_DELAY_FILE)")
+    p.add_argument("--no-perceive", dest="perceive", action="store_false",
+                   help="do not measure expert calls, messages and storage before registering (nodes/perception.py)")
+
+
+def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
+    if args.memory_mb < 0:
+        raise ConfigError(f"--memory-mb must be >= 0 (got {args.memory_mb})")
+    return AgentConfig(endpoint=args.endpoint, memory_budget_bytes=int(args.memory_mb * MB),
+                       threads=args.threads, controller=args.controller, keys_dir=args.keys,
+                       name=args.name, trace_path=args.trace_out, max_batch_tokens=args.max_batch_tokens,
+                       heartbeat_interval_s=args.heartbeat_s or P.HEARTBEAT_INTERVAL_S,
+                       fp16_kernel=args.fp16_kernel, perceive=getattr(args, "perceive", True))
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """`coel agent` and `python -m nodes.agent`."""
+    return run_agent_process(agent_config_from_args(args), delay_hook_from_env(args.delay_file))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m nodes.agent ...`: the same as `coel agent` (used by serve-local and tests)."""
-    from nodes.cli import add_agent_args, agent_config_from_args
     ap = argparse.ArgumentParser(prog="nodes.agent")
     add_agent_args(ap)
     args = ap.parse_args(argv)
     from coel_model.errors import CoelError
     try:
-        return run_agent_process(agent_config_from_args(args), delay_hook_from_env(args.delay_file))
+        return cmd_agent(args)
     except CoelError as exc:  # one clear line, as `coel agent` prints it
         print(f"nodes.agent: error: {exc}", file=sys.stderr)
         return 2
-
-
-def delay_hook_from_env(path: str | None = None) -> DelayHook | None:
-    """The emulated-delay table (nodes.delayqueue) from `path` or $COEL_DELAY_FILE (the testbed sets it
-    for every process it starts; $COEL_LINKEMU_FILE is accepted as an alias), else None. Agents,
-    entries, the controller and clients all use it on receive."""
-    path = path or os.environ.get("COEL_DELAY_FILE") or os.environ.get("COEL_LINKEMU_FILE")
-    if not path:
-        return None
-    from nodes.delayqueue import DelayTable
-    return DelayTable(path)
 
 
 if __name__ == "__main__":

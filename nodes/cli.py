@@ -9,42 +9,6 @@ from pathlib import Path
 from coel_model.errors import ConfigError
 
 
-def add_agent_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", required=True, help="ROUTER endpoint to bind, e.g. tcp://10.0.0.2:5555")
-    p.add_argument("--memory-mb", type=float, required=True,
-                   help="model-shard memory budget in MiB (the topology's memory_mb)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
-    p.add_argument("--controller", default=None, help="controller endpoint to register and heartbeat with")
-    p.add_argument("--keys", default=None, help="CURVE key directory from `coel keys` (default: plain text)")
-    p.add_argument("--name", default="", help="agent name in traces and registration")
-    p.add_argument("--trace-out", default=None, help="append remote_queue/remote_compute spans (JSONL)")
-    p.add_argument("--max-batch-tokens", type=int, default=4096)
-    p.add_argument("--heartbeat-s", type=float, default=None, help="heartbeat interval (s)")
-    p.add_argument("--fp16-kernel", choices=("exact", "fast"), default="exact",
-                   help="fp16 shards: exact = bit-identical fp32 upcast; fast = fused fp16 GEMV kernel")
-    p.add_argument("--delay-file", default=None,
-                   help="emulated path delays (nodes.delayqueue JSON; default $COEL_DELAY_FILE)")
-    p.add_argument("--no-perceive", dest="perceive", action="store_false",
-                   help="do not measure expert calls, messages and storage before registering (nodes/perception.py)")
-
-
-def agent_config_from_args(args: argparse.Namespace):
-    from nodes import protocol as P
-    from nodes.agent import MB, AgentConfig
-    if args.memory_mb < 0:
-        raise ConfigError(f"--memory-mb must be >= 0 (got {args.memory_mb})")
-    return AgentConfig(endpoint=args.endpoint, memory_budget_bytes=int(args.memory_mb * MB),
-                       threads=args.threads, controller=args.controller, keys_dir=args.keys,
-                       name=args.name, trace_path=args.trace_out, max_batch_tokens=args.max_batch_tokens,
-                       heartbeat_interval_s=args.heartbeat_s or P.HEARTBEAT_INTERVAL_S,
-                       fp16_kernel=args.fp16_kernel, perceive=getattr(args, "perceive", True))
-
-
-def cmd_agent(args: argparse.Namespace) -> int:
-    from nodes.agent import delay_hook_from_env, run_agent_process
-    return run_agent_process(agent_config_from_args(args), delay_hook_from_env(args.delay_file))
-
-
 def cmd_keys(args: argparse.Namespace) -> int:
     from nodes.security import make_keys
     out = make_keys(args.out, overwrite=args.force)
@@ -90,6 +54,7 @@ def cmd_serve_local(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from nodes.agent import add_agent_args, cmd_agent
     p = sub.add_parser("agent", help="run a node agent serving expert shards")
     add_agent_args(p)
     p.set_defaults(func=cmd_agent)

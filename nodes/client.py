@@ -82,7 +82,7 @@ def run_client(cfg: ClientConfig, delay=None, stop: Any = None, tokenizer: Any =
     arrivals = client_arrivals(cfg)
     tracer = None
     if cfg.trace_path:
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         tracer = TraceWriter(cfg.trace_path, cfg.name)
     keys = load_keys(cfg.keys_dir) if cfg.keys_dir else None
     ctx = zmq.Context()
@@ -229,7 +229,7 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_client(args: argparse.Namespace) -> int:
     import threading
-    from nodes.agent import delay_hook_from_env
+    from nodes.delayqueue import delay_hook_from_env
     cfg = ClientConfig(name=args.name, entry=args.entry, rate_rps=args.rate_rps, prompt_tokens=args.prompt_tokens,
                        max_new_tokens=args.max_new_tokens, duration_s=args.duration_s, drain_s=args.drain_s,
                        slo_class=args.slo_class, seed=args.seed, prompts_path=args.prompts, keys_dir=args.keys,

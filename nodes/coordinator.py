@@ -181,7 +181,7 @@ class Coordinator:
         self.trace_id: str | None = None
         self.tracer = None
         if self.cfg.trace_path:
-            from testbed.traces import TraceWriter
+            from common.tracing import TraceWriter
             self.tracer = TraceWriter(self.cfg.trace_path, self.cfg.name)
         self._placement = placement if isinstance(placement, Placement) else Placement.of(placement)
         self._spans = ForwardSpans(self)

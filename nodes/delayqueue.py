@@ -198,3 +198,13 @@ def write_delay_file(path: str | os.PathLike, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def delay_hook_from_env(path: str | None = None) -> DelayTable | None:
+    """The emulated-delay table from `path` or $COEL_DELAY_FILE (the testbed sets it for every
+    process it starts; $COEL_LINKEMU_FILE is accepted as an alias), else None. Agents, entries,
+    the controller and clients all use it on receive."""
+    path = path or os.environ.get("COEL_DELAY_FILE") or os.environ.get("COEL_LINKEMU_FILE")
+    if not path:
+        return None
+    return DelayTable(path)

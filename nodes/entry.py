@@ -130,7 +130,7 @@ class EntryService:
         self.keys: KeyDir | None = load_keys(cfg.keys_dir) if cfg.keys_dir else None
         self.tracer = None
         if cfg.trace_path:
-            from testbed.traces import TraceWriter
+            from common.tracing import TraceWriter
             self.tracer = TraceWriter(cfg.trace_path, cfg.name)
         self.inbox = HeldInbox(self.delay_factory())
         self.jobs: queue.Queue = queue.Queue()
@@ -592,7 +592,7 @@ def add_entry_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_entry(args: argparse.Namespace) -> int:
-    from nodes.agent import delay_hook_from_env
+    from nodes.delayqueue import delay_hook_from_env
     cfg = EntryConfig(name=args.name, listen=args.listen, model_dir=args.model, controller=args.controller,
                       keys_dir=args.keys, trace_path=args.trace, workers=args.workers, threads=args.threads,
                       heartbeat_s=args.heartbeat_s, call_timeout_s=args.call_timeout_s,

@@ -32,7 +32,7 @@ async def _run(cfg: ClientConfig, served_model: str | None, delay: Any, stop: An
     import openai
     tracer = None
     if cfg.trace_path:
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         tracer = TraceWriter(cfg.trace_path, cfg.name)
     host = urlparse(cfg.entry).hostname or ""
     client = openai.AsyncOpenAI(base_url=cfg.entry, api_key="coel", max_retries=0, timeout=cfg.request_timeout_s)
@@ -156,7 +156,7 @@ def add_http_client_args(p: argparse.ArgumentParser) -> None:
 def cmd_http_client(args: argparse.Namespace) -> int:
     import threading
 
-    from nodes.agent import delay_hook_from_env
+    from nodes.delayqueue import delay_hook_from_env
     from nodes.background import stop_on_signals
     cfg = ClientConfig(name=args.name, entry=args.base_url, rate_rps=args.rate_rps, prompt_tokens=args.prompt_tokens,
                        max_new_tokens=args.max_new_tokens, duration_s=args.duration_s, drain_s=args.drain_s,

@@ -23,7 +23,8 @@ from coel_model.errors import ConfigError
 from coel_model.generate import check_prompt
 from coel_model.model import MoEModel
 from nodes import protocol as P
-from nodes.agent import MB, expert_tensors
+from nodes.agent import MB
+from nodes.shards import expert_tensors
 from nodes.coordinator import Coordinator, CoordinatorConfig
 from nodes.security import KeyDir, load_keys, make_keys
 from nodes.transport import AgentClient, NodeError
@@ -391,7 +392,7 @@ def _serve_pipeline(cfg: ServeLocalConfig, model: MoEModel, cluster: LocalCluste
     auth = start_authenticator(ctx, cluster.keys) if cluster.keys is not None else None
     tracer = None
     if cfg.trace_out:
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         tracer = TraceWriter(cfg.trace_out, "serve-local")
     client = StageClient(stages, cluster.keys, ctx, "127.0.0.1", timeout_s=max(cfg.call_timeout_s, 10.0),
                          name="serve-local", tracer=tracer)

@@ -4,7 +4,7 @@ reports ready, so that the planner's cost model uses measured figures, not nomin
 What is measured (the fastest of repeated runs, in ms: start-up is busy; the planner divides by the
 server's CPU share):
   expert calls   per bit width and batch size, on a reference-shaped expert built exactly as the
-                 agent builds shards (packed tensors -> nodes.agent.build_shard); the planner
+                 agent builds shards (packed tensors -> nodes.shards.build_shard); the planner
                  scales them by bytes to the model's experts
   message        one expert-call round trip through a ZeroMQ socket on loopback, encoded and
                  decoded with nodes.protocol at both ends (the software cost of every call and
@@ -49,7 +49,7 @@ def _fastest_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
 def _ref_shard(bits: int, d_model: int, hidden: int, seed: int = 0):
     """(desc, tensors, module) of one expert as LOAD_SHARD carries it and the agent builds it."""
     from coel_model.model import SwiGLUExpert
-    from nodes.agent import build_shard, expert_tensors
+    from nodes.shards import build_shard, expert_tensors
     torch.manual_seed(seed)
     ex = SwiGLUExpert(d_model, hidden)
     desc = {"layer": 0, "expert": 0, "bits": bits, "d_model": d_model, "hidden": hidden}
@@ -63,7 +63,7 @@ def _ref_shard(bits: int, d_model: int, hidden: int, seed: int = 0):
 
 def measure_expert_calls(d_model: int = REF_D_MODEL, hidden: int = REF_HIDDEN, bits: tuple[int, ...] = BITS,
                          batches: tuple[int, ...] = BATCHES, reps: int = 15) -> list[dict[str, Any]]:
-    from nodes.agent import module_nbytes
+    from nodes.shards import module_nbytes
     rows = []
     with torch.inference_mode():
         for b in bits:
@@ -78,7 +78,7 @@ def measure_expert_calls(d_model: int = REF_D_MODEL, hidden: int = REF_HIDDEN, b
 def measure_storage(d_model: int = REF_D_MODEL, hidden: int = REF_HIDDEN, reps: int = 5) -> dict[str, float]:
     """On-demand load (read + build, as nodes.agent.ShardStore.get does) at two sizes: fixed ms
     and ms per MB from the line through them."""
-    from nodes.agent import build_shard, module_nbytes
+    from nodes.shards import build_shard, module_nbytes
     pts = []
     with tempfile.TemporaryDirectory(prefix="coel-perception-") as tmp:
         for bits in (4, 16):

@@ -292,7 +292,7 @@ class RemoteHosts:
     # ---- stop ------------------------------------------------------------------------------------
     def collect(self, raw: Path) -> None:
         """Fetch each host's traces into raw/, shifted onto our clock; record the offsets."""
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         clocks = TraceWriter(raw / "testbed-clocks.jsonl", "testbed")
         for h in self.inv.hosts:
             off = self.clocks.get(h.name)
@@ -403,7 +403,7 @@ class DeployRunner(Runner):
 
     def _build_net(self) -> None:
         from nodes.security import make_keys
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         make_keys(self.run_dir / "keys")
         self.net = RemoteHosts(self.inv, self.run_dir, trace=TraceWriter(self.raw / "testbed-net.jsonl", "testbed"))
         t0 = time.monotonic()

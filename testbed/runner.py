@@ -265,7 +265,7 @@ class Runner:
     def _build_net(self) -> None:
         from nodes.security import make_keys
         from testbed.netbuild import TestbedNet
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         self.net = TestbedNet(self.topo, self.run_dir, mode=self.sc.emulation,
                               trace=TraceWriter(self.raw / "testbed-net.jsonl", "testbed"),
                               cpu_limits=self.opt.cpu_limits, memory_limits=self.opt.memory_limits)
@@ -456,7 +456,7 @@ class Runner:
     def _traffic(self) -> str:
         from testbed.faults import FaultInjector
         from testbed.progress import RunProgress
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         self.fault_trace = TraceWriter(self.raw / "testbed-faults.jsonl", "testbed")
         self.injector = FaultInjector(self.net, self, self.topo, self.fault_trace, self.control)
         self.progress = RunProgress(self.sc.name, self.sc.duration_s, self.raw, live=self.opt.live_progress,
@@ -549,7 +549,7 @@ class Runner:
 
     def run(self) -> RunResult:
         from testbed.report import build_report
-        from testbed.traces import TraceWriter
+        from common.tracing import TraceWriter
         write_resolved_scenario(self.sc, self.run_dir)
         self.link_trace = TraceWriter(self.raw / "testbed-links.jsonl", "testbed")
         self.meta = {"scenario": self.sc.name, "digest": self.sc.digest(), "emulation_requested": self.sc.emulation,

@@ -29,6 +29,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from coel_model.packing import QuantSpec, dequantize_weight, padded_in_features
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
@@ -187,7 +189,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _dequant_rows_torch(t: dict[str, torch.Tensor], bits: int, gs: int, o0: int, o1: int) -> torch.Tensor:
     """Rows o0:o1 of the packed weight as fp32 (o1 - o0, padded in) (the reference dequantize)."""
-    from coel_model.quant import QuantSpec, dequantize_weight
     part = {k: v[o0:o1] for k, v in t.items()}
     return dequantize_weight(part, QuantSpec(bits, gs), part["scales"].shape[1] * gs)
 
@@ -275,7 +276,6 @@ def _expert_params(expert) -> tuple:
                  got.get("zeros", 0)]
     spec = expert.spec
     d, h = expert.d_model, expert.hidden
-    from coel_model.quant import padded_in_features
     kpd = padded_in_features(d, spec.group_size) if bits < 16 else d
     kph = padded_in_features(h, spec.group_size) if bits < 16 else h
     bf16 = int(bits == 16 and expert.w_gate._buffers["weight"].dtype == torch.bfloat16)

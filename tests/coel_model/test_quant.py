@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from coel_model import checkpoint, kernels, quant
+from coel_model import checkpoint, kernels, packing, quant
 from coel_model.config import MoEConfig
 from coel_model.errors import CheckpointError
 from coel_model.model import MoEModel, SwiGLUExpert, init_weights
@@ -70,16 +70,16 @@ def test_spec_dict_round_trip_and_unknown_key():
 def test_pack_unpack_exact(bits, rows, blocks, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (rows, 64 * blocks), generator=g, dtype=torch.int64).to(torch.uint8)
-    packed = quant.pack_codes(codes, bits)
+    packed = packing.pack_codes(codes, bits)
     assert sum(t.numel() * t.element_size() for t in packed.values()) * 8 == codes.numel() * bits
-    assert torch.equal(quant.unpack_codes(packed, bits), codes)
+    assert torch.equal(packing.unpack_codes(packed, bits), codes)
 
 
 def test_pack_layout_is_lane_interleaved():
     """Code j*8+i of a 64-block sits in lane i at bit offset j*bits (what the kernel assumes)."""
     codes = torch.zeros(1, 64, dtype=torch.uint8)
     codes[0, 3 * 8 + 5] = 0xF
-    w = quant.pack_codes(codes, 4)["qweight"]
+    w = packing.pack_codes(codes, 4)["qweight"]
     assert w.dtype == torch.int32 and w.shape == (1, 8)
     assert int(w[0, 5]) == 0xF << 12 and int(w.abs().sum()) == 0xF << 12
 
@@ -96,14 +96,14 @@ def test_rtn_error_within_half_step(bits, out, inp, group, scale, seed):
     w[0, 0] += 3 * scale  # an outlier
     spec = QuantSpec(bits, group)
     t = quant.quantize_weight(w, spec)
-    kp = quant.padded_in_features(inp, group)
+    kp = packing.padded_in_features(inp, group)
     assert kp % group == 0 and kp % 64 == 0 and kp >= inp
-    deq = quant.dequantize_weight(t, spec, inp)
+    deq = packing.dequantize_weight(t, spec, inp)
     assert deq.shape == w.shape
     s = t["scales"].float().repeat_interleave(group, dim=1)[:, :inp]  # per-element step
     err = (deq - w).abs()
     assert (err <= s / 2 * (1 + 1e-3) + 1e-6 * w.abs() + 1e-12).all(), float((err / s).max())
-    codes = quant.unpack_codes(t, bits)
+    codes = packing.unpack_codes(t, bits)
     assert int(codes.max()) < (1 << bits)
 
 
@@ -114,7 +114,7 @@ def test_zero_and_constant_groups():
     w[2, :32] = -2.0
     for bits in INT_BITS:
         t = quant.quantize_weight(w, QuantSpec(bits))
-        deq = quant.dequantize_weight(t, QuantSpec(bits), 64)
+        deq = packing.dequantize_weight(t, QuantSpec(bits), 64)
         assert torch.equal(deq[0], w[0])
         step = t["scales"].float()[1:]
         assert ((deq[1:] - w[1:]).abs() <= step / 2 * (1 + 1e-3)).all()
@@ -130,15 +130,15 @@ def test_16_bit_passthrough():
         assert torch.allclose(ql(x), x @ w.to(dt).float().T, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", quant.BITS)
+@pytest.mark.parametrize("bits", packing.BITS)
 @pytest.mark.parametrize("d,h,group", [(96, 160, 64), (192, 512, 64), (100, 70, 24), (256, 704, 128)])
 def test_packed_bytes_exact(bits, d, h, group):
     exp = SwiGLUExpert(d, h)
     spec = QuantSpec(bits, group)
     q = quant.quantize_expert(exp, spec)
     stored = sum(t.numel() * t.element_size() for t in q.to_tensors().values())
-    assert q.nbytes == stored == quant.packed_expert_bytes(d, h, spec)
-    kp_d, kp_h = quant.padded_in_features(d, group), quant.padded_in_features(h, group)
+    assert q.nbytes == stored == packing.packed_expert_bytes(d, h, spec)
+    kp_d, kp_h = packing.padded_in_features(d, group), packing.padded_in_features(h, group)
     if bits < 16:
         codes = (2 * h * kp_d + d * kp_h) * bits // 8
         assert stored == codes + 4 * (2 * h * kp_d // group + d * kp_h // group)
@@ -211,7 +211,7 @@ def test_fallback_selected_when_disabled():
     assert r.stdout.startswith("fallback: disabled"), r.stdout
 
 
-@pytest.mark.parametrize("bits", quant.BITS)
+@pytest.mark.parametrize("bits", packing.BITS)
 def test_quantized_expert_forward_and_tensor_round_trip(bits):
     torch.manual_seed(bits)
     for d, h in ((96, 160), (100, 70)):
@@ -277,11 +277,11 @@ def _mixed_specs(cfg):
 def test_save_load_quantized_checkpoint(tmp_path):
     model = tiny_model()
     specs = _mixed_specs(model.cfg)
-    out = quant.save_quantized(model, specs, tmp_path / "q", base_model="tiny-test")
+    out = checkpoint.save_quantized(model, specs, tmp_path / "q", base_model="tiny-test")
     meta = json.loads((out / "quant.json").read_text())
     assert meta["format"] == "coel-quant" and meta["version"] == 1 and meta["base_model"] == "tiny-test"
     assert len(meta["experts"]) == 8
-    expect = sum(quant.packed_expert_bytes(96, 160, s) for s in specs.values())
+    expect = sum(packing.packed_expert_bytes(96, 160, s) for s in specs.values())
     assert meta["expert_bytes"] == expect
     loaded = checkpoint.load_model(out)
     assert loaded.expert_bytes() == expect
@@ -302,11 +302,11 @@ def test_save_load_quantized_checkpoint(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     (base / "tokenizer.json").write_text("{}")
-    out3 = quant.save_quantized(model, {(0, 0): QuantSpec(4)}, tmp_path / "q3", base_model="../base")
+    out3 = checkpoint.save_quantized(model, {(0, 0): QuantSpec(4)}, tmp_path / "q3", base_model="../base")
     assert (out3 / "tokenizer.json").read_text() == "{}"
     assert json.loads((out3 / "quant.json").read_text())["base_model"] == "../base"
     # re-saving an already quantized model keeps the packed tensors as they are
-    out2 = quant.save_quantized(loaded, specs, tmp_path / "q2")
+    out2 = checkpoint.save_quantized(loaded, specs, tmp_path / "q2")
     assert checkpoint.read_safetensors(out2 / "model.safetensors").keys() == \
         checkpoint.read_safetensors(out / "model.safetensors").keys()
 
@@ -315,7 +315,7 @@ def test_load_rejects_inconsistent_checkpoints(tmp_path):
     from safetensors.torch import save_file
     model = tiny_model()
     specs = {k: QuantSpec(4) for k in _mixed_specs(model.cfg)}
-    out = quant.save_quantized(model, specs, tmp_path / "q")
+    out = checkpoint.save_quantized(model, specs, tmp_path / "q")
     qj = out / "quant.json"
     good = qj.read_text()
     state = checkpoint.read_safetensors(out / "model.safetensors")
@@ -367,7 +367,7 @@ def test_load_rejects_inconsistent_checkpoints(tmp_path):
 def test_save_rejects_specs_outside_model(tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match=r"\(2, 0\)"):
-        quant.save_quantized(model, {(2, 0): QuantSpec(4)}, tmp_path / "x")
+        checkpoint.save_quantized(model, {(2, 0): QuantSpec(4)}, tmp_path / "x")
 
 
 def _llm_like_acts(n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -389,7 +389,7 @@ def test_gptq_lowers_output_error_on_held_out_inputs():
     out_err = {}
     for m in ("rtn", "gptq"):
         spec = QuantSpec(2, 64, m)
-        deq = quant.dequantize_weight(quant.quantize_weight(w, spec, calib_x=calib), spec, 128)
+        deq = packing.dequantize_weight(quant.quantize_weight(w, spec, calib_x=calib), spec, 128)
         out_err[m] = float((held_out @ deq.T - ref).norm() / ref.norm())
     assert out_err["gptq"] < 0.95 * out_err["rtn"], out_err
 
@@ -405,7 +405,7 @@ def test_gptq_expert_and_errors():
     with pytest.raises(ValueError, match=r"calib_x of shape \(n, 96\)"):
         quant.quantize_weight(exp.w_gate.weight, spec, calib_x=torch.randn(4, 95))
     q = quant.quantize_expert(exp, spec, calib_x=x)
-    assert q.nbytes == quant.packed_expert_bytes(96, 160, spec)
+    assert q.nbytes == packing.packed_expert_bytes(96, 160, spec)
     with torch.no_grad():
         ref = exp(x)
         r_rtn = quant.quantize_expert(exp, QuantSpec(3, 32))(x)

@@ -186,7 +186,7 @@ def test_generate_json_shape_and_determinism(tiny_dir, capsys):
 
 
 def test_cli_errors_are_clear(tiny_dir, tmp_path, capsys):
-    from coel_model.cli import main
+    from coel.cli import main
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--max-new-tokens", "1000"]) == 2

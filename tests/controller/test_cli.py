@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coel_model.cli import main
+from coel.cli import main
 from coel_model.config import MoEConfig
 from controller.plan import Plan
 from controller.profile import synthetic_profile

@@ -14,7 +14,8 @@ import zmq
 
 from coel_model.model import SwiGLUExpert
 from nodes import protocol as P
-from nodes.agent import MB, Agent, AgentConfig, _Pending, expert_tensors, serve_in_thread
+from nodes.agent import MB, Agent, AgentConfig, _Pending, serve_in_thread
+from nodes.shards import expert_tensors
 from nodes.local import free_port
 from nodes.transport import AgentClient, NodeTimeout, RemoteError
 
@@ -155,12 +156,13 @@ def test_bad_shard_tensors_are_refused(agent):
 
 def test_quantized_shard_over_the_wire(agent):
     quant = pytest.importorskip("coel_model.quant")
+    from coel_model import packing
     a, c = agent
     ex = _expert(3)
     q = quant.quantize_expert(ex, quant.QuantSpec(bits=4, group_size=32))
     desc = {"layer": 1, "expert": 2, "bits": 4, "group_size": 32, "d_model": D, "hidden": HID}
     r = c.call(P.MsgType.LOAD_SHARD, {"shards": [desc]}, {f"0/{k}": v for k, v in q.to_tensors().items()})
-    assert r.body["memory_used_bytes"] == q.nbytes == quant.packed_expert_bytes(D, HID, q.spec)
+    assert r.body["memory_used_bytes"] == q.nbytes == packing.packed_expert_bytes(D, HID, q.spec)
     x = torch.randn(4, D)
     with torch.no_grad():
         assert torch.allclose(_call(c, 1, 2, x).tensors["y"], q(x), atol=1e-5)

@@ -131,7 +131,7 @@ def _metrics(port: int) -> dict[str, float]:
 def server():
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "coel_model.cli", "serve-local", "--agents", "3", "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "coel", "serve-local", "--agents", "3", "--model",
                              str(MODEL), "--http", f"127.0.0.1:{port}"], cwd=str(REPO), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory):
 
 def _coel(*args: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "coel_model.cli", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "coel", *args], capture_output=True, text=True,
                        timeout=120, cwd=str(ROOT), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -93,7 +93,7 @@ def test_plain_text_peer_is_rejected_and_agent_stays_up(secured):
 def test_coel_keys_command(tmp_path):
     out = make_keys(tmp_path / "cli-keys")
     old = (out / "server.key").read_bytes()
-    r = subprocess.run([sys.executable, "-m", "coel_model.cli", "keys", "--out", str(out), "--force"],
+    r = subprocess.run([sys.executable, "-m", "coel", "keys", "--out", str(out), "--force"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "wrote server and client" in r.stdout
     assert (out / "server.key").read_bytes() != old and (out / "authorized" / "client.key").exists()

@@ -66,7 +66,7 @@ def net(tmp_path_factory):
     from testbed.netbuild import TestbedNet
     from topologies import parse_topology
     topo = parse_topology(TOPO, "two-server-path.yaml")
-    from testbed.traces import TraceWriter
+    from common.tracing import TraceWriter
     run_dir = tmp_path_factory.mktemp("run")
     n = TestbedNet(topo, run_dir, signal_handlers=False,
                    trace=TraceWriter(run_dir / "traces" / "testbed-net.jsonl", "testbed"))
@@ -242,7 +242,7 @@ def test_coel_clean_after_owner_killed(tmp_path):
     prefix, *pids = r.stdout.split()
     pids = [int(p) for p in pids]
     assert leftovers(prefix, pids)["interfaces"], "nothing to clean: the test proves nothing"
-    cli = subprocess.run([sys.executable, "-m", "coel_model.cli", "clean"], cwd=str(REPO),
+    cli = subprocess.run([sys.executable, "-m", "coel", "clean"], cwd=str(REPO),
                          capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert cli.returncode == 0 and prefix in cli.stdout, cli.stdout + cli.stderr

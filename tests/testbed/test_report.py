@@ -4,7 +4,8 @@ import json
 import pytest
 
 from testbed.report import build_report, percentile, phases_of, recovery_s, summary_table
-from testbed.traces import TraceWriter, merge, to_chrome
+from common.tracing import TraceWriter
+from testbed.traces import merge, to_chrome
 
 MS = 1_000_000
 

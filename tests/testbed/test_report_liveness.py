@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from testbed.report import isolation_intervals, liveness_audit
-from testbed.traces import TraceWriter, merge
+from common.tracing import TraceWriter
+from testbed.traces import merge
 from topologies import load_topology
 
 pytestmark = pytest.mark.unit

@@ -153,7 +153,7 @@ def test_ctrl_c_stops_everything_and_still_reports(tmp_path):
     sc = tmp_path / "tb-interrupt.yaml"
     sc.write_text(scenario_text("tb-interrupt", setup, ["{at_s: 20, kind: server_crash, server: s2}"],
                                 duration_s=40))
-    p = subprocess.Popen([sys.executable, "-m", "coel_model.cli", "run", str(sc), "--out", str(setup["out"])],
+    p = subprocess.Popen([sys.executable, "-m", "coel", "run", str(sc), "--out", str(setup["out"])],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=str(Path(__file__).resolve().parents[2]))
     try:
@@ -215,7 +215,7 @@ def test_every_fault_kind_applies_in_a_run(tmp_path):
 
 def test_coel_inject_cli_builds_the_event(monkeypatch, capsys):
     import testbed.runner as runner
-    from coel_model.cli import main
+    from coel.cli import main
     seen = []
     monkeypatch.setattr(runner, "send_inject", lambda run_dir, ev, wait_s: seen.append((run_dir, ev)) or
                         {"ok": True, "attrs": {"apply_ms": 1.0}})

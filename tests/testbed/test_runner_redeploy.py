@@ -92,7 +92,7 @@ def test_bandwidth_drop_changes_placement_or_compression(setup):
 
 # ---- no root: how the report matches re-deployments to injected faults ------------------------
 def _synthetic(tmp_path, slow_until_i: int = 20, lost_i: int | None = None):
-    from testbed.traces import TraceWriter
+    from common.tracing import TraceWriter
     ms = 1_000_000
     cl, tb, ctl = (TraceWriter(tmp_path / "raw" / f"{n}.jsonl", h) for n, h in
                    (("u1-client", "u1"), ("testbed-faults", "testbed"), ("ctl-controller", "ctl")))

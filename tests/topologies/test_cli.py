@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coel_model.cli import main
+from coel.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def test_malformed_topology_fails_before_anything_starts(tmp_path):
     state = Path("/run/coel/nets")
     before = set(state.glob("*.json")) if state.is_dir() else set()
     for argv in (["topo", "validate", str(bad)], ["net", "up", str(bad), "--duration-s", "0"]):
-        r = subprocess.run([sys.executable, "-m", "coel_model.cli", *argv], cwd=str(REPO),
+        r = subprocess.run([sys.executable, "-m", "coel", *argv], cwd=str(REPO),
                            capture_output=True, text=True, timeout=60,
                            env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert r.returncode == 2, r.stderr

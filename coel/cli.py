@@ -1,8 +1,8 @@
 """The `coel` command: one entry point, subcommands registered by each room.
 
-Each room (model, nodes, controller, testbed) has a `cli` module with a
-`register(subparsers)` function; this module only stitches them together so the
-rooms can grow their commands without touching each other.
+The top room: it imports the rooms below and none imports it. Each room (model, nodes,
+controller, testbed) has a `cli` module with a `register(subparsers)` function; this module only
+stitches them together so the rooms can grow their commands without touching each other.
 """
 from __future__ import annotations
 

@@ -1,0 +1,6 @@
+"""`python -m coel ...`, the same as the `coel` console script."""
+import sys
+
+from coel.cli import main
+
+sys.exit(main())
