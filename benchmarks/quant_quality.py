@@ -32,7 +32,7 @@ from coel_model import evaluate  # noqa: E402
 from coel_model.allocate import (budget_bytes_for_avg_bits, costs_from_profile, solve_greedy,  # noqa: E402
                                  solve_ilp, solve_uniform)
 from coel_model.checkpoint import load_model  # noqa: E402
-from coel_model.profile import load_profile  # noqa: E402
+from coel_model.profile_format import load_profile  # noqa: E402
 from coel_model.quant import QuantSpec, quantize_expert  # noqa: E402
 
 STRATEGIES = ("uniform", "mixed-mcmoe", "mixed-measured", "mixed-kl", "greedy-mcmoe")
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = load_profile(prof_path)
     model = load_model(args.model)
     cfg = model.cfg
-    if profile["model_config"] != cfg.to_dict():
+    if profile.cfg.to_dict() != cfg.to_dict():
         raise SystemExit(f"{prof_path} profiles a different model than {args.model}")
-    group = int(profile["group_size"])
+    group = profile.group_size
     tables = {"uniform": costs_from_profile(profile, "mcmoe"),
               "mixed-mcmoe": costs_from_profile(profile, "mcmoe"),
               "mixed-measured": costs_from_profile(profile, "measured"),
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         goal = {s: at3[s]["ppl_increase"] <= 0.5 * at3["uniform"]["ppl_increase"] for s in at3 if s != "uniform"}
     result = {"benchmark": "quant_quality", "model": args.model, "profile": str(prof_path),
               "method": args.method, "group_size": group, "heldout_tokens": n_tokens,
-              "calibration_tokens": profile["calibration"]["tokens"],
+              "calibration_tokens": profile.calibration["tokens"],
               "fp32": {"loss_nats": round(fp_loss, 6), "perplexity": round(fp_ppl, 4),
                        "expert_bytes_fp32": model.expert_bytes()},
               "rows": rows, "goal_3bit_mixed_at_most_half_of_uniform": goal,

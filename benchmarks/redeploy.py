@@ -47,7 +47,8 @@ def offline_plan(topo, model: str) -> dict:
     from controller.cluster import cluster_from_topology
     from controller.plan import PlanOptions, requirements_from_topology
     from controller.planner import plan
-    from controller.profile import load_profile, synthetic_profile
+    from coel_model.profile_format import load_profile
+    from controller.profile import synthetic_profile
     cfg = load_config(model)
     prof_path = Path(model) / "profile.json"
     prof = load_profile(prof_path) if prof_path.exists() else \

@@ -23,7 +23,8 @@ from coel_model.errors import InfeasibleError  # noqa: E402
 from controller.cluster import auto_memory_scale, cluster_from_topology, scale_memory  # noqa: E402
 from controller.plan import requirements_from_topology  # noqa: E402
 from controller.planner import plan, strategy_names  # noqa: E402
-from controller.profile import load_model_spec, load_profile, synthetic_profile  # noqa: E402
+from coel_model.profile_format import load_profile  # noqa: E402
+from controller.profile import load_model_spec, synthetic_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The bundled model's shape by convention (models/tiny-moe), used only when it is not there yet.

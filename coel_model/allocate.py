@@ -1,4 +1,6 @@
-"""Per-expert bit allocation under a memory budget: an exact ILP and a fast greedy.
+"""Per-expert bit allocation, the one allocator: under a memory budget (an exact ILP, a fast
+greedy, a vectorised Lagrangian) or under a quality floor (`solve_for_quality`), all behind
+`allocate(table, budget, solver)` on one `CostTable` built from the profile.
 
 Every routed expert (layer, expert) gets one bit width from the profile's list (2, 3, 4, 8, 16).
 Giving expert i the width b costs `cost[i, b]` in predicted quality loss and `bytes[i, b]` in
@@ -23,12 +25,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from coel_model.errors import ConfigError, InfeasibleError
+from coel_model.profile_format import Profile
 
-WEIGHTINGS = ("mcmoe", "measured", "kl")
-SOLVERS = ("ilp", "greedy")
+WEIGHTINGS = ("mcmoe", "measured", "kl", "mcmoe-mean")
+SOLVERS = ("ilp", "greedy", "lagrangian")
 DEFAULT_ALPHA = 1.0  # exponent on routing frequency (MC-MoE)
 DEFAULT_BETA = 1.5  # exponent on mean routing weight (MC-MoE)
 DEFAULT_TIME_LIMIT_S = 10.0
+MB = 1 << 20
 REFINE_MAX_OPTIONS = 4096  # the greedy's pairwise-swap refinement runs only below this many (expert, width) options
 
 
@@ -81,6 +85,13 @@ class Allocation:
     notes: str = ""
     histogram: dict[int, int] = field(default_factory=dict)  # width -> number of experts
 
+    def bits_array(self, n_layers: int, n_experts: int) -> np.ndarray:
+        """(n_layers, n_experts) widths."""
+        out = np.zeros((n_layers, n_experts), dtype=np.int64)
+        for (l, e), b in self.bits.items():
+            out[l, e] = b
+        return out
+
     def average_bits(self) -> float:
         """Mean nominal width over experts (all routed experts have the same shape)."""
         return sum(self.bits.values()) / max(len(self.bits), 1)
@@ -94,44 +105,48 @@ class Allocation:
                 "notes": self.notes}
 
 
-def costs_from_profile(profile: Mapping[str, Any], weighting: str = "mcmoe", alpha: float = DEFAULT_ALPHA,
-                       beta: float = DEFAULT_BETA, bits: list[int] | None = None,
-                       monotone: bool = True) -> CostTable:
-    """Build the cost table from a (validated) coel-profile dict.
+def costs_from_profile(profile: Profile, weighting: str = "mcmoe", alpha: float = DEFAULT_ALPHA,
+                       beta: float = DEFAULT_BETA, bits: list[int] | tuple[int, ...] | None = None,
+                       monotone: bool = True, monotone_within: str = "chosen") -> CostTable:
+    """Build the cost table from a profile (rows in (layer, expert) order).
 
     `monotone` replaces each measured loss by the largest loss measured at any wider width, and
     clips it at 0: measurement noise can make 8 bits look worse than 4, or quantization look
-    helpful, and neither should steer the allocation.
+    helpful, and neither should steer the allocation. The wider widths are those among `bits`
+    (monotone_within="chosen", what `coel quantize` uses) or every profiled one ("profiled":
+    `Profile.loss_nats`, what the planner uses). "mcmoe-mean" is the MC-MoE weighting divided by
+    its mean over experts (the planner's scale-free variant).
     """
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"unknown weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
-    widths = sorted(int(b) for b in (bits or profile["bits"]))
-    missing = [b for b in widths if b not in profile["bits"]]
+    widths = sorted(int(b) for b in (bits or profile.bits))
+    missing = [b for b in widths if b not in profile.bits]
     if missing:
-        raise ConfigError(f"bit widths {missing} are not in the profile (it has {profile['bits']})")
-    experts = sorted(profile["experts"], key=lambda x: (x["layer"], x["expert"]))
-    keys = tuple((int(x["layer"]), int(x["expert"])) for x in experts)
-    cost = np.zeros((len(experts), len(widths)))
-    nbytes = np.zeros((len(experts), len(widths)), dtype=np.int64)
-    for i, x in enumerate(experts):
-        scale = 1.0
-        if weighting == "mcmoe":
-            scale = float(x["popularity"]) ** alpha * float(x["mean_weight"]) ** beta
-        if weighting == "kl":
-            if "output_kl" not in x:
-                raise ConfigError(f"weighting 'kl' needs output_kl in the profile (layer {x['layer']}, expert "
-                                  f"{x['expert']} has none; re-run `coel profile` without --no-kl)")
-            raw = [float(x["output_kl"][str(b)]) for b in widths]
-        else:
-            raw = [float(x["loss_increase"][str(b)]) for b in widths]
-        if monotone:
-            running = 0.0
-            for j in range(len(widths) - 1, -1, -1):
-                running = max(running, raw[j])
-                raw[j] = running
-        cost[i] = np.asarray(raw) * scale
-        nbytes[i] = [int(x["bytes"][str(b)]) for b in widths]
-    return CostTable(keys, tuple(widths), cost, nbytes)
+        raise ConfigError(f"bit widths {missing} are not in the profile (it has {list(profile.bits)})")
+    cols = [profile.bits.index(b) for b in widths]
+    L, E = profile.n_layers, profile.n_experts
+    keys = tuple((l, e) for l in range(L) for e in range(E))
+    if weighting == "kl":
+        if profile.output_kl is None:
+            raise ConfigError(f"weighting 'kl' needs output_kl in the profile for every expert ({profile.source} "
+                              f"has none; re-run `coel profile` without --no-kl)")
+        raw = profile.output_kl
+    elif monotone and monotone_within == "profiled":
+        raw = profile.loss_nats
+    else:
+        raw = profile.loss_nats if profile.measured_loss_nats is None else profile.measured_loss_nats
+    if monotone_within not in ("chosen", "profiled"):
+        raise ConfigError(f"monotone_within must be 'chosen' or 'profiled' (got {monotone_within!r})")
+    raw = raw[:, :, cols].reshape(L * E, len(cols)).astype(np.float64)
+    if monotone and (monotone_within == "chosen" or weighting == "kl"):
+        raw = np.maximum(np.maximum.accumulate(raw[:, ::-1], axis=1)[:, ::-1], 0.0)
+    if weighting == "mcmoe":
+        raw = raw * (profile.popularity ** alpha * profile.mean_weight ** beta).reshape(-1, 1)
+    elif weighting == "mcmoe-mean":
+        w = (profile.popularity ** alpha * np.maximum(profile.mean_weight, 1e-6) ** beta).reshape(-1, 1)
+        raw = raw * w / max(w.mean(), 1e-12)
+    nbytes = profile.nbytes[:, :, cols].reshape(L * E, len(cols)).astype(np.int64)
+    return CostTable(keys, tuple(widths), raw, nbytes)
 
 
 def budget_bytes_for_avg_bits(table: CostTable, avg_bits: float) -> int:
@@ -399,11 +414,111 @@ def solve_uniform(table: CostTable, budget_bytes: int) -> Allocation:
                  f"round-robin mix of {table.bits[lo]} and {table.bits[min(lo + 1, nb - 1)]} bits")
 
 
+def solve_lagrangian(table: CostTable, budget_bytes: float) -> Allocation:
+    """One Lagrange multiplier found by bisection over the per-expert choice
+    argmin_b cost(b) + lambda * bytes(b), then a greedy pass that spends what is left on one-step
+    upgrades with the best cost saved per byte. Vectorised: 58 x 256 experts take milliseconds
+    (the planner's solver; not proven optimal)."""
+    loss, byt = table.cost, table.nbytes.astype(np.float64)
+    n = table.n
+    min_bytes = byt[:, 0].sum()
+    if min_bytes > budget_bytes:
+        raise InfeasibleError(f"experts need {min_bytes / MB:.1f} MB even at {table.bits[0]} bits, budget is "
+                              f"{budget_bytes / MB:.1f} MB")
+    if byt[:, -1].sum() <= budget_bytes:
+        choice = np.full(n, len(table.bits) - 1)
+    else:
+        # lambda = loss per byte; bytes used falls as lambda grows; bisect in log space
+        lo, hi = -80.0, 10.0  # log10 lambda; at 1e10 every expert takes its smallest width
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if byt[np.arange(n), _lagrange_pick(loss, byt, 10.0 ** mid)].sum() <= budget_bytes:
+                hi = mid
+            else:
+                lo = mid
+        choice = _lagrange_fill(loss, byt, _lagrange_pick(loss, byt, 10.0 ** hi), budget_bytes)
+    return _make(table, choice, budget_bytes, "lagrangian", False)
+
+
+def _lagrange_pick(loss: np.ndarray, byt: np.ndarray, lam: float) -> np.ndarray:
+    return np.argmin(loss + lam * byt, axis=1)
+
+
+def _lagrange_fill(loss: np.ndarray, byt: np.ndarray, choice: np.ndarray, budget: float) -> np.ndarray:
+    """Spend the leftover budget on one-step upgrades, best loss saved per byte first."""
+    n, B = loss.shape
+    choice = choice.copy()
+    left = budget - byt[np.arange(n), choice].sum()
+    for _ in range(B):
+        can = choice < B - 1
+        if not can.any() or left <= 0:
+            break
+        nxt = np.minimum(choice + 1, B - 1)
+        gain = loss[np.arange(n), choice] - loss[np.arange(n), nxt]
+        cost = byt[np.arange(n), nxt] - byt[np.arange(n), choice]
+        ratio = np.where(can & (gain > 0), gain / np.maximum(cost, 1e-12), -np.inf)
+        order = np.argsort(-ratio, kind="stable")
+        order = order[np.isfinite(ratio[order])]
+        if not len(order):
+            break
+        csum = np.cumsum(cost[order])
+        take = order[csum <= left]
+        if not len(take):
+            break
+        choice[take] += 1
+        left -= cost[take].sum()
+    return choice
+
+
+def solve_for_quality(table: CostTable, max_cost: float, byte_weight: np.ndarray | None = None) -> Allocation:
+    """The other direction: the fewest bytes whose summed cost stays <= max_cost (a quality floor),
+    by the same Lagrangian bisection (minimise bytes + mu * cost), then downgrades where the floor
+    still holds, cheapest cost per byte first. `byte_weight` (n,) counts bytes weighted per expert,
+    e.g. by popularity: the bytes a token reads, which is what decode latency pays for."""
+    loss = table.cost
+    byt = table.nbytes.astype(np.float64)
+    if byte_weight is not None:
+        byt = byt * np.asarray(byte_weight, dtype=np.float64).reshape(-1, 1)
+    n = table.n
+    if loss[:, 0].sum() <= max_cost:
+        return _make(table, np.zeros(n, dtype=np.int64), table.max_bytes(), "lagrangian", False)
+    if loss[:, -1].sum() > max_cost:
+        raise InfeasibleError(f"quality floor {max_cost:.4g} nats unreachable: even at {table.bits[-1]} bits "
+                              f"the predicted loss is {loss[:, -1].sum():.4g} nats")
+
+    def pick(mu: float) -> np.ndarray:  # minimise bytes + mu * loss; larger mu -> less loss
+        return np.argmin(byt + mu * loss, axis=1)
+
+    lo, hi = -10.0, 80.0  # log10 mu
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if loss[np.arange(n), pick(10.0 ** mid)].sum() <= max_cost:
+            hi = mid
+        else:
+            lo = mid
+    choice = pick(10.0 ** hi)
+    # greedy: downgrade where it saves bytes and the floor still holds (cheapest loss per byte first)
+    slack = max_cost - loss[np.arange(n), choice].sum()
+    can = choice > 0
+    prv = np.maximum(choice - 1, 0)
+    dloss = loss[np.arange(n), prv] - loss[np.arange(n), choice]
+    dbytes = byt[np.arange(n), choice] - byt[np.arange(n), prv]
+    ratio = np.where(can, dloss / np.maximum(dbytes, 1e-12), np.inf)
+    order = np.argsort(ratio, kind="stable")
+    order = order[np.isfinite(ratio[order])]
+    csum = np.cumsum(dloss[order])
+    take = order[csum <= slack]
+    choice[take] -= 1
+    return _make(table, choice, table.max_bytes(), "lagrangian", False)
+
+
 def allocate(table: CostTable, budget_bytes: int, solver: str = "ilp",
              time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> Allocation:
-    """Dispatch by solver name ("ilp" | "greedy")."""
+    """Dispatch by solver name ("ilp" | "greedy" | "lagrangian")."""
     if solver == "ilp":
         return solve_ilp(table, budget_bytes, time_limit_s)
     if solver == "greedy":
         return solve_greedy(table, budget_bytes)
+    if solver == "lagrangian":
+        return solve_lagrangian(table, budget_bytes)
     raise ConfigError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")

@@ -8,8 +8,8 @@ after that layer's MoE. Quantizing only expert (l, e) changes layer l's output b
 `w * (q_e(h) - f_e(h))` on exactly the tokens routed to e, so each measurement adds that delta to
 the cached stream and re-runs only layers l+1.. and the head: no full forward per measurement.
 
-The document format ("coel-profile" v1) and `validate_profile` are described in
-docs/profile-format.md; the controller and `coel quantize` read these files.
+The document format ("coel-profile" v1), its one validator and the `Profile` type that the
+planner and `coel quantize` read are coel_model/profile_format.py (docs/profile-format.md).
 """
 from __future__ import annotations
 
@@ -22,173 +22,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from coel_model.config import MoEConfig, read_json
+from coel_model.config import MoEConfig
 from coel_model.errors import ConfigError
 from coel_model.model import MoEModel, Routing
+from coel_model.profile_format import ALL_BITS, PROFILE_FORMAT, PROFILE_VERSION
 
-PROFILE_FORMAT = "coel-profile"
-PROFILE_VERSION = 1
-ALL_BITS = (2, 3, 4, 8, 16)
 DEFAULT_MEASURED_BITS = (2, 3, 4, 8)
 DEFAULT_WINDOW = 512
-TOP_KEYS = {"format", "version", "model_config", "group_size", "bits", "experts", "coactivation",
-            "backbone_bytes", "calibration"}
-OPTIONAL_TOP_KEYS = {"coactivation"}  # synthetic profiles (controller) may leave it out
-EXPERT_KEYS = {"layer", "expert", "popularity", "mean_weight", "loss_increase", "bytes"}
-OPTIONAL_EXPERT_KEYS = {"output_kl"}  # mean KL(fp || quantized) per token, when measured
-POPULARITY_SUM_TOL = 1e-3  # relative: popularity over a layer must sum to top_k
 
 Progress = Callable[[int, int, str], None]  # (done, total, what is running)
-
-
-# --------------------------------------------------------------------------- validation
-
-def validate_profile(doc: Any, source: str = "<profile>") -> MoEConfig:
-    """Check a "coel-profile" v1 document; raise ConfigError naming the entry and the numbers.
-
-    Returns the model config it describes. Checks: known keys only; every (layer, expert) exactly
-    once; popularity in [0, 1] summing to top_k per layer (when any token was seen); loss and
-    bytes given for every listed width, finite, bytes strictly growing with bits; co-activation
-    matrices of the right shapes, non-negative; backbone bytes positive.
-    """
-    def fail(msg: str) -> ConfigError:
-        return ConfigError(f"{source}: {msg}")
-
-    if not isinstance(doc, dict):
-        raise fail(f"a profile is a JSON object, got {type(doc).__name__}")
-    if doc.get("format") != PROFILE_FORMAT:
-        raise fail(f'"format" must be "{PROFILE_FORMAT}" (got {doc.get("format")!r})')
-    if doc.get("version") != PROFILE_VERSION:
-        raise fail(f'"version" {doc.get("version")!r} is not supported (this code reads {PROFILE_VERSION})')
-    unknown = sorted(set(doc) - TOP_KEYS)
-    if unknown:
-        raise fail(f"unknown key(s) {unknown}; known keys: {sorted(TOP_KEYS)}")
-    missing = sorted(TOP_KEYS - OPTIONAL_TOP_KEYS - set(doc))
-    if missing:
-        raise fail(f"missing key(s) {missing}")
-    if not isinstance(doc["model_config"], dict):
-        raise fail('"model_config" must be an object of MoEConfig fields')
-    cfg = MoEConfig.from_dict(doc["model_config"], source=f"{source}: model_config")
-    L, E = cfg.n_layers, cfg.n_experts
-
-    gs = doc["group_size"]
-    if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0 or gs % 8:
-        raise fail(f'"group_size" must be a positive multiple of 8 (got {gs!r})')
-    bits = doc["bits"]
-    if (not isinstance(bits, list) or not bits or any(not isinstance(b, int) or isinstance(b, bool) for b in bits)
-            or bits != sorted(set(bits)) or any(b not in ALL_BITS for b in bits)):
-        raise fail(f'"bits" must be a non-empty ascending list of distinct widths from {list(ALL_BITS)} '
-                   f"(got {bits!r})")
-    widths = [str(b) for b in bits]
-
-    experts = doc["experts"]
-    if not isinstance(experts, list):
-        raise fail('"experts" must be a list')
-    seen: dict[tuple[int, int], int] = {}
-    pop_sum = [0.0] * L
-    for i, ent in enumerate(experts):
-        where = f"experts[{i}]"
-        if not isinstance(ent, dict):
-            raise fail(f"{where} must be an object")
-        bad = sorted(set(ent) - EXPERT_KEYS - OPTIONAL_EXPERT_KEYS)
-        if bad:
-            raise fail(f"{where}: unknown key(s) {bad}; known: {sorted(EXPERT_KEYS | OPTIONAL_EXPERT_KEYS)}")
-        lack = sorted(EXPERT_KEYS - set(ent))
-        if lack:
-            raise fail(f"{where}: missing key(s) {lack}")
-        l, e = ent["layer"], ent["expert"]
-        if not (isinstance(l, int) and isinstance(e, int) and 0 <= l < L and 0 <= e < E):
-            raise fail(f"{where}: layer {l!r} / expert {e!r} outside the model ({L} layers x {E} experts)")
-        where = f"{where} (layer {l}, expert {e})"
-        if (l, e) in seen:
-            raise fail(f"{where} repeats experts[{seen[(l, e)]}]")
-        seen[(l, e)] = i
-        for key, hi in (("popularity", 1.0), ("mean_weight", 1.0)):
-            v = ent[key]
-            if not _is_num(v) or not (0.0 <= v <= hi + 1e-9):
-                raise fail(f"{where}: {key} must be a number in [0, {hi}] (got {v!r})")
-        pop_sum[l] += ent["popularity"]
-        for key in ("loss_increase", "bytes") + tuple(k for k in OPTIONAL_EXPERT_KEYS if k in ent):
-            d = ent[key]
-            if not isinstance(d, dict):
-                raise fail(f"{where}: {key} must be an object keyed by bit width")
-            absent = [w for w in widths if w not in d]
-            extra = sorted(set(d) - set(widths))
-            if absent or extra:
-                raise fail(f"{where}: {key} must have exactly the widths {widths} "
-                           f"(missing {absent}, unexpected {extra})")
-            for w in widths:
-                if not _is_num(d[w]):
-                    raise fail(f"{where}: {key}[{w!r}] must be a finite number (got {d[w]!r})")
-        nb = [ent["bytes"][w] for w in widths]
-        if any(not isinstance(x, int) or isinstance(x, bool) or x <= 0 for x in nb):
-            raise fail(f"{where}: bytes must be positive integers (got {nb})")
-        for a, b, wa, wb in zip(nb, nb[1:], widths, widths[1:]):
-            if b <= a:
-                raise fail(f"{where}: bytes must grow with bits ({wa} bits: {a} >= {wb} bits: {b})")
-    if len(seen) != L * E:
-        gone = [(l, e) for l in range(L) for e in range(E) if (l, e) not in seen]
-        raise fail(f"{len(gone)} of {L * E} experts have no entry, first {gone[:5]}")
-    for l, s in enumerate(pop_sum):
-        if s > 0 and abs(s - cfg.top_k) > POPULARITY_SUM_TOL * cfg.top_k:
-            raise fail(f"layer {l}: popularity sums to {s:.6f}, expected top_k = {cfg.top_k} "
-                       f"(popularity is the fraction of tokens routed to the expert)")
-
-    if "coactivation" in doc:
-        co = doc["coactivation"]
-        if not isinstance(co, dict) or set(co) != {"same_layer", "next_layer"}:
-            raise fail('"coactivation" must be an object with exactly "same_layer" and "next_layer"')
-        _check_matrices(co["same_layer"], L, E, "coactivation.same_layer", fail)
-        _check_matrices(co["next_layer"], L - 1, E, "coactivation.next_layer", fail)
-
-    bb = doc["backbone_bytes"]
-    if not isinstance(bb, dict) or not bb or set(bb) - {"16", "32"}:
-        raise fail(f'"backbone_bytes" must be an object with keys "16" and/or "32" (got {bb!r})')
-    for k, v in bb.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise fail(f"backbone_bytes[{k!r}] must be a positive integer (got {v!r})")
-
-    cal = doc["calibration"]
-    if not isinstance(cal, dict) or "tokens" not in cal or "source" not in cal:
-        raise fail('"calibration" must be an object with at least "tokens" and "source"')
-    if not isinstance(cal["tokens"], int) or isinstance(cal["tokens"], bool) or cal["tokens"] < 0:
-        raise fail(f"calibration.tokens must be a non-negative integer (got {cal['tokens']!r})")
-    if not isinstance(cal["source"], str):
-        raise fail(f"calibration.source must be a string (got {cal['source']!r})")
-    return cfg
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_matrices(mats: Any, n: int, E: int, name: str, fail) -> None:
-    if not isinstance(mats, list) or len(mats) != n:
-        raise fail(f"{name} must be a list of {n} matrices of {E}x{E} (got "
-                   f"{len(mats) if isinstance(mats, list) else type(mats).__name__})")
-    for l, m in enumerate(mats):
-        if not isinstance(m, list) or len(m) != E or any(not isinstance(r, list) or len(r) != E for r in m):
-            raise fail(f"{name}[{l}] must be a {E}x{E} matrix")
-        for i, row in enumerate(m):
-            for j, v in enumerate(row):
-                if not _is_num(v) or v < 0:
-                    raise fail(f"{name}[{l}][{i}][{j}] must be a non-negative number (got {v!r})")
-
-
-def load_profile(path: str | Path) -> dict:
-    """Read and validate a profile file."""
-    doc = read_json(path, "profile not found (make one with `coel profile`)")
-    validate_profile(doc, source=str(path))
-    return doc
-
-
-def write_profile(doc: dict, path: str | Path) -> Path:
-    """Validate, then write (so a broken profile never reaches the controller)."""
-    validate_profile(doc, source=str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------- measurement

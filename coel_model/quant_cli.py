@@ -96,7 +96,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from coel_model import evaluate
     from coel_model.checkpoint import load_model
-    from coel_model.profile import profile_model, write_profile
+    from coel_model.profile import profile_model
+    from coel_model.profile_format import write_profile
 
     torch.set_num_threads(max(1, args.threads))
     bits = _parse_bits(args.bits, "--bits")
@@ -167,7 +168,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from coel_model.allocate import (allocate, budget_bytes_for_avg_bits, costs_from_profile,
                                      solve_uniform)
     from coel_model.checkpoint import load_config, load_model
-    from coel_model.profile import load_profile
+    from coel_model.profile_format import load_profile
     from coel_model.checkpoint import save_quantized
     from coel_model.packing import QuantSpec, packed_expert_bytes
 
@@ -176,15 +177,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     cfg = load_config(args.model)
     cfg_dict = cfg.to_dict()
-    if profile["model_config"] != cfg_dict:
-        diff = sorted(k for k in cfg_dict if profile["model_config"].get(k) != cfg_dict[k])
+    if profile.cfg.to_dict() != cfg_dict:
+        diff = sorted(k for k in cfg_dict if profile.cfg.to_dict().get(k) != cfg_dict[k])
         raise ConfigError(f"{args.profile} profiles a different model than {args.model} "
                           f"(fields differ: {diff}); run `coel profile` on this model")
     if args.weighting == "auto":
-        args.weighting = "kl" if all("output_kl" in x for x in profile["experts"]) else "mcmoe"
+        args.weighting = "kl" if profile.output_kl is not None else "mcmoe"
     table = costs_from_profile(profile, weighting=args.weighting, alpha=args.alpha, beta=args.beta,
                                bits=_parse_bits(args.bits, "--bits") or None)
-    group = int(profile["group_size"])
+    group = profile.group_size
     for b in table.bits:  # the profile's byte counts must be what the packer really writes
         real = packed_expert_bytes(cfg.d_model, cfg.expert_hidden, QuantSpec(b, group))
         listed = sorted(set(table.nbytes[:, table.bits.index(b)].tolist()))

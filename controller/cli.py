@@ -63,7 +63,8 @@ def _load_cluster(arg: str):
 
 
 def _load_profile(args):
-    from controller.profile import load_model_spec, load_profile, synthetic_profile
+    from coel_model.profile_format import load_profile
+    from controller.profile import load_model_spec, synthetic_profile
     notes = []
     if args.model_config:
         spec = load_model_spec(args.model_config)

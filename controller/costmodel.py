@@ -20,7 +20,7 @@ import numpy as np
 from controller.cluster import Cluster, Server
 from controller.compression import DEFAULT_COSTS, CompressionCost, link_key
 from controller.plan import PlanOptions, Plan, Requirements, Stage, freeze_map
-from controller.profile import Profile
+from coel_model.profile_format import Profile
 
 
 @dataclass

@@ -114,7 +114,8 @@ def run_profile(cfg: ControllerConfig, mc) -> tuple:
     """(profile, note) for the run: --profile, else MODEL/profile.json, else synthetic statistics;
     raises ConfigError when the profile does not describe the model's shape."""
     from pathlib import Path
-    from controller.profile import load_profile, synthetic_profile
+    from coel_model.profile_format import load_profile
+    from controller.profile import synthetic_profile
     path = cfg.profile_path or str(Path(cfg.model_dir) / "profile.json")
     if Path(path).exists() or cfg.profile_path:
         prof = load_profile(path)

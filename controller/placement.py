@@ -17,7 +17,7 @@ from coel_model.errors import InfeasibleError
 from controller.cluster import Cluster
 from controller.costmodel import _msg_ms, expected_max
 from controller.plan import PlanOptions, Requirements
-from controller.profile import Profile
+from coel_model.profile_format import Profile
 
 MB = 1 << 20
 

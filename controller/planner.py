@@ -19,7 +19,7 @@ from controller.compression import DEFAULT_COSTS, CompressionCost
 from controller.costmodel import Layout, layout_from_plan, layout_memory, layout_to_plan
 from controller.placement import place_experts
 from controller.plan import Plan, PlanOptions, Requirements
-from controller.profile import Profile
+from coel_model.profile_format import Profile
 from controller.strategies import STRATEGIES, Context, make_context, negotiate_compression, _mb
 
 MB = 1 << 20

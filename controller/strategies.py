@@ -15,15 +15,15 @@ from typing import Callable
 
 import numpy as np
 
+from coel_model.allocate import costs_from_profile, solve_for_quality, solve_lagrangian
 from coel_model.errors import InfeasibleError
-from controller.bits import allocate_for_budget, allocate_for_quality
 from controller.cluster import Cluster
 from controller.compression import DEFAULT_COSTS, CompressionCost, LinkView, Traffic, agree, propose, \
     AgentCapabilities
 from controller.costmodel import Layout, evaluate, layout_memory, stage_backbone_bytes, used_pairs, ClassPrediction
 from controller.placement import place_experts, refine_moves, replicate_hot
 from controller.plan import PlanOptions, Requirements
-from controller.profile import Profile
+from coel_model.profile_format import Profile
 
 MB = 1 << 20
 
@@ -31,6 +31,29 @@ MB = 1 << 20
 def _mb(x: float) -> str:
     return f"{x / MB:,.1f} MB"
 
+
+
+def _measured_costs(profile: Profile, allowed_bits: tuple[int, ...]):
+    """The planner's cost table: measured loss, monotone over every profiled width, unweighted."""
+    allowed = tuple(b for b in profile.bits if b in allowed_bits)
+    if not allowed:
+        raise InfeasibleError(f"no allowed bit width among the profiled ones {list(profile.bits)}")
+    return costs_from_profile(profile, "measured", bits=allowed, monotone_within="profiled")
+
+
+def allocate_for_budget(profile: Profile, budget_bytes: float, allowed_bits: tuple[int, ...]) -> np.ndarray:
+    """(L, E) widths with the least predicted loss within budget_bytes (coel_model.allocate)."""
+    alloc = solve_lagrangian(_measured_costs(profile, allowed_bits), budget_bytes)
+    return alloc.bits_array(profile.n_layers, profile.n_experts)
+
+
+def allocate_for_quality(profile: Profile, max_loss_nats: float, allowed_bits: tuple[int, ...],
+                         active: bool = False) -> np.ndarray:
+    """(L, E) widths with the fewest bytes (active: bytes weighted by popularity, what a token
+    reads) whose predicted loss stays <= max_loss_nats (coel_model.allocate)."""
+    weight = profile.popularity.reshape(-1) + 1e-6 if active else None
+    alloc = solve_for_quality(_measured_costs(profile, allowed_bits), max_loss_nats, weight)
+    return alloc.bits_array(profile.n_layers, profile.n_experts)
 
 @dataclass
 class Context:

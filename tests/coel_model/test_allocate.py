@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from coel_model.allocate import (CostTable, budget_bytes_for_avg_bits, costs_from_profile, solve_greedy,
-                                 solve_ilp, solve_uniform, allocate)
+from coel_model.allocate import (CostTable, budget_bytes_for_avg_bits, costs_from_profile, solve_for_quality,
+                                 solve_greedy, solve_ilp, solve_uniform, allocate)
 from coel_model.errors import ConfigError, InfeasibleError
 
 
@@ -147,39 +147,66 @@ def test_infeasible_budget_names_the_smallest_feasible_one():
         allocate(table, need, solver="magic")
 
 
+def _profile(loss, pop, mw, kl=None):
+    """A two-expert, one-layer Profile with these per-width measurements."""
+    from coel_model.config import MoEConfig
+    from coel_model.profile_format import Profile
+    bits = (2, 3, 4, 8, 16)
+    cfg = MoEConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, n_experts=2, top_k=1,
+                    expert_hidden=64)
+    measured = np.array([loss])
+    return Profile(cfg=cfg, group_size=64, bits=bits, popularity=np.array([pop]), mean_weight=np.array([mw]),
+                   loss_nats=np.maximum(np.maximum.accumulate(measured[:, :, ::-1], axis=2)[:, :, ::-1], 0.0),
+                   nbytes=np.array([[[100 * b for b in bits]] * 2]), coact_same=np.zeros((1, 2, 2)),
+                   backbone_bytes=1, measured_loss_nats=measured,
+                   output_kl=None if kl is None else np.array([kl]))
+
+
 def test_costs_from_profile_weighting_and_monotone():
-    bits = [2, 3, 4, 8, 16]
-    experts = [
-        {"layer": 0, "expert": 1, "popularity": 0.5, "mean_weight": 0.25,
-         "loss_increase": {"2": 0.4, "3": 0.1, "4": 0.2, "8": -0.01, "16": 0.0},
-         "bytes": {str(b): 100 * b for b in bits}},
-        {"layer": 0, "expert": 0, "popularity": 1.5, "mean_weight": 0.75,
-         "loss_increase": {"2": 0.3, "3": 0.2, "4": 0.1, "8": 0.01, "16": 0.0},
-         "bytes": {str(b): 100 * b for b in bits}},
-    ]
-    prof = {"bits": bits, "experts": experts}
+    loss = [[0.3, 0.2, 0.1, 0.01, 0.0], [0.4, 0.1, 0.2, -0.01, 0.0]]
+    prof = _profile(loss, [1.5, 0.5], [0.75, 0.25])
     t = costs_from_profile(prof, weighting="measured")
-    assert t.keys == ((0, 0), (0, 1))  # sorted by (layer, expert)
+    assert t.keys == ((0, 0), (0, 1))  # (layer, expert) order
     assert t.cost[1].tolist() == pytest.approx([0.4, 0.2, 0.2, 0.0, 0.0])  # non-increasing, clipped at 0
     raw = costs_from_profile(prof, weighting="measured", monotone=False)
     assert raw.cost[1, 3] == pytest.approx(-0.01)
     m = costs_from_profile(prof)  # mcmoe: freq^1 * weight^1.5
     assert m.cost[0, 0] == pytest.approx(1.5 * 0.75 ** 1.5 * 0.3)
     assert m.cost[1, 0] == pytest.approx(0.5 * 0.25 ** 1.5 * 0.4)
-    for x, kl in zip(experts, ([0.3, 0.1, 0.05, 0.001, 0.0], [0.2, 0.2, 0.1, 0.0, 0.0])):
-        x["output_kl"] = dict(zip(map(str, bits), kl))
-    k = costs_from_profile(prof, weighting="kl")
-    assert k.cost[0].tolist() == pytest.approx([0.2, 0.2, 0.1, 0.0, 0.0])
-    assert k.cost[1].tolist() == pytest.approx([0.3, 0.1, 0.05, 0.001, 0.0])
-    del experts[0]["output_kl"]
+    mean = costs_from_profile(prof, weighting="mcmoe-mean")
+    assert mean.cost.sum() == pytest.approx((m.cost / np.mean([1.5 * 0.75 ** 1.5, 0.5 * 0.25 ** 1.5])).sum())
     with pytest.raises(ConfigError, match="needs output_kl"):
         costs_from_profile(prof, weighting="kl")
-    sub = costs_from_profile(prof, bits=[2, 4])
-    assert sub.bits == (2, 4) and sub.nbytes.shape == (2, 2)
+    k = costs_from_profile(_profile(loss, [1.5, 0.5], [0.75, 0.25],
+                                    kl=[[0.2, 0.2, 0.1, 0.0, 0.0], [0.3, 0.1, 0.05, 0.001, 0.0]]), weighting="kl")
+    assert k.cost[0].tolist() == pytest.approx([0.2, 0.2, 0.1, 0.0, 0.0])
+    assert k.cost[1].tolist() == pytest.approx([0.3, 0.1, 0.05, 0.001, 0.0])
+    sub = costs_from_profile(prof, weighting="measured", bits=[2, 8])
+    assert sub.bits == (2, 8) and sub.nbytes.shape == (2, 2)
+    assert sub.cost[1].tolist() == pytest.approx([0.4, 0.0])  # monotone within the chosen widths
+    over_all = costs_from_profile(prof, weighting="measured", bits=[2, 3], monotone_within="profiled")
+    assert over_all.cost[1].tolist() == pytest.approx([0.4, 0.2])  # 3 bits reads the 4-bit measurement
     with pytest.raises(ConfigError, match="not in the profile"):
         costs_from_profile(prof, bits=[5])
     with pytest.raises(ConfigError, match="unknown weighting"):
         costs_from_profile(prof, weighting="vibes")
+
+
+def test_lagrangian_and_quality_floor_solvers():
+    table = random_table(3, 40)
+    budget = (table.min_bytes() + table.max_bytes()) // 2
+    lag = allocate(table, budget, solver="lagrangian")
+    exact = solve_ilp(table, budget)
+    assert lag.solver == "lagrangian" and not lag.optimal and lag.bytes_used <= budget
+    assert lag.predicted_loss <= exact.predicted_loss * 1.10 + 1e-12
+    with pytest.raises(InfeasibleError, match="even at"):
+        allocate(table, table.min_bytes() - 1, solver="lagrangian")
+    floor = (table.cost[:, 0].sum() + table.cost[:, -1].sum()) / 2
+    q = solve_for_quality(table, floor)
+    assert q.predicted_loss <= floor + 1e-12 and q.bytes_used < table.max_bytes()
+    assert solve_for_quality(table, table.cost[:, 0].sum()).histogram == {table.bits[0]: table.n}
+    with pytest.raises(InfeasibleError, match="unreachable"):
+        solve_for_quality(table, table.cost[:, -1].sum() - 1.0)
 
 
 def test_ilp_handles_tiny_loss_values():

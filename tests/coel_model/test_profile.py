@@ -13,7 +13,8 @@ from coel.cli import main
 from coel_model.config import MoEConfig
 from coel_model.errors import ConfigError
 from coel_model.model import MoEModel, init_weights
-from coel_model.profile import calibration_batch, profile_model, validate_profile
+from coel_model.profile import calibration_batch, profile_model
+from coel_model.profile_format import validate_profile
 from coel_model.packing import QuantSpec, packed_expert_bytes
 from coel_model.quant import quantize_expert
 from coel_model.tokenizer import train_tokenizer

@@ -15,7 +15,8 @@ from controller.compression import (DEFAULT_COSTS, AgentCapabilities, LinkView, 
                                     propose_message)
 from controller.plan import PlanOptions, single_class
 from controller.planner import diff, plan, replan
-from controller.profile import (bundled_model_configs, load_model_spec, load_profile, profile_from_dict,
+from coel_model.profile_format import load_profile, profile_from_dict
+from controller.profile import (bundled_model_configs, load_model_spec,
                                 synthetic_profile)
 
 TRAFFIC = Traffic(d_model=4096, prompt_tokens=512, new_tokens=64)
@@ -162,15 +163,15 @@ def test_noisy_measured_losses_are_made_monotone_in_bits():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bit_allocation_is_close_to_the_exact_ilp(seed):
     allocate = pytest.importorskip("coel_model.allocate")
-    from controller.bits import allocate_for_budget
+    from controller.strategies import allocate_for_budget
     cfg = MoEConfig(vocab_size=64, d_model=64, n_layers=3, n_heads=2, n_kv_heads=2, n_experts=6, top_k=2,
                     expert_hidden=128)
     prof = synthetic_profile(cfg, seed=seed, skew=1.2)
-    table = allocate.costs_from_profile(prof.to_dict(include_coactivation=False), weighting="measured")
+    table = allocate.costs_from_profile(prof, weighting="measured")
     for avg_bits in (2.5, 3.0, 4.5):
         budget = allocate.budget_bytes_for_avg_bits(table, avg_bits)
         exact = allocate.solve_ilp(table, budget)
-        ours = allocate_for_budget(prof, budget)
+        ours = allocate_for_budget(prof, budget, prof.bits)
         assert prof.expert_bytes(ours).sum() <= budget
         our_loss = float(prof.expert_loss(ours).sum())
         assert our_loss <= exact.predicted_loss * 1.10 + 1e-12, (avg_bits, our_loss, exact.predicted_loss)
