@@ -23,9 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the loopback launcher shared with tests/test_runtime_cluster.py
 
-from runtime_fixtures import Procs, make_setup, read_events, start_cluster, wait_serving  # noqa: E402
+# the loopback launcher shared with tests/controller/test_service.py
+from tests.runtime_fixtures import Procs, make_setup, read_events, start_cluster, wait_serving  # noqa: E402
 
 
 class ByteTokenizer:
