@@ -90,7 +90,7 @@ def _load_profile(args):
 
 def build_inputs(args):
     """(profile, cluster, requirements, options, costs, notes) from the command line."""
-    from controller.compression import DEFAULT_COSTS, costs_from_measurements
+    from controller.negotiation import DEFAULT_COSTS, costs_from_measurements
     from controller.plan import PlanOptions, Requirements, requirements_from_topology, single_class
     profile, notes = _load_profile(args)
     cluster, topo = _load_cluster(args.topology)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from controller.cluster import Cluster, Server
-from controller.compression import DEFAULT_COSTS, CompressionCost, link_key
+from controller.negotiation import DEFAULT_COSTS, CompressionCost, link_key
 from controller.plan import PlanOptions, Plan, Requirements, Stage, freeze_map
 from coel_model.profile_format import Profile
 

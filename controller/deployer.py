@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from controller.compression import link_key
+from controller.negotiation import link_key
 from controller.plan import Plan
 from controller.planner import Action
 from nodes import protocol as P

@@ -15,7 +15,7 @@ import numpy as np
 
 from coel_model.errors import ConfigError, InfeasibleError
 from controller.cluster import Cluster
-from controller.compression import DEFAULT_COSTS, CompressionCost
+from controller.negotiation import DEFAULT_COSTS, CompressionCost
 from controller.costmodel import Layout, layout_from_plan, layout_memory, layout_to_plan
 from controller.placement import place_experts
 from controller.plan import Plan, PlanOptions, Requirements
@@ -385,7 +385,7 @@ def renegotiate_compression(target: Plan, profile: Profile, cluster: Cluster, re
     rate-weighted request time x exp(quality cost) wins (compression.request_quality_score);
     ties go to the less lossy setting. Pure and deterministic. Returns the plan with that
     compression and its predictions recomputed, and the changes against `current`."""
-    from controller.compression import link_key, request_quality_score
+    from controller.negotiation import link_key, request_quality_score
     from controller.costmodel import evaluate
     opts = options or PlanOptions()
     current = current or {}

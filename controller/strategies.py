@@ -18,7 +18,7 @@ import numpy as np
 from coel_model.allocate import costs_from_profile, solve_for_quality, solve_lagrangian
 from coel_model.errors import InfeasibleError
 from controller.cluster import Cluster
-from controller.compression import DEFAULT_COSTS, CompressionCost, LinkView, Traffic, agree, propose, \
+from controller.negotiation import DEFAULT_COSTS, CompressionCost, LinkView, Traffic, agree, propose, \
     AgentCapabilities
 from controller.costmodel import Layout, evaluate, layout_memory, stage_backbone_bytes, used_pairs, ClassPrediction
 from controller.placement import place_experts, refine_moves, replicate_hot

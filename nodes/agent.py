@@ -35,11 +35,12 @@ from nodes.delayqueue import delay_hook_from_env
 from nodes.ctrllink import ControllerLink, LinkConfig
 from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
 from nodes.shards import HalfExpert, ShardError, build_shard, module_nbytes
-from nodes.transport import (DelayHook, HeldInbox, decode_activations, encode_activations, peer_address,
+from nodes.compression.codec import (PLAIN_NP_DTYPES, decode_activations, decode_plain, encode_activations,
+                                     encode_plain)
+from nodes.transport import (DelayHook, HeldInbox, peer_address,
                              split_envelope)
 
 MB = 1 << 20  # memory_mb is MiB: memory_bytes = memory_mb * 2**20
-_NP_FLOAT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}  # activation fast path
 
 
 @dataclass
@@ -567,14 +568,11 @@ class Agent:
             try:
                 comp = it.msg.body.get("compression")
                 a, dt = it.msg.arrays["x"]
-                if not comp and dt in _NP_FLOAT:  # fast path: from the numpy view, fewest torch calls
+                if not comp and dt in PLAIN_NP_DTYPES:  # fast path: from the numpy view, fewest torch calls
                     if a.ndim != 2 or a.shape[1] != shard.d_model:
                         raise ValueError(f"x has shape {tuple(a.shape)}, expert (layer {shard.layer}, expert "
                                          f"{shard.expert}) takes (n, {shard.d_model})")
-                    x = torch.from_numpy(a)
-                    if dt == "float16":
-                        x = x.float()  # torch converts fp16 ~4x faster than numpy's astype
-                    meta = _NP_FLOAT[dt]
+                    x, meta = decode_plain(a, dt)
                     xs.append(x)
                     metas.append(meta)
                     good.append(it)
@@ -606,11 +604,7 @@ class Agent:
             pos += n
             comp = it.msg.body.get("compression")
             if isinstance(meta, np.dtype):  # fast path: reply in the request's dtype, sent from numpy
-                f16 = meta is _NP_FLOAT["float16"]
-                try:
-                    tensors = {"y": (yi.half() if f16 else yi.float()).numpy()}
-                except RuntimeError:  # an output that requires grad (a module run outside inference mode)
-                    tensors = {"y": yi.detach().to(torch.float16 if f16 else torch.float32)}
+                tensors = encode_plain(yi, meta, "y")
             else:
                 tensors = encode_activations(yi, comp, "y", meta)
             body = {"queue_ns": t0 - it.t_recv_ns, "compute_ns": t1 - t0, "batch": len(items)}

@@ -32,7 +32,8 @@ from coel_model.generate import StepHook, generate
 from coel_model.model import ForwardObserver, MoEModel, Routing, expert_inputs
 from nodes import protocol as P
 from nodes.security import KeyDir, secure_client
-from nodes.transport import (DelayHook, HeldInbox, NodeError, decode_activations, send_frames,
+from nodes.compression.codec import decode_activations
+from nodes.transport import (DelayHook, HeldInbox, NodeError, send_frames,
                              endpoint_host, peer_address, recv_decoded)
 
 LOCAL = "local"  # placement entry meaning "run on this server"

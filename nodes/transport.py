@@ -12,7 +12,6 @@ import itertools
 import time
 from typing import Any, Callable, Iterator, Protocol
 
-import torch
 import zmq
 
 from coel_model.errors import CoelError
@@ -215,25 +214,3 @@ class AgentClient:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-
-
-# ---- activations on the wire ----
-def decode_activations(tensors: dict[str, torch.Tensor], compression: dict | None,
-                       name: str) -> tuple[torch.Tensor, dict]:
-    """Received token vectors -> float32 (n, d), plus what the reply encoder needs to mirror them.
-
-    Without compression settings the tensor travels as float32/float16/bfloat16 and the reply
-    uses the same dtype. With settings, nodes.compression (D2) decodes (e.g. int8 + scales).
-    """
-    if compression:
-        from nodes import compression as C
-        return C.decode_activations(tensors, compression, name)
-    x = tensors[name]
-    return x.float(), {"dtype": x.dtype}
-
-
-def encode_activations(y: torch.Tensor, compression: dict | None, name: str, meta: dict) -> dict[str, torch.Tensor]:
-    if compression:
-        from nodes import compression as C
-        return C.encode_activations(y, compression, name, meta)
-    return {name: y.to(meta["dtype"])}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controller import monitor as M
-from controller.compression import DEFAULT_COSTS, request_quality_score
+from controller.negotiation import DEFAULT_COSTS, request_quality_score
 
 REPO = Path(__file__).resolve().parents[2]
 TOPO = REPO / "testbed" / "scenarios" / "topologies" / "tight-star-4.yaml"

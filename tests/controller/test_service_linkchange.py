@@ -33,7 +33,7 @@ def _wait(pred, timeout_s: float, what: str):
 
 def test_bandwidth_drop_tightens_compression_and_recovery_loosens_it(tmp_path):
     from controller.api import ControlClient
-    from controller.compression import DEFAULT_COSTS
+    from controller.negotiation import DEFAULT_COSTS
     from nodes.client import ClientConfig, run_client
     from nodes.delayqueue import write_delay_file
     quality = {c.name: c.quality_nats for c in DEFAULT_COSTS}

@@ -78,7 +78,7 @@ def test_bandwidth_drop_changes_placement_or_compression(setup):
     ch = [(r, c) for r in red for c in r.get("compression_changes", []) if "s2" in c["link"].split("|")]
     assert ch, ([r.get("reasons") for r in red], [e["attrs"].get("reasons") for e in events_of(res.run_dir)
                                                   if e["event"] == "replan"])
-    from controller.compression import DEFAULT_COSTS
+    from controller.negotiation import DEFAULT_COSTS
     quality = {c.name: c.quality_nats for c in DEFAULT_COSTS}
     r0, c0 = ch[0]
     assert r0["trigger"] == "bw" and c0["bw_mbit"] < 30 and quality[c0["to"]] > quality[c0["from"]], (r0, c0)

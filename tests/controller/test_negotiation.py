@@ -10,7 +10,7 @@ import pytest
 from coel_model.config import MoEConfig
 from coel_model.errors import ConfigError
 from controller.cluster import Cluster, Link, Server
-from controller.compression import (DEFAULT_COSTS, AgentCapabilities, LinkView, Traffic, agree, answer_message,
+from controller.negotiation import (DEFAULT_COSTS, AgentCapabilities, LinkView, Traffic, agree, answer_message,
                                     costs_from_measurements, decision_message, parse_answer, propose,
                                     propose_message)
 from controller.plan import PlanOptions, single_class
