@@ -21,6 +21,14 @@ def read_json(path: str | Path, missing: str) -> Any:
         raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """A text file's content; an unreadable file raises ConfigError "<path>: cannot read <what>: ..."."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     vocab_size: int  # tokens in the vocabulary

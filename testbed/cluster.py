@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coel_model.config import read_text_file
 from coel_model.errors import ConfigError
 from testbed.remote import SshTarget, parse_target
 from topologies.loader import Doc, Fields
@@ -105,12 +106,7 @@ def parse_cluster(text: str, source: str = "<cluster>") -> ClusterSpec:
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read cluster file: {exc.strerror}") from None
-    return parse_cluster(text, str(p))
+    return parse_cluster(read_text_file(path, "cluster file"), str(Path(path)))
 
 
 def check_against_topology(spec: ClusterSpec, topo: Topology) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coel_model.config import read_text_file
 from coel_model.errors import ConfigError
 from testbed.remote import SshTarget, parse_target
 from topologies.loader import Doc, Fields, _cpu, _link_params, _workload
@@ -189,9 +190,4 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
 
 
 def load_inventory(path: str | Path) -> Inventory:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read inventory: {exc.strerror}") from None
-    return parse_inventory(text, str(p))
+    return parse_inventory(read_text_file(path, "inventory"), str(Path(path)))

@@ -12,6 +12,7 @@ from typing import Any
 import networkx as nx
 import yaml
 
+from coel_model.config import read_text_file
 from coel_model.errors import ConfigError
 from topologies.schema import (
     COMPUTE_CLASSES, DEFAULT_AGENT_OVERHEAD_MB, NAME_RE, SITE_KINDS, Client, Controller, Link,
@@ -372,8 +373,4 @@ def resolve_topology_path(name_or_path: str | Path) -> Path:
 def load_topology(name_or_path: str | Path = DEFAULT_TOPOLOGY) -> Topology:
     """Load and validate a topology by bundled name or file path (raises ConfigError)."""
     path = resolve_topology_path(name_or_path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read topology: {exc.strerror}") from None
-    return parse_topology(text, str(path))
+    return parse_topology(read_text_file(path, "topology"), str(path))
