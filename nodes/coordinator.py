@@ -319,24 +319,16 @@ class Coordinator:
 
         Returns the protected-token masks by protect fraction, reused by fusion at dispatch.
         """
-        from nodes.compression import protected_mask, prune_routing, token_importance
+        from nodes.compression import prune_links
         by_settings: dict[Any, list[int]] = {}
         for e, ep in prefer.items():
             s = self.compression.get(ep)
             if s is not None and (s.prunes or s.fuses):
                 by_settings.setdefault(s, []).append(e)
-        prot: dict[float, torch.Tensor] = {}
         if not by_settings:
-            return prot
-        importance = token_importance(h)
+            return {}
         before = sum(int(routing.groups[e][0].numel()) for e in prefer)
-        for s, es in by_settings.items():
-            if s.protect_top_frac > 0 and s.protect_top_frac not in prot:
-                prot[s.protect_top_frac] = protected_mask(importance, s.protect_top_frac)
-            if s.prunes:
-                pruned = prune_routing(routing, s, protected=prot.get(s.protect_top_frac), remote=es)
-                if pruned is not routing:  # combine() uses the routing object the model passed us
-                    routing.weights, routing.groups = pruned.weights, pruned.groups
+        prot = prune_links(routing, h, by_settings)
         self.pruned_assignments += before - sum(int(routing.groups[e][0].numel())
                                                 for e in prefer if e in routing.groups)
         return prot

@@ -16,11 +16,11 @@ from nodes.compression.codec import WireTensor, decode_activations, decode_rows,
 from nodes.compression.fusion import (CompressedGroup, compress_group, compress_reply, decompress_group,
                                       decompress_reply, fuse_rows, raw_bytes, unmerge)
 from nodes.compression.measure import CompressingExecutor, CompressionStats, measure_compression_cost
-from nodes.compression.pruning import protected_mask, prune_in_place, prune_routing, token_importance
+from nodes.compression.pruning import protected_mask, prune_in_place, prune_links, prune_routing, token_importance
 from nodes.compression.settings import ACT_DTYPES, NONE, CompressionSettings
 
 __all__ = ["ACT_DTYPES", "NONE", "CompressedGroup", "CompressingExecutor", "CompressionSettings", "CompressionStats",
            "WireTensor", "compress_group", "compress_reply", "decode_activations", "decode_rows",
            "decompress_group", "decompress_reply", "encode_activations", "encode_rows", "fuse_rows",
-           "measure_compression_cost", "protected_mask", "prune_in_place", "prune_routing", "raw_bytes",
+           "measure_compression_cost", "protected_mask", "prune_in_place", "prune_links", "prune_routing", "raw_bytes",
            "token_importance", "unmerge"]

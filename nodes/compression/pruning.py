@@ -111,19 +111,29 @@ def prune_routing(routing: Routing, settings: CompressionSettings, *,
     return Routing(ids, new_w, routing.probs, groups)
 
 
+def prune_links(routing: Routing, h: torch.Tensor,
+                experts_by_settings: dict[CompressionSettings, Iterable[int] | None]) -> dict[float, torch.Tensor]:
+    """For an executor: protect and prune the experts bound for each link's settings (None = every
+    routed expert), writing the result into the routing the model passed (the model combines with
+    the Routing object it handed to the executor). Token importance is computed once. Returns the
+    protected-token masks (N,) by protect fraction, for compress_group (index a mask with a
+    group's token indices). The coordinator and the measurement both prune through here."""
+    active = {st: es for st, es in experts_by_settings.items() if st.prunes or st.fuses}
+    prot: dict[float, torch.Tensor] = {}
+    if not active:
+        return prot
+    importance = token_importance(h)
+    for st, es in active.items():
+        if st.protect_top_frac > 0 and st.protect_top_frac not in prot:
+            prot[st.protect_top_frac] = protected_mask(importance, st.protect_top_frac)
+        if st.prunes:
+            pruned = prune_routing(routing, st, protected=prot.get(st.protect_top_frac), remote=es)
+            if pruned is not routing:
+                routing.weights, routing.groups = pruned.weights, pruned.groups
+    return prot
+
+
 def prune_in_place(routing: Routing, h: torch.Tensor, settings: CompressionSettings,
                    remote: Iterable[int] | None = None) -> torch.Tensor | None:
-    """For an executor: protect, prune, and write the result into the routing the model passed.
-
-    The model combines with the Routing object it handed to the executor, so pruning must update
-    that object's weights and groups. Returns the protected-token mask (N,) for compress_group
-    (index it with a group's token indices), or None when nothing is protected.
-    """
-    prot = None
-    if (settings.prunes or settings.fuses) and settings.protect_top_frac > 0:
-        prot = protected_mask(token_importance(h), settings.protect_top_frac)
-    pruned = prune_routing(routing, settings, protected=prot, remote=remote)
-    if pruned is not routing:
-        routing.weights = pruned.weights
-        routing.groups = pruned.groups
-    return prot
+    """`prune_links` for one link: the protected-token mask (N,), or None when nothing is protected."""
+    return prune_links(routing, h, {settings: remote}).get(settings.protect_top_frac)
