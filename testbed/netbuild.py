@@ -89,7 +89,7 @@ class TestbedNet:
         self._stopped = False
         self._old_handlers: dict[int, Any] = {}
         self.events: list[dict] = []  # what was changed when (for traces / reports)
-        self.trace = trace  # optional testbed.traces.TraceWriter: link and route events
+        self.trace = trace  # optional common.tracing.TraceWriter: link and route events
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "TestbedNet":
