@@ -57,7 +57,7 @@ def repredict(run: Path, exponent_logged: float) -> dict[str, float]:
     from controller.cluster import cluster_from_topology
     from controller.costmodel import evaluate, layout_from_plan
     from controller.plan import Plan, PlanOptions, requirements_from_topology
-    from controller.profile import load_profile
+    from coel_model.profile_format import load_profile
     from topologies import load_topology
     meta = json.loads((run / "meta.json").read_text())
     topo = load_topology(meta["topology_source"])
