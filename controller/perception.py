@@ -16,12 +16,11 @@ import numpy as np
 from controller.cluster import Cluster
 
 MIN_BYTES_PER_S = 1e8  # a fit steeper than this is noise (a 2-core machine reads >= 0.1 GB/s)
-# A server limited to c < 1 cores runs a token about c**-CPU_SHARE_EXPONENT slower than the burst
-# its perception measured (CFS lets bursts through inside each quota period, and the processes
-# rarely all want the CPU at once). Fitted on the `coel compare` runs of demo and ring-failover
-# (c = 0.16 ... 0.6): 1.0 over-predicted every strategy on the 0.16-core entry 1.6-2.7x, 0.7 keeps
-# the worst strategy within 0.52-1.62x; benchmarks/compare_report.py, docs/bench/compare.md.
-CPU_SHARE_EXPONENT = 0.7
+# A server limited to c < 1 cores runs sustained work c**-CPU_SHARE_EXPONENT slower than the CPU time
+# its perception measured (nodes/perception.py measures thread CPU time, so throttling during the
+# measurement does not count). Calibrated on `coel compare` runs: benchmarks/compare_report.py,
+# docs/bench/compare.md.
+CPU_SHARE_EXPONENT = 1.0
 
 
 def expert_line(rows: list[dict[str, Any]]) -> tuple[float, float] | None:
@@ -57,9 +56,8 @@ def server_fields(agent: dict[str, Any] | None, entry: dict[str, Any] | None) ->
         out["layer_decode_ms"] = float(bb["layer_decode_ms"])
         out["prefill_token_layer_ms"] = float(bb.get("prefill_token_layer_ms") or 0.0)
         out["head_ms"] = float(bb.get("head_ms") or 0.0)
-        if bb.get("layer_call_ms") is not None:  # the coordinator's own scatter/gather work per layer,
-            # beyond one message round trip (which the cost model counts per server called)
-            out["layer_decode_ms"] += max(float(bb["layer_call_ms"]) - float((entry or {}).get("msg_rtt_ms") or 0.0), 0.0)
+        if bb.get("layer_scatter_ms") is not None:  # the coordinator's own CPU per layer for its calls
+            out["layer_decode_ms"] += float(bb["layer_scatter_ms"])
     # the measurements are short bursts that fit in the CFS quota period, so they show unthrottled
     # speed; under sustained load the server's processes get cgroup_cpu_cores of a CPU
     cores = min([c for c in (float((r.get("limits") or {}).get("cgroup_cpu_cores") or 0) for r in (agent, entry) if r)

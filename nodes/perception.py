@@ -1,8 +1,9 @@
 """Perception: a server measures itself under its real limits (cgroup CPU share, memory) before it
 reports ready, so that the planner's cost model uses measured figures, not nominal constants.
 
-What is measured (the fastest of repeated runs, in ms: start-up is busy; the planner divides by the
-server's CPU share):
+What is measured: CPU time of this thread (time.thread_time_ns), the fastest of repeated runs, in
+ms. CPU time, not wall time: start-up is busy and a server with a small CPU share is throttled
+while it measures; the planner applies the share afterwards (controller/perception.py).
   expert calls   per bit width and batch size, on a reference-shaped expert built exactly as the
                  agent builds shards (packed tensors -> nodes.shards.build_shard); the planner
                  scales them by bytes to the model's experts
@@ -38,9 +39,9 @@ def _fastest_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
         fn()
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         fn()
-        ts.append((time.perf_counter_ns() - t0) / 1e6)
+        ts.append((time.thread_time_ns() - t0) / 1e6)
     # the fastest repeat: start-up is busy (every process of a run measures at once, other work
     # shares the cores), and the server's CPU share is applied by the planner afterwards
     return float(min(ts))
@@ -152,9 +153,10 @@ class EchoProcess:
 
 
 def measure_message_rtt(d_model: int = REF_D_MODEL, reps: int = 60) -> float:
-    """Round trip of one batch-1 expert call and its reply between two processes of this server
-    (a forked echo: same cgroup) over tcp loopback, encoded and decoded with the wire protocol at
-    both ends: the software cost of every call and hop, without the link."""
+    """CPU cost of one batch-1 expert call and its reply between two processes of this server (a
+    forked echo: same cgroup) over tcp loopback, encoded and decoded with the wire protocol at both
+    ends: twice the caller's CPU time per round trip (the echo does the same work), the software
+    cost of every call and hop without the link."""
     import zmq
     from nodes import protocol as P
     warmup = 5
@@ -172,7 +174,7 @@ def measure_message_rtt(d_model: int = REF_D_MODEL, reps: int = 60) -> float:
                 frames = cli.recv_multipart()
                 P.decode(frames[1:] if frames[0] == b"" else frames)
 
-            return round(_fastest_ms(call, reps, warmup=warmup), 4)
+            return round(2 * _fastest_ms(call, reps, warmup=warmup), 4)
         finally:
             cli.close(0)
             ctx.term()
@@ -182,9 +184,10 @@ def measure_backbone(model, prompt_tokens: int = 32, decode_steps: int = 12, wit
                      ) -> dict[str, float]:
     """Per decoder layer: decode ms (one token with a KV cache) and prefill ms per token; the head
     (final norm + lm_head). Experts are skipped (a zero executor): their cost is measured on the
-    servers that run them. With `with_calls`, also the decode ms per layer when every routed
-    expert goes through the real Coordinator to another process of this server that echoes it
-    (`layer_call_ms`: the scatter/gather of one layer without the link and the expert math)."""
+    servers that run them. With `with_calls`, also the coordinator's own CPU per layer when every
+    routed expert goes through the real Coordinator to another process of this server that echoes
+    it (`layer_scatter_ms`: route, encode, send, poll, decode, combine; the round trip itself is
+    the message cost)."""
     from coel_model.model import KVCache, expert_inputs
     L = model.cfg.n_layers
 
@@ -205,10 +208,10 @@ def measure_backbone(model, prompt_tokens: int = 32, decode_steps: int = 12, wit
             cache = KVCache(model.cfg, 1)
             model(toks, cache, executor=no_experts)
             one = toks[:, :1]
-            t0 = time.perf_counter_ns()
+            t0 = time.thread_time_ns()
             for _ in range(decode_steps):
                 model(one, cache, executor=no_experts)
-            steps.append((time.perf_counter_ns() - t0) / 1e6 / decode_steps)
+            steps.append((time.thread_time_ns() - t0) / 1e6 / decode_steps)
         step_ms = min(steps)  # the least disturbed repeat: start-up is busy; the CPU share is applied later
     out = {"layer_decode_ms": round(max(step_ms - head_ms, 0.0) / L, 4),
            "prefill_token_layer_ms": round(max(pre_ms - head_ms, 0.0) / (L * prompt_tokens), 5),
@@ -226,11 +229,11 @@ def measure_backbone(model, prompt_tokens: int = 32, decode_steps: int = 12, wit
                     for _ in range(5):
                         cache = KVCache(model.cfg, 1)
                         model(toks[:, :4], cache, executor=coord)
-                        t0 = time.perf_counter_ns()
+                        t0 = time.thread_time_ns()
                         for _ in range(decode_steps):
                             model(toks[:, :1], cache, executor=coord)
-                        calls.append((time.perf_counter_ns() - t0) / 1e6 / decode_steps)
-                out["layer_call_ms"] = round(max(min(calls) - step_ms, 0.0) / L, 4)
+                        calls.append((time.thread_time_ns() - t0) / 1e6 / decode_steps)
+                out["layer_scatter_ms"] = round(max(min(calls) - step_ms, 0.0) / L, 4)
             finally:
                 coord.close()
                 ctx.term()
