@@ -228,6 +228,17 @@ def test_malformed_requests_get_4xx_openai_errors_and_the_server_keeps_serving(s
              (json.dumps({"model": "tiny-moe", "prompt": "x", "max_tokens": 0}).encode(), 400, "invalid_value"),
              (json.dumps({"model": "tiny-moe", "prompt": "x", "max_tokens": -3}).encode(), 400, "invalid_value"),
              (json.dumps({"model": "tiny-moe", "prompt": [5, 99999]}).encode(), 400, "invalid_value")]
+    import threading
+    streamed: dict = {}
+
+    def long_stream() -> None:  # in flight while the bad requests arrive
+        chunks = list(_client(server).completions.create(model="tiny-moe", prompt="def ", max_tokens=400,
+                                                         temperature=0, stream=True,
+                                                         extra_body={"ignore_eos": True}))
+        streamed["tokens"] = sum(1 for c in chunks if c.choices and c.choices[0].finish_reason is None)
+        streamed["finish"] = chunks[-1].choices[0].finish_reason
+    th = threading.Thread(target=long_stream)
+    th.start()
     for body, status, code in cases:
         got, doc = _post(server, "/v1/completions", body)
         assert got == status and doc["error"]["code"] == code and doc["error"]["type"] == "invalid_request_error" \
@@ -238,6 +249,8 @@ def test_malformed_requests_get_4xx_openai_errors_and_the_server_keeps_serving(s
     got, doc = _post(server, "/v1/chat/completions", json.dumps({"model": "tiny-moe", "messages": "hi"}).encode())
     assert got == 400 and doc["error"]["param"] == "messages"
     assert _get(server, "/health")[0] == 200
+    th.join(60)
+    assert streamed == {"tokens": 400, "finish": "length"}, streamed
 
 
 @pytest.mark.integration
