@@ -133,7 +133,8 @@ def server():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "coel", "serve-local", "--agents", "3", "--model",
                              str(MODEL), "--http", f"127.0.0.1:{port}"], cwd=str(REPO), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its agents share the group: never orphaned
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -147,12 +148,15 @@ def server():
             time.sleep(0.2)
         yield port
     finally:
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: a shell that starts pytest in the background makes its children ignore SIGINT
+        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            rc = proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+            raise AssertionError("serve-local --http did not stop within 30 s of SIGTERM") from None
+        assert rc == 0, proc.stdout.read()
 
 
 def _client(port: int):
