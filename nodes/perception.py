@@ -20,7 +20,6 @@ HEARTBEAT body after a resource change; controller/perception.py turns it into S
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from typing import Any, Callable
