@@ -369,21 +369,23 @@ class MoEModel(nn.Module):
         return self.forward_slice(tokens, 0, self.cfg.n_layers, cache, executor, observer)
 
     def forward_slice(self, x: torch.Tensor, l0: int, l1: int, cache: KVCache | None = None,
-                      executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
+                      executor: ExpertExecutor | None = None, observer: Observer | None = None,
+                      embed: bool | None = None, head: bool | None = None) -> torch.Tensor:
         """Layers [l0, l1) as one pipeline stage; advances `cache` when given.
 
-        x: token ids (B, T) when l0 == 0 (embedded here), else hidden states (B, T, d).
-        Returns logits (B, T, vocab) when l1 == n_layers, else hidden states (B, T, d).
+        x: token ids (B, T) when embedding here (default: l0 == 0), else hidden states (B, T, d).
+        Returns logits (B, T, vocab) when the head runs here (default: l1 == n_layers), else
+        hidden states (B, T, d).
         """
         obs = as_observer(observer)
         if obs is not None:
             obs.begin(x.shape[0] * x.shape[1])
-        if l0 == 0:
+        if l0 == 0 if embed is None else embed:
             x = self.embed(x)  # (B, T, d)
         x = self.run_layers(x, l0, l1, cache, executor, obs)
         if cache is not None:
             cache.length += x.shape[1]
-        return self.head(x, obs) if l1 == self.cfg.n_layers else x
+        return self.head(x, obs) if (l1 == self.cfg.n_layers if head is None else head) else x
 
     def run_layers(self, x: torch.Tensor, l0: int, l1: int, cache: KVCache | None = None,
                    executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
@@ -421,22 +423,23 @@ class _LayerSlice(nn.ModuleDict):
 
 class BackboneSlice(MoEModel):
     """The backbone of layers [l0, l1) as one pipeline stage holds it: attention (its KV cache is
-    the caller's), norms, routers and shared experts, with the embedding on the first slice and
-    the final norm + lm_head on the last; no routed experts (the executor supplies them).
-    Parameter names are the full model's, so a slice loads from `slice_state(model, l0, l1)`."""
+    the caller's), norms, routers and shared experts; no routed experts (the executor supplies
+    them). With `ends` it also holds the embedding and the final norm + lm_head: the pipeline's
+    coordinator (its first stage) embeds the ids and, after the last stage's hop back, computes
+    the logits, as the cost model (controller/costmodel.py) places them. Parameter names are the
+    full model's, so a slice loads from `slice_state(model, l0, l1, ends)`."""
 
-    def __init__(self, cfg: MoEConfig, l0: int, l1: int):
+    def __init__(self, cfg: MoEConfig, l0: int, l1: int, ends: bool = False):
         if not 0 <= l0 < l1 <= cfg.n_layers:
             raise ValueError(f"stage layers [{l0}, {l1}) are not a slice of {cfg.n_layers} layers")
         nn.Module.__init__(self)
-        self.cfg, self.l0, self.l1 = cfg, l0, l1
+        self.cfg, self.l0, self.l1, self.ends = cfg, l0, l1, ends
         self.layers = _LayerSlice({str(i): DecoderLayer(cfg, routed_experts=False) for i in range(l0, l1)})
-        if l0 == 0:
+        if ends:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if l1 == cfg.n_layers:
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            if cfg.tie_embeddings and l0 == 0:
+            if cfg.tie_embeddings:
                 self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.hd, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -444,8 +447,9 @@ class BackboneSlice(MoEModel):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, executor: ExpertExecutor | None = None,
                 observer: Observer | None = None) -> torch.Tensor:
-        """This stage's part of MoEModel.forward (see forward_slice for what x and the result are)."""
-        return self.forward_slice(x, self.l0, self.l1, cache, executor, observer)
+        """This stage's layers: ids (embedded here, `ends` only) or hidden states -> hidden states."""
+        return self.forward_slice(x, self.l0, self.l1, cache, executor, observer,
+                                  embed=not x.is_floating_point(), head=False)
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch=1, max_len=max_len, layers=range(self.l0, self.l1))
@@ -455,9 +459,31 @@ class BackboneSlice(MoEModel):
         return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.parameters()}.values())
 
 
-def slice_state(model: MoEModel, l0: int, l1: int) -> dict[str, torch.Tensor]:
-    """The tensors of `model` a BackboneSlice(l0, l1) loads (no routed experts), by parameter name."""
-    n = model.cfg.n_layers
+class _HalfLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+class _HalfEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+def hold_half(module: nn.Module) -> nn.Module:
+    """Keep `module`'s weights in fp16 and compute in fp32 (each weight upcast per call): half the
+    memory, and the same results as fp32 weights that hold fp16 values (an fp16 checkpoint)."""
+    for p in module.parameters():
+        p.data = p.data.half()
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = _HalfLinear
+        elif type(m) is nn.Embedding:
+            m.__class__ = _HalfEmbedding
+    return module
+
+
+def slice_state(model: MoEModel, l0: int, l1: int, ends: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of `model` a BackboneSlice(l0, l1, ends) loads (no routed experts), by name."""
     out = {}
     for name, t in model.state_dict().items():
         parts = name.split(".")
@@ -465,9 +491,7 @@ def slice_state(model: MoEModel, l0: int, l1: int) -> dict[str, torch.Tensor]:
             i = int(parts[1])
             if not l0 <= i < l1 or (parts[2] == "moe" and parts[3] == "experts"):
                 continue
-        elif parts[0] == "embed" and l0 != 0:
-            continue
-        elif parts[0] in ("norm", "lm_head") and l1 != n:
+        elif parts[0] in ("embed", "norm", "lm_head") and not ends:
             continue
         out[name] = t
     return out

@@ -218,6 +218,32 @@ def effective_plan(target: Plan, deployed: dict[str, set[ShardKey]], alive: set[
                                              "recorded as deployed",))
 
 
+def pipeline_stages(plan: Plan) -> dict[str, tuple[int, int, bool]]:
+    """server -> (l0, l1, ends) of the backbone slice it runs for some entry's pipeline; the first
+    stage also holds the embedding and lm_head (`ends`). Plans whose backbone has one stage run
+    it on the entry, as before, and add nothing. One slice per server: a plan that asks a
+    server for two different slices raises ValueError."""
+    out: dict[str, tuple[int, int, bool]] = {}
+    for entry, stages in plan.backbone:
+        if len(stages) < 2:
+            continue
+        for i, st in enumerate(stages):
+            have = out.setdefault(st.server, (st.l0, st.l1, i == 0))
+            if have != (st.l0, st.l1, i == 0):
+                raise ValueError(f"plan {plan.strategy}: server {st.server} would run layers {list(have)} and "
+                                 f"[{st.l0}, {st.l1}) (entry {entry}); a server runs one backbone slice")
+    return out
+
+
+def entry_stages(plan: Plan, entry: str, ready: dict[str, tuple[int, int, bool]]) -> list[tuple[str, int, int]]:
+    """The pipeline an entry is told to use: its plan stages when every stage server has its slice
+    loaded (`ready`: server -> slice), else [] (the entry runs the whole backbone itself)."""
+    stages = plan.backbone_map().get(entry, ())
+    if len(stages) < 2 or any(ready.get(st.server) != (st.l0, st.l1, i == 0) for i, st in enumerate(stages)):
+        return []
+    return [(st.server, st.l0, st.l1) for st in stages]
+
+
 # ---------------------------------------------------------------- execution
 
 class Deployer:
@@ -323,6 +349,74 @@ class Deployer:
         for l, e in keys:
             held -= {k for k in held if k[:2] == (l, e)}
             outcome.dropped.append((server, l, e))
+
+
+    def load_stage(self, server: str, l0: int, l1: int, ends: bool, holders: list[list],
+                   compression: dict[str, dict], kv_cache_bytes: int, with_weights: bool,
+                   outcome: DeployOutcome) -> str | None:
+        """LOAD_STAGE on `server`: the backbone slice [l0, l1) (with the embedding and lm_head when
+        `ends`: the pipeline's first stage) or, without weights, new expert holders for the slice
+        it already runs. Returns None on success, else the reason."""
+        from nodes.pipeline import stage_tensors
+        client = self.client_for(server)
+        if client is None:
+            return f"server {server}: no registered agent"
+        model = self.source.model
+        tensors = stage_tensors(model, l0, l1, ends) if with_weights else {}
+        body = {"l0": l0, "l1": l1, "config": model.cfg.to_dict(), "holders": holders,
+                "kv_cache_bytes": kv_cache_bytes, "compression": compression, "ends": ends}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        t0 = time.monotonic_ns()
+        try:
+            client.call(P.MsgType.LOAD_STAGE, body, tensors, timeout_s=self.cfg.load_timeout_s)
+        except NodeError as exc:
+            if self.tracer is not None:
+                self.tracer.event("load_failed", server=server, stage=[l0, l1], reason=str(exc)[:300])
+            return str(exc)[:300]
+        outcome.bytes_moved += nbytes
+        if self.tracer is not None:
+            self.tracer.span(f"deploy-{t0}", "load_stage", t0, time.monotonic_ns(), server=server, layers=[l0, l1],
+                             bytes=nbytes)
+        return None
+
+
+    def sync_stages(self, target: Plan, holders: dict[tuple[int, int], tuple[str, ...]], alive: set[str],
+                    ep_of: dict[str, str], compression_for: Callable[[str, set[str]], dict[str, dict]],
+                    ready: dict[str, tuple[tuple[int, int], Any]], outcome: DeployOutcome) -> None:
+        """Every alive stage server of `target` runs its slice with the current expert holders:
+        weights go out when the server does not hold that slice yet, only the holders when they
+        changed. `ready` (server -> (slice, holders sent)) is updated; entries are pointed at a
+        pipeline only once all its stages are in it (make-before-break)."""
+        try:
+            wanted = pipeline_stages(target)
+        except ValueError as exc:
+            if self.tracer is not None:
+                self.tracer.event("stages_rejected", reason=str(exc)[:300])
+            wanted = {}
+        for server in list(ready):
+            if server not in alive or server not in wanted:
+                ready.pop(server)  # a lost server's slice is gone; one no longer wanted is left idle
+        cfg = self.source.model.cfg
+        for server, (l0, l1, ends) in sorted(wanted.items()):
+            if server not in alive or server not in ep_of:
+                continue
+            hs = [[l, e, [ep_of[s] for s in holders.get((l, e), ()) if s in ep_of]]
+                  for l in range(l0, l1) for e in range(cfg.n_experts)]
+            if any(not h[2] for h in hs):
+                continue  # an expert of the slice has no holder: the stage could not run
+            servers = {s for l in range(l0, l1) for e in range(cfg.n_experts) for s in holders.get((l, e), ())}
+            comp = {ep_of[s]: c for s, c in compression_for(server, servers).items() if s in ep_of and c}
+            have = ready.get(server)
+            if have is not None and have == ((l0, l1, ends), (hs, comp)):
+                continue
+            kv = 8 * 2 * (l1 - l0) * cfg.n_kv_heads * cfg.max_seq_len * cfg.hd * 4  # 8 requests at full length
+            why = self.load_stage(server, l0, l1, ends, hs, comp, kv, have is None or have[0] != (l0, l1, ends),
+                                  outcome)
+            if why is None:
+                ready[server] = ((l0, l1, ends), (hs, comp))
+            else:
+                ready.pop(server, None)
+                outcome.failed.append((server, l0, l1, -1, f"stage: {why}"))
 
 
 def load_actions(actions: list[Action], alive: set[str]) -> dict[str, list[ShardKey]]:

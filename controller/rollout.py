@@ -14,8 +14,8 @@ from typing import Any
 from coel_model.errors import CoelError, InfeasibleError
 from controller import monitor as M
 from controller import triggers as T
-from controller.deployer import (DeployOutcome, effective_plan, entry_compression, entry_holders, keep_set,
-                                 own_copies, transition_overflow)
+from controller.deployer import (DeployOutcome, effective_plan, entry_compression, entry_holders, entry_stages,
+                                 keep_set, own_copies, transition_overflow)
 from nodes import protocol as P
 from nodes.transport import NodeError
 
@@ -101,6 +101,10 @@ class Rollout:
                                    buffer_slots=self.profile.cfg.top_k)
         t1 = time.monotonic()
         holders, out.unplaced = entry_holders(target, self.deployed, alive, self.holders)
+        ep_of = {n: p.endpoint for (r, n), p in self.registry.snapshot().items() if r == "agent"}
+        self.deployer.sync_stages(target, holders, alive, ep_of,
+                                  lambda srv, peers: entry_compression(target, srv, peers, self.cfg.compression, []),
+                                  self.stages_ready, out)
         self._push_placement(target, holders, out)
         t2 = time.monotonic()
         keep = keep_set(holders, target)
@@ -136,7 +140,9 @@ class Rollout:
             routed = body_holders if mine is holders else [  # offload: this entry's coordinator only
                 h for h in ([l, e, [ep_of[s] for s in hs if s in ep_of]] for (l, e), hs in sorted(mine.items())) if h[2]]
             body = {"version": self.placement_version, "holders": routed,
-                    "compression": {ep_of[s]: c for s, c in comp.items() if s in ep_of and c}}
+                    "compression": {ep_of[s]: c for s, c in comp.items() if s in ep_of and c},
+                    "stages": [[ep_of[s], l0, l1] for s, l0, l1 in
+                               entry_stages(target, name, {k: v[0] for k, v in self.stages_ready.items()})]}
             c = self._entry_client(name, p.endpoint)
             for attempt in range(3):
                 try:

@@ -77,6 +77,7 @@ class Controller(Monitoring, Rollout):
         self.error: str | None = None
         self.plan = None
         self.holders: dict[tuple[int, int], tuple[str, ...]] = {}
+        self.stages_ready: dict[str, Any] = {}  # stage server -> (slice, holders) it runs (Deployer.sync_stages)
         self.deployed: dict[str, set[tuple[int, int, int]]] = {}
         self.placement_version = 0
         self.redeployments: list[dict] = []

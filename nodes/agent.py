@@ -495,8 +495,8 @@ class Agent:
         m, T = it.msg, P.MsgType
         if self.stage is None:
             from nodes.pipeline import StageServer
-            self.stage = StageServer(self.name, self.cfg.endpoint, self.store, self.keys, self.ctx, self.delay,
-                                     self.tracer)
+            self.stage = StageServer(self.name, self.cfg.endpoint, self.store, self.keys, self.ctx,
+                                     lambda: self.delay, self.tracer)
         if m.type == T.STAGE_STEP:
             self.stage.submit(m, it.t_recv_ns)  # no reply: the last stage answers the entry
         elif m.type == T.STAGE_RELEASE:

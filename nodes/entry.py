@@ -111,6 +111,7 @@ class RoutingState:
     version: int
     placement: Any  # nodes.coordinator.Placement
     compression: dict[str, dict]  # endpoint -> CompressionSettings header
+    stages: tuple[tuple[str, int, int], ...] = ()  # the plan's pipeline (endpoint, l0, l1); () = backbone here
 
 
 class EntryService:
@@ -170,14 +171,16 @@ class EntryService:
                 return self._routing.version
             if self._routing is not None:
                 self.placement_updates += 1
-            self._routing = RoutingState(int(body["version"]), placement, comp)
+            stages = tuple((str(ep), int(l0), int(l1)) for ep, l0, l1 in body.get("stages") or ())
+            self._routing = RoutingState(int(body["version"]), placement, comp, stages)
             for coord in self.coords:
                 self._install(coord, self._routing)
             self._routing_cv.notify_all()
         if self.tracer is not None:
             self.tracer.event("placement", version=int(body["version"]), experts=len(holders),
                               endpoints=sorted({ep for eps in holders.values() for ep in eps}),
-                              compression=comp)  # endpoint -> settings now in force (fp32 where absent)
+                              compression=comp,  # endpoint -> settings now in force (fp32 where absent)
+                              stages=[list(st) for st in self._routing.stages])
         return int(body["version"])
 
     @staticmethod
@@ -362,6 +365,7 @@ class EntryService:
                                  name=self.cfg.name)
         coord = Coordinator(self.model, {}, self.keys, ccfg, delay=self.delay_factory(), ctx=self.ctx)
         coord.tracer = self.tracer
+        routed = self._routed_model(coord)
         with self._routing_cv:
             if self._routing is not None:
                 self._install(coord, self._routing)
@@ -377,7 +381,7 @@ class EntryService:
                 with self._lock:
                     self.active += 1
                 try:
-                    self._serve(coord, self.metrics.wrap(target, api, t_recv), msg, t_recv)
+                    self._serve(coord, self.metrics.wrap(target, api, t_recv), msg, t_recv, routed)
                 finally:
                     with self._lock:
                         self.active -= 1
@@ -386,7 +390,20 @@ class EntryService:
                 self.coords.remove(coord)
             for ep in list(coord.socks):
                 coord._reset_sock(ep)
+            routed.close()
             push.close(linger=0)
+
+    def _routed_model(self, coord: Any) -> Any:
+        """This worker's decode model: the backbone here, or the plan's pipeline (nodes.pipeline)."""
+        from nodes.pipeline import RoutedModel, StageClient
+        from nodes.transport import endpoint_host
+        host = endpoint_host(self.cfg.listen)
+        host = "127.0.0.1" if host in ("*", "0.0.0.0") else host
+        return RoutedModel(self.model, coord, lambda: self._routing.stages if self._routing is not None else (),
+                           lambda: StageClient([], self.keys, self.ctx, host, self.delay_factory(),
+                                               timeout_s=self.cfg.layer_deadline_s, name=self.cfg.name,
+                                               tracer=self.tracer),
+                           local_cache_bytes=4 * self.model.new_cache(self.model.cfg.max_seq_len).nbytes())
 
     def _prompt_ids(self, msg: P.Message) -> list[int]:
         """The request's prompt as token ids (generate checks them against the model)."""
@@ -401,8 +418,9 @@ class EntryService:
             ids = ids[:msg.body["max_prompt_tokens"]]
         return ids
 
-    def _serve(self, coord: Any, sink: TokenSink, msg: P.Message, t_recv: int) -> None:
-        """One request through coel_model.generate.generate, with `_step` as its step hook."""
+    def _serve(self, coord: Any, sink: TokenSink, msg: P.Message, t_recv: int, routed: Any = None) -> None:
+        """One request through coel_model.generate.generate, with `_step` as its step hook, on
+        `routed` (the worker's RoutedModel: backbone here or the plan's stages) or the model."""
         from coel_model.generate import generate
         body = msg.body
         trace_id = msg.trace or uuid.uuid4().hex[:16]
@@ -412,6 +430,7 @@ class EntryService:
         ok, err = False, None
         t_first = None
         prompt: list[int] = []
+        replays_before = routed.replays if routed is not None else 0
 
         def on_token(i: int, tok: int) -> None:
             nonlocal t_first
@@ -427,7 +446,7 @@ class EntryService:
                     "waited_s": round(stats["waited_s"], 4), "placement_version": self.routing_version()}
         try:
             prompt = self._prompt_ids(msg)
-            generate(self.model, prompt, body["max_new_tokens"], temperature=float(body.get("temperature", 0.0)),
+            generate(routed or self.model, prompt, body["max_new_tokens"], temperature=float(body.get("temperature", 0.0)),
                      top_k=int(body.get("top_k", 0)), top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"),
                      stop_at_eos=bool(body.get("stop_at_eos", True)), executor=coord, observer=coord.observer,
                      on_token=on_token, step=lambda run: self._step(run, stats, trace_id))
@@ -451,9 +470,15 @@ class EntryService:
             sink.error(P.ErrorCode.INTERNAL.value, err)
         finally:
             self._blocked.pop(trace_id, None)
+            replays = 0
+            if routed is not None:
+                replays = routed.replays - replays_before
+                routed.finish()
             if self.tracer is not None:
                 attrs: dict[str, Any] = {"ok": ok, "prompt_tokens": len(prompt), "new_tokens": len(out),
                                          "retries": stats["retries"], "waited_s": round(stats["waited_s"], 4)}
+                if replays:
+                    attrs["replays"] = replays
                 if t_first is not None:
                     attrs["ttft_ms"] = round((t_first - t_recv) / 1e6, 3)
                 if err:

@@ -202,14 +202,16 @@ def load_plan_stages(path: str | Path, endpoints: list[str]) -> list[tuple[str, 
 
 
 def stage_message(model: MoEModel, l0: int, l1: int, placement: dict, kv_cache_bytes: int,
-                  compression: dict | None = None) -> tuple[dict, dict]:
-    """LOAD_STAGE body + tensors: the backbone slice [l0, l1) and the holders of its experts."""
-    from coel_model.model import slice_state
+                  compression: dict | None = None, ends: bool = False) -> tuple[dict, dict]:
+    """LOAD_STAGE body + tensors: the backbone slice [l0, l1) (with the embedding and lm_head on
+    the first stage, `ends`) and the holders of its experts; fp16 when that loses nothing."""
+    from nodes.pipeline import stage_tensors
     holders = [[l, e, list(placement[(l, e)])] for l in range(l0, l1) for e in range(model.cfg.n_experts)]
-    body = {"l0": l0, "l1": l1, "config": model.cfg.to_dict(), "holders": holders, "kv_cache_bytes": kv_cache_bytes}
+    body = {"l0": l0, "l1": l1, "config": model.cfg.to_dict(), "holders": holders, "kv_cache_bytes": kv_cache_bytes,
+            "ends": ends}
     if compression:
         body["compression"] = compression
-    return body, {k: v.detach().contiguous() for k, v in slice_state(model, l0, l1).items()}
+    return body, stage_tensors(model, l0, l1, ends)
 
 
 def kv_cache_bound(model: MoEModel, l0: int, l1: int, requests: int = 8) -> int:
@@ -308,7 +310,8 @@ def _local_layout(cfg: ServeLocalConfig, model: MoEModel, names: list[str]) -> t
         for ep in eps:
             need[ep] += nb
     for ep, l0, l1 in stages0:  # each stage's backbone counts against its agent's budget
-        need[ep] += sum(t.numel() * t.element_size() for t in stage_message(model, l0, l1, placement0, 0)[1].values())
+        need[ep] += sum(t.numel() * t.element_size() for t in stage_message(model, l0, l1, placement0, 0,
+                                                                             ends=l0 == 0)[1].values())
     return placement0, bits_of, stages0, [cfg.memory_mb or (need[n] / MB + 1.0) for n in names]
 
 
@@ -372,7 +375,8 @@ def deploy_stages(model: MoEModel, cluster: LocalCluster, stages: list[tuple[str
     sent = {}
     for ep, l0, l1 in stages:
         body, tensors = stage_message(model, l0, l1, placement, kv_cache_bound(model, l0, l1),
-                                      {e: compression for e in cluster.endpoints} if compression else None)
+                                      {e: compression for e in cluster.endpoints} if compression else None,
+                                      ends=l0 == 0)
         by_ep[ep].call(P.MsgType.LOAD_STAGE, body, tensors, timeout_s=timeout_s)
         sent[f"stage {ep}[{l0}:{l1}]"] = sum(t.numel() * t.element_size() for t in tensors.values())
     return sent

@@ -148,12 +148,14 @@ BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
                        "stop_at_eos": ((bool,), False)},
     MsgType.TOKEN: {"index": (_INT, True), "token": (_INT, True)},
     MsgType.DONE: {"new_tokens": (_INT, True), "prompt_tokens": (_INT, True)},
-    MsgType.PLACEMENT: {"version": (_INT, True), "holders": (_LIST, True), "compression": (_MAP, False)},
+    MsgType.PLACEMENT: {"version": (_INT, True), "holders": (_LIST, True), "compression": (_MAP, False),
+                        "stages": (_LIST, False)},
     MsgType.CONTROL: {"op": (_STR, True), "args": (_OPT_MAP, False)},
     MsgType.PROBE_PEER: {"target": (_STR, True), "timeout_ms": (_NUM, False), "reached": ((bool,), False),
                          "rtt_ms": ((int, float, type(None)), False), "error": (_STR, False)},
     MsgType.LOAD_STAGE: {"l0": (_INT, True), "l1": (_INT, True), "config": (_MAP, True),
-                         "holders": (_LIST, True), "kv_cache_bytes": (_INT, True), "compression": (_MAP, False)},
+                         "holders": (_LIST, True), "kv_cache_bytes": (_INT, True), "compression": (_MAP, False),
+                         "ends": ((bool,), False)},
     MsgType.STAGE_STEP: {"request": (_STR, True), "pos": (_INT, True), "max_len": (_INT, True),
                          "l0": (_INT, True), "route": (_LIST, True), "reply_to": (_STR, True),
                          "reply_id": (_INT, True), "hops": (_LIST, False)},
@@ -421,6 +423,13 @@ def _validate_body(mtype: MsgType, body: dict, tensors: dict[str, tuple[str, tup
         for ep, c in (body.get("compression") or {}).items():
             if not isinstance(c, dict):
                 raise ProtocolError(f"PLACEMENT compression[{ep!r}] must be a map", req_id)
+        stages = body.get("stages") or []
+        for i, r in enumerate(stages):
+            if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and "://" in r[0]
+                    and all(type(v) is int for v in r[1:]) and 0 <= r[1] < r[2]):
+                raise ProtocolError(f"PLACEMENT stages[{i}] must be [endpoint, l0, l1]", req_id)
+        if stages and (stages[0][1] != 0 or any(a[2] != b[1] for a, b in zip(stages, stages[1:]))):
+            raise ProtocolError(f"PLACEMENT stages {[r[1:] for r in stages]} must run layers from 0 in order", req_id)
     elif mtype == MsgType.PROBE_PEER:
         if "://" not in body["target"] or len(body["target"]) > MAX_NAME_CHARS:
             raise ProtocolError(f"PROBE_PEER: target {body['target'][:40]!r} must be an endpoint tcp://IP:PORT", req_id)
@@ -448,10 +457,13 @@ def _validate_body(mtype: MsgType, body: dict, tensors: dict[str, tuple[str, tup
                                 f"{body['max_len']}", req_id)
         if "://" not in body["reply_to"] or len(body["request"]) > MAX_NAME_CHARS:
             raise ProtocolError("STAGE_STEP: reply_to must be an endpoint and request a short id", req_id)
-        for i, r in enumerate(body["route"]):
+        route = body["route"]
+        for i, r in enumerate(route):  # the last hop, [coordinator, L, L], is the head (norm + lm_head)
             if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and "://" in r[0]
-                    and all(type(v) is int for v in r[1:]) and 0 <= r[1] < r[2]):
-                raise ProtocolError(f"STAGE_STEP route[{i}] must be [endpoint, l0, l1]", req_id)
+                    and all(type(v) is int for v in r[1:]) and 0 <= r[1] <= r[2]
+                    and (r[1] < r[2] or i == len(route) - 1)):
+                raise ProtocolError(f"STAGE_STEP route[{i}] must be [endpoint, l0, l1] (l0 == l1 only for the "
+                                    f"final head hop)", req_id)
     elif mtype == MsgType.STAGE_RESULT:
         if "logits" not in tensors or tensors["logits"][0] not in FLOAT_DTYPES:
             raise ProtocolError("STAGE_RESULT carries no float tensor 'logits'", req_id)

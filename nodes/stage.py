@@ -40,13 +40,14 @@ class StageCaches:
 
     def get(self, request: str, pos: int, max_len: int) -> KVCache:
         """The request's cache holding exactly `pos` tokens; a new one when pos == 0."""
+        where = f"layers [{getattr(self.model, 'l0', 0)}, {getattr(self.model, 'l1', self.model.cfg.n_layers)})"
         if pos == 0:
             self.caches.pop(request, None)
             cache = self.model.new_cache(max_len)
             need = cache.nbytes()
             if need > self.max_bytes:
-                raise StageError(f"a KV cache of {max_len} tokens for layers [{self.model.l0}, {self.model.l1}) "
-                                 f"needs {need} bytes; this stage's cache bound is {self.max_bytes}")
+                raise StageError(f"a KV cache of {max_len} tokens for {where} needs {need} bytes; this "
+                                 f"stage's cache bound is {self.max_bytes}")
             while self.caches and self.used_bytes + need > self.max_bytes:
                 self.caches.popitem(last=False)
                 self.evicted += 1
@@ -55,8 +56,8 @@ class StageCaches:
         cache = self.caches.get(request)
         if cache is None or cache.length != pos:
             have = "none" if cache is None else f"{cache.length} tokens"
-            raise StageError(f"stage [{self.model.l0}, {self.model.l1}) has no cache of request {request} "
-                             f"at position {pos} (have {have}): replay from the prompt")
+            raise StageError(f"stage {where} has no cache of request {request} at position {pos} "
+                             f"(have {have}): replay from the prompt")
         self.caches.move_to_end(request)
         return cache
 
@@ -75,15 +76,20 @@ class StageRunner:
 
     @torch.inference_mode()
     def run(self, request: str, x: torch.Tensor, pos: int, max_len: int) -> torch.Tensor:
-        """x: token ids (1, T) on the first stage, else hidden states (1, T, d) -> the next
-        stage's input, or logits (1, T, vocab) on the last stage."""
+        """x: token ids (1, T) on the first stage, else hidden states (1, T, d) -> hidden states
+        (1, T, d) for the next stage (a whole MoEModel, the entry's fallback, returns logits)."""
         cache = self.caches.get(request, pos, max_len)
         out = self.model(x, cache, self.executor, self.observer)
         self.steps += 1
         return out
 
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The coordinator's last step: hidden states (1, T, d) -> logits (1, T, vocab)."""
+        return self.model.head(h)
 
-Send = Callable[[str, torch.Tensor, int, int], torch.Tensor]  # (request, x, pos, max_len) -> logits
+
+Send = Callable[[str, torch.Tensor, int, int], torch.Tensor]  # (request, ids, pos, max_len) -> last logits
 
 
 @dataclass
@@ -126,7 +132,7 @@ class Pipeline:
 
     def __call__(self, tokens: torch.Tensor, cache: PipelineCache | None = None,
                  executor: ExpertExecutor | None = None, observer: Observer | None = None) -> torch.Tensor:
-        """tokens (1, T) -> logits (1, T', vocab) of the last T' positions sent (T' = T normally)."""
+        """tokens (1, T) -> logits (1, 1, vocab) of the last position (all the decode loop reads)."""
         if cache is None:
             raise StageError("a pipeline needs the request's PipelineCache")
         new = tokens[0].tolist()
@@ -137,19 +143,20 @@ class Pipeline:
             replay = cache.history + tokens[0].tolist()
             logits = self.send(cache.request, torch.tensor([replay]), 0, cache.max_len)
             cache.history, cache.length = replay, len(replay)
-            return logits[:, -tokens.shape[1]:]
+            return logits
         if cache.length == 0:
             cache.history = new
         else:
             cache.history.extend(new)
         cache.length = len(cache.history)
-        return logits[:, -tokens.shape[1]:]
+        return logits
 
 
 def local_chain(runners: list[StageRunner]) -> Send:
-    """`send` for stages in this process: each runner's output is the next one's input."""
+    """`send` for stages in this process: each runner's output is the next one's input; the
+    first (the coordinator, holding the ends) embeds the ids and computes the logits at the end."""
     def send(request: str, x: torch.Tensor, pos: int, max_len: int) -> torch.Tensor:
         for r in runners:
             x = r.run(request, x, pos, max_len)
-        return x
+        return runners[0].head(x)[:, -1:]  # the whole step, as MoEModel.forward computes it
     return send

@@ -28,8 +28,8 @@ def runners(model: MoEModel, cache_tokens: int = 1 << 16) -> list[StageRunner]:
     """One runner per slice of SPLIT; each stage's cache bound holds one cache of cache_tokens."""
     out = []
     for l0, l1 in SPLIT:
-        s = BackboneSlice(CFG, l0, l1)
-        s.load_state_dict(slice_state(model, l0, l1))
+        s = BackboneSlice(CFG, l0, l1, ends=l0 == 0)
+        s.load_state_dict(slice_state(model, l0, l1, ends=l0 == 0))
         ex = lambda layer, routing, h: model.layers[layer].moe.local_executor(layer, routing, h)  # noqa: E731
         bound = s.new_cache(cache_tokens).nbytes() if cache_tokens < CFG.max_seq_len else 1 << 30
         out.append(StageRunner(s, StageCaches(s, bound), ex))
@@ -38,9 +38,10 @@ def runners(model: MoEModel, cache_tokens: int = 1 << 16) -> list[StageRunner]:
 
 def test_slices_hold_the_backbone_once_and_no_routed_expert():
     model = tiny_model()
-    names = [set(slice_state(model, l0, l1)) for l0, l1 in SPLIT]
+    names = [set(slice_state(model, l0, l1, ends=l0 == 0)) for l0, l1 in SPLIT]
     assert not any("experts" in n for ns in names for n in ns)
-    assert "embed.weight" in names[0] and "lm_head.weight" in names[2] and "embed.weight" not in names[2]
+    assert {"embed.weight", "lm_head.weight", "norm.weight"} <= names[0]  # the coordinator holds the ends
+    assert not any(n.split(".")[0] in ("embed", "lm_head", "norm") for n in names[1] | names[2])
     backbone = {n for n in model.state_dict() if ".experts." not in n}
     assert set().union(*names) == backbone
     assert sum(len(ns) for ns in names) == len(backbone) + 0  # no layer tensor in two slices
@@ -54,7 +55,7 @@ def test_stage_chain_forward_equals_single_process_forward():
     toks = torch.tensor([[5, 9, 11, 2, 40]])
     chain = local_chain(runners(model))
     got = chain("r", toks, 0, 16)
-    assert torch.equal(got, model(toks))
+    assert torch.equal(got, model(toks)[:, -1:])
 
 
 def test_pipeline_generate_equals_generate_and_caches_are_per_request():
@@ -106,7 +107,8 @@ def test_stage_messages_validate():
         (step, {"x": torch.zeros(2, 3, dtype=torch.int64)}, "ids \\(1, T\\)"),
         (step, {"x": torch.zeros(1, 3)}, "ids \\(1, T\\)"),  # a 2-D float is neither ids nor a hidden state
         ({**step, "pos": 7}, {"x": torch.tensor([[1, 2]])}, "must fit max_len"),
-        ({**step, "route": [["tcp://x:1", 3, 3]]}, {"x": torch.tensor([[1]])}, "route\\[0\\]"),
+        ({**step, "route": [["tcp://x:1", 3, 3], ["tcp://x:1", 3, 4]]}, {"x": torch.tensor([[1]])},
+         "route\\[0\\]"),  # l0 == l1 (the head) only as the last hop
         ({**step, "reply_to": "nowhere"}, {"x": torch.tensor([[1]])}, "reply_to"),
     ]:
         with pytest.raises(P.ProtocolError, match=why):
