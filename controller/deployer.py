@@ -394,8 +394,18 @@ class Deployer:
                 self.tracer.event("stages_rejected", reason=str(exc)[:300])
             wanted = {}
         for server in list(ready):
-            if server not in alive or server not in wanted:
-                ready.pop(server)  # a lost server's slice is gone; one no longer wanted is left idle
+            if server not in alive:
+                ready.pop(server)  # a lost server's slice is gone with it
+            elif server not in wanted:
+                ready.pop(server)
+                client = self.client_for(server)
+                try:  # the plan runs no stage here any more: free the slice's memory
+                    if client is not None:
+                        client.call(P.MsgType.STAGE_RELEASE, {"requests": [], "unload": True},
+                                    timeout_s=self.cfg.unload_timeout_s)
+                except NodeError as exc:
+                    if self.tracer is not None:
+                        self.tracer.event("unload_failed", server=server, stage=True, reason=str(exc)[:300])
         cfg = self.source.model.cfg
         for server, (l0, l1, ends) in sorted(wanted.items()):
             if server not in alive or server not in ep_of:

@@ -501,6 +501,9 @@ class Agent:
             self.stage.submit(m, it.t_recv_ns)  # no reply: the last stage answers the entry
         elif m.type == T.STAGE_RELEASE:
             self.stage.release(list(m.body["requests"]))
+            if m.body.get("unload"):
+                self.stage.unload()
+                self._ok(it, {"memory_used_bytes": self.store.used_bytes})
         else:
             t0 = time.monotonic_ns()
             try:

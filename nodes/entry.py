@@ -477,8 +477,9 @@ class EntryService:
             if self.tracer is not None:
                 attrs: dict[str, Any] = {"ok": ok, "prompt_tokens": len(prompt), "new_tokens": len(out),
                                          "retries": stats["retries"], "waited_s": round(stats["waited_s"], 4)}
-                if replays:
-                    attrs["replays"] = replays
+                if replays:  # what a check against an unbroken run needs (greedy requests)
+                    attrs.update(replays=replays, prompt_ids=prompt, tokens=list(out),
+                                 temperature=float(body.get("temperature", 0.0)))
                 if t_first is not None:
                     attrs["ttft_ms"] = round((t_first - t_recv) / 1e6, 3)
                 if err:
@@ -490,6 +491,7 @@ class EntryService:
         waits for the first one; on an expert that no holder serves, wait for a new placement and
         retry. Bounded: after placement_wait_s without success the request fails with the last reason."""
         from nodes.coordinator import RemoteExpertError
+        from nodes.stage import StageError
         from nodes.transport import NodeError
         if self._routing is None and not self.wait_routing(-1, self.cfg.first_placement_wait_s):
             raise NoPlacement(f"entry {self.cfg.name} has no expert placement from the controller after "
@@ -502,7 +504,7 @@ class EntryService:
                 if first_fail is not None:
                     self._blocked.pop(trace_id, None)
                 return logits
-            except (RemoteExpertError, NodeError) as exc:
+            except (RemoteExpertError, NodeError, StageError) as exc:  # StageError: even the replay missed
                 now = time.monotonic()
                 first_fail = first_fail or now
                 self._blocked.setdefault(trace_id, first_fail)

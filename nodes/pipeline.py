@@ -157,6 +157,13 @@ class StageServer:
         self._ensure_thread()
         return {"stage": [l0, l1], "backbone_bytes": nbytes, "memory_used_bytes": self.store.used_bytes}
 
+    def unload(self) -> None:
+        """Drop the slice and its caches (the plan no longer runs a stage here)."""
+        self._pending_model = self._pending_caches = None
+        self.store.backbone_bytes = 0
+        if self._thread is not None:
+            self.jobs.put(("swap", (None, None)))
+
     def submit(self, msg: P.Message, t_recv_ns: int) -> None:
         self._ensure_thread()
         self.jobs.put(("step", (msg, t_recv_ns)))

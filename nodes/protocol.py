@@ -83,7 +83,8 @@ class MsgType(enum.IntEnum):
     STAGE_STEP = 31  # -> stage: one step of a request (tensor "x": ids or hidden state); no reply: the
     #                  last stage sends STAGE_RESULT (or ERROR) to the body's reply_to endpoint
     STAGE_RESULT = 32  # last stage -> entry: tensor "logits" (1, vocab) of the step's last position
-    STAGE_RELEASE = 33  # -> stage: drop the KV caches of finished requests {"requests": [...]}; reply OK
+    STAGE_RELEASE = 33  # -> stage: drop the KV caches of finished requests {"requests": [...]} (no reply), or
+    #                     with "unload": true the whole slice (reply OK)
 
 
 class ErrorCode(str, enum.Enum):
@@ -160,7 +161,7 @@ BODY_SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
                          "l0": (_INT, True), "route": (_LIST, True), "reply_to": (_STR, True),
                          "reply_id": (_INT, True), "hops": (_LIST, False)},
     MsgType.STAGE_RESULT: {"request": (_STR, True), "hops": (_LIST, True)},
-    MsgType.STAGE_RELEASE: {"requests": (_LIST, True)},
+    MsgType.STAGE_RELEASE: {"requests": (_LIST, True), "unload": ((bool,), False)},
 }
 # types whose bodies may carry extra keys (replies with free-form status data)
 OPEN_BODIES = {MsgType.STATUS, MsgType.OK, MsgType.HEARTBEAT, MsgType.REGISTER, MsgType.DONE}
