@@ -345,7 +345,28 @@ def summarize(trace: Trace, meta: dict[str, Any] | None = None) -> dict[str, Any
         "spurious_detections": audit["spurious_detections"],
         "flaps": audit["flaps"],
         "liveness": audit,
+        "replayed_requests": [{"t_s": round((sp["t0_ns"] - t0) / 1e9, 3), "entry": sp["host"],
+                               "replays": sp["attrs"]["replays"], "ok": sp["attrs"].get("ok"),
+                               "new_tokens": sp["attrs"].get("new_tokens")}
+                              for sp in trace.spans if sp["span"] == "serve" and sp["attrs"].get("replays")],
+        "memory_check": memory_check(meta),
     }
+
+
+def memory_check(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per server: the bytes its agent accounted at the end (experts + backbone slice) against the
+    final plan's memory_bytes for it and the agent's budget (issue 14: nobody holds beyond plan)."""
+    agents = (meta.get("final_status") or {}).get("agents") or {}
+    planned = ((meta.get("final_plan") or {}).get("memory_bytes")) or {}
+    out = {}
+    for srv, a in sorted(agents.items()):
+        used = a.get("memory_used_bytes")
+        if used is None:
+            continue
+        plan_b = planned.get(srv, 0)
+        out[srv] = {"accounted_bytes": used, "plan_bytes": plan_b, "budget_bytes": a.get("memory_budget_bytes"),
+                    "within_plan": used <= plan_b}
+    return out
 
 
 def _run_topology(meta: dict[str, Any]) -> Any:
@@ -509,6 +530,10 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(f"liveness: {len(summary['liveness']['lost_verdicts'])} lost verdicts, "
                      f"{summary['spurious_detections']} spurious, {summary['flaps']} flaps"
                      + (f"; {backs}" if backs else ""))
+    if summary.get("replayed_requests"):
+        rep = summary["replayed_requests"]
+        lines.append(f"replayed requests (a lost pipeline stage, re-prefilled on the new plan): {len(rep)}, "
+                     f"{sum(1 for r in rep if r['ok'])} finished")
     for f in summary.get("fault_responses", []):
         how = f" ({f.get('trigger')}, {f.get('bytes_moved')} B moved)" if f["redeployed"] else ""
         lines.append(f"fault {f['kind']} {f['target']} at {f['t_s']:.1f}s: detected {_fmt2(f['detect_s'])}s "
