@@ -361,8 +361,8 @@ def memory_check(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for srv, a in sorted(agents.items()):
         used = a.get("memory_used_bytes")
-        if used is None:
-            continue
+        if used is None or not a.get("alive", True):
+            continue  # a lost server's last heartbeat is stale
         plan_b = planned.get(srv, 0)
         out[srv] = {"accounted_bytes": used, "plan_bytes": plan_b, "budget_bytes": a.get("memory_budget_bytes"),
                     "within_plan": used <= plan_b}
