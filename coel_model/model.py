@@ -227,6 +227,9 @@ class ForwardObserver:
     def begin(self, n_tokens: int) -> None:
         """Before the embedding (or before a stage's first layer)."""
 
+    def moe_input(self, layer: int, h: torch.Tensor) -> None:
+        """The MoE's input of `layer` (N, d), normed, before routing (profiling replays from it)."""
+
     def routed(self, layer: int, routing: Routing) -> None:
         """After attention and routing of `layer`, before its experts run."""
 
@@ -300,6 +303,8 @@ class MoEBlock(nn.Module):
         obs = as_observer(observer)
         B, T, d = x.shape
         h = x.reshape(B * T, d)  # (N, d)
+        if obs is not None:
+            obs.moe_input(layer, h)
         routing = route(self.router, h, self.cfg.top_k, self.cfg.norm_topk_prob)
         if obs is not None:
             obs.routed(layer, routing)

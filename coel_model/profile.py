@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from coel_model.config import MoEConfig
 from coel_model.errors import ConfigError
-from coel_model.model import MoEModel, Routing
+from coel_model.model import ForwardObserver, MoEModel, Routing
 from coel_model.profile_format import ALL_BITS, PROFILE_FORMAT, PROFILE_VERSION
 
 DEFAULT_MEASURED_BITS = (2, 3, 4, 8)
@@ -38,6 +38,20 @@ Progress = Callable[[int, int, str], None]  # (done, total, what is running)
 def backbone_params(model: MoEModel) -> int:
     """Parameters outside the routed experts (tied embeddings counted once)."""
     return sum(p.numel() for n, p in model.named_parameters() if ".moe.experts." not in n)
+
+
+class _MoEInputs(ForwardObserver):
+    """Every layer's MoE input and routing of the passes it observes."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []  # (N, d) per layer
+        self.routings: list[Routing] = []
+
+    def moe_input(self, layer: int, h: torch.Tensor) -> None:
+        self.inputs.append(h)
+
+    def routed(self, layer: int, routing: Routing) -> None:
+        self.routings.append(routing)
 
 
 def calibration_batch(ids: list[int], window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,28 +109,17 @@ def profile_model(model: MoEModel, ids: list[int], bits: tuple[int, ...] = DEFAU
     B, T = x_tok.shape
     N = B * T
     targets = y_tok.reshape(-1)
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
 
-    # ---- baseline pass: cache the stream after every layer's MoE and the routing decisions
-    routings: list[Routing] = []
+    # ---- baseline pass (MoEModel's own forward, one layer at a time): the stream after every
+    # layer, each layer's MoE input and routing decisions
+    seen = _MoEInputs()
     after: list[torch.Tensor] = []  # (B, T, d) residual stream after layer l
-    normed: list[torch.Tensor] = []  # (N, d) MoE input of layer l
-
-    def observer(layer: int, routing: Routing) -> None:
-        routings.append(routing)
-
     x = model.embed(x_tok)
-    for i, layer in enumerate(model.layers):
-        x = x + layer.attn(layer.input_norm(x), cos, sin, i, None)
-        h = layer.post_attn_norm(x)
-        normed.append(h.reshape(N, d))
-        x = x + layer.moe(h, i, None, observer)
+    for i in range(L):
+        x = model.run_layers(x, i, i + 1, observer=seen)
         after.append(x)
-    logits = model.lm_head(model.norm(x)).reshape(N, -1)
-    reference = model(x_tok).reshape(N, -1)
-    if not torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
-        raise RuntimeError("profile: the layer-by-layer replay no longer matches MoEModel.forward "
-                           f"(max diff {float((logits - reference).abs().max()):.3g}); update profile.py")
+    logits = model.head(x).reshape(N, -1)
+    routings, normed = seen.routings, seen.inputs  # normed[l]: (N, d) MoE input of layer l
     base_logp = F.log_softmax(logits.float(), dim=-1)
     base_loss = _mean_nll(base_logp, targets)
 
@@ -159,11 +162,8 @@ def profile_model(model: MoEModel, ids: list[int], bits: tuple[int, ...] = DEFAU
             for b in measured:
                 q_out = _dequantized_expert(expert, b, group_size, method)(xe)
                 stream = after[l].reshape(N, d).index_add(0, tok, (q_out - fp_out) * w).view(B, T, d)
-                for j in range(l + 1, L):
-                    layer = model.layers[j]
-                    stream = stream + layer.attn(layer.input_norm(stream), cos, sin, j, None)
-                    stream = stream + layer.moe(layer.post_attn_norm(stream), j, None, None)
-                logp = F.log_softmax(model.lm_head(model.norm(stream)).reshape(N, -1).float(), dim=-1)
+                stream = model.run_layers(stream, l + 1, L)
+                logp = F.log_softmax(model.head(stream).reshape(N, -1).float(), dim=-1)
                 loss_inc[l][e][str(b)] = _mean_nll(logp, targets) - base_loss
                 if with_kl:
                     kls[l][e][str(b)] = float(F.kl_div(logp, base_logp, log_target=True,
