@@ -43,7 +43,7 @@ PlacementMap = Mapping[tuple[int, int], Iterable[str]]
 
 def _settings(v: Any):
     """CompressionSettings from a settings object, a header dict or None."""
-    from nodes.compression import NONE, CompressionSettings
+    from nodes.compression.settings import NONE, CompressionSettings
     if v is None:
         return NONE
     if isinstance(v, CompressionSettings):
@@ -319,7 +319,7 @@ class Coordinator:
 
         Returns the protected-token masks by protect fraction, reused by fusion at dispatch.
         """
-        from nodes.compression import prune_links
+        from nodes.compression.pruning import prune_links
         by_settings: dict[Any, list[int]] = {}
         for e, ep in prefer.items():
             s = self.compression.get(ep)
@@ -352,7 +352,7 @@ class Coordinator:
         s = self.compression.get(ep)
         call.group = None
         if s is not None and not s.is_identity:
-            from nodes.compression import compress_group
+            from nodes.compression.fusion import compress_group
             mask = prot.get(s.protect_top_frac)
             call.group = compress_group(call.x, s, None if mask is None or call.tok is None else mask[call.tok])
             tensors = call.group.wire.to_tensors("x")
@@ -414,7 +414,7 @@ class Coordinator:
         t0 = time.monotonic_ns()
         y, _meta = decode_activations(msg.tensors, msg.body.get("compression"), "y")
         if call.group is not None:
-            from nodes.compression import unmerge
+            from nodes.compression.fusion import unmerge
             y = unmerge(y, call.group)
         t1 = time.monotonic_ns()
         rtt_ns = t_recv - call.t_send_ns

@@ -258,7 +258,7 @@ def parse_compression(spec: str | None) -> dict | None:
     """'--compression' text (see CompressionSettings.parse) -> header settings; None when off."""
     if not spec:
         return None
-    from nodes.compression import CompressionSettings
+    from nodes.compression.settings import CompressionSettings
     try:
         settings = CompressionSettings.parse(spec)
     except ValueError as exc:

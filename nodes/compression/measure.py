@@ -1,7 +1,13 @@
-"""Measurement: `CompressingExecutor` strings pruning, fusion and the codec together in-process
-behind the model's expert seam (a simulated wire that counts bytes), and
-`measure_compression_cost` turns that into the quality/bytes table the planner negotiates with
-(controller/negotiation.py)."""
+"""Measurement: the quality/bytes table the planner negotiates with (controller/negotiation.py).
+
+`measure_compression_cost` runs one forward per setting through a swappable transport:
+  "simulated"  `CompressingExecutor` strings pruning, fusion and the codec together in-process
+               behind the model's expert seam, on a simulated wire that counts payload bytes
+               (the default, what the committed cost tables were measured with)
+  "inproc" / "tcp"  the real dispatch path: the coordinator (nodes/coordinator.py) as the
+               executor, an agent holding the remote experts, the wire protocol over ZeroMQ's
+               in-process transport or loopback TCP; bytes are whole frames, headers included
+"""
 from __future__ import annotations
 
 import math
@@ -126,11 +132,14 @@ def _header_bytes(settings: CompressionSettings) -> int:
     return extra
 
 
+TRANSPORTS = ("simulated", "inproc", "tcp")
+
 
 @torch.inference_mode()
 def measure_compression_cost(model: MoEModel, tokens: torch.Tensor | Sequence[Sequence[int]],
                              settings_list: Sequence[CompressionSettings],
-                             remote: set[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+                             remote: set[tuple[int, int]] | None = None,
+                             transport: str = "simulated") -> list[dict[str, Any]]:
     """Quality and bytes of each setting on one forward (prefill) over `tokens` (B, T).
 
     Returns one dict per setting: settings (every field), label (= name), bytes_ratio (all wire
@@ -142,6 +151,10 @@ def measure_compression_cost(model: MoEModel, tokens: torch.Tensor | Sequence[Se
     merged_frac and the raw stats. Both perplexities use the same tokens, so the difference is
     only the compression.
     """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose one of {list(TRANSPORTS)}")
+    if transport != "simulated":
+        return _measure_through_dispatch(model, tokens, settings_list, remote, transport)
     toks = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.long)
     if toks.dim() != 2 or toks.shape[1] < 2:
         raise ValueError(f"tokens must be (batch, time>=2), got shape {tuple(toks.shape)}")
@@ -179,4 +192,81 @@ def measure_compression_cost(model: MoEModel, tokens: torch.Tensor | Sequence[Se
             "merged_frac": st.rows_merged / max(st.assignments - st.pruned, 1),
             "stats": st.to_dict(),
         })
+    return rows
+
+
+@torch.inference_mode()
+def _measure_through_dispatch(model: MoEModel, tokens: torch.Tensor | Sequence[Sequence[int]],
+                              settings_list: Sequence[CompressionSettings], remote: set[tuple[int, int]] | None,
+                              transport: str) -> list[dict[str, Any]]:
+    """The same rows through the coordinator and one agent (fp32 shards of the remote experts).
+    stats: calls (expert calls sent), request_bytes / reply_bytes (frames), raw_bytes (fp32 rows
+    both ways), pruned (assignments pruned), assignments (remote assignments before pruning)."""
+    import zmq
+
+    from coel_model.model import RoutingRecorder
+    from nodes import protocol as P
+    from nodes.agent import Agent, AgentConfig
+    from nodes.background import start_in_thread
+    from nodes.coordinator import LOCAL, Coordinator, CoordinatorConfig
+    from nodes.local import free_port
+    from nodes.shards import expert_tensors
+    from nodes.transport import AgentClient
+
+    toks = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.long)
+    if toks.dim() != 2 or toks.shape[1] < 2:
+        raise ValueError(f"tokens must be (batch, time>=2), got shape {tuple(toks.shape)}")
+    cfg = model.cfg
+    far = {(l, e) for l in range(cfg.n_layers) for e in range(cfg.n_experts)} if remote is None else set(remote)
+    rec = RoutingRecorder()
+    ref = model(toks, observer=rec).float()
+    assignments = sum(int((r.expert_ids == e).sum()) for l, r in enumerate(rec.routings) for e in range(cfg.n_experts)
+                      if (l, e) in far)
+    ref_top1, V = ref.argmax(-1), ref.shape[-1]
+    targets = toks[:, 1:].reshape(-1)
+
+    def nll(logits: torch.Tensor) -> float:
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, V), targets))
+
+    nll_ref = nll(ref)
+    ctx = zmq.Context()
+    endpoint = "inproc://coel-measure" if transport == "inproc" else f"tcp://127.0.0.1:{free_port()}"
+    agent = Agent(AgentConfig(endpoint, memory_budget_bytes=1 << 40, name="measure"), ctx=ctx)
+    thread = start_in_thread(agent.run, agent.ready, "agent-measure", timeout_s=10)
+    client = AgentClient(endpoint, name="measure", ctx=ctx)
+    rows = []
+    try:
+        descs, tensors = [], {}
+        for i, (l, e) in enumerate(sorted(far)):
+            descs.append({"layer": l, "expert": e, "bits": 32, "d_model": cfg.d_model, "hidden": cfg.expert_hidden})
+            tensors.update({f"{i}/{n}": t for n, t in expert_tensors(model.expert(l, e), 32).items()})
+        client.call(P.MsgType.LOAD_SHARD, {"shards": descs}, tensors, timeout_s=60)
+        placement = {(l, e): [endpoint] if (l, e) in far else [LOCAL]
+                     for l in range(cfg.n_layers) for e in range(cfg.n_experts)}
+        for s in settings_list:
+            coord = Coordinator(model, placement, cfg=CoordinatorConfig(call_timeout_s=30.0, layer_deadline_s=60.0),
+                                compression={endpoint: s.to_header()}, ctx=ctx)
+            try:
+                logits = model(toks, executor=coord).float()
+            finally:
+                coord.close()
+            val = nll(logits)
+            wire = coord.bytes_sent + coord.bytes_received
+            rows.append({
+                "settings": s.full_dict(), "label": s.label(), "name": s.label(), "transport": transport,
+                "bytes_ratio": wire / coord.raw_bytes if coord.raw_bytes else 1.0,
+                "reduction": coord.raw_bytes / wire if wire else float("inf"),
+                "top1_agreement": float((logits.argmax(-1) == ref_top1).float().mean()),
+                "nll": val, "nll_ref": nll_ref, "loss_increase": val - nll_ref,
+                "ppl_increase": math.exp(val - nll_ref) - 1.0,
+                "pruned_frac": coord.pruned_assignments / assignments if assignments else 0.0,
+                "stats": {"calls": coord.calls, "request_bytes": coord.bytes_sent, "reply_bytes": coord.bytes_received,
+                          "raw_bytes": coord.raw_bytes, "pruned": coord.pruned_assignments,
+                          "assignments": assignments},
+            })
+    finally:
+        client.close()
+        agent.stop()
+        thread.join(5)
+        ctx.term()
     return rows

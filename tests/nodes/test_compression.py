@@ -364,3 +364,30 @@ def test_cost_table_reports_identity_and_int8_rows(model):
     assert math.isclose(int8["vector_bytes_ratio"], (CFG.d_model + 2) / (4 * CFG.d_model))
     with pytest.raises(ValueError, match="max_seq_len"):
         measure_compression_cost(model, tokens(CFG.max_seq_len + 1), [NONE])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+def test_measurement_through_the_real_dispatch_path_agrees_with_the_simulated_wire(transport):
+    from nodes.compression import measure_compression_cost
+    torch.manual_seed(0)
+    cfg = MoEConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
+                    expert_hidden=48, max_seq_len=64)
+    model = MoEModel(cfg)
+    init_weights(model, 1)
+    model.eval()
+    toks = torch.randint(0, 97, (2, 24))
+    settings = [NONE, CompressionSettings(act_dtype="fp16"), CompressionSettings(act_dtype="int8", prune_beta=0.9)]
+    remote = {(l, e) for l in range(2) for e in (1, 3)}
+    sim = measure_compression_cost(model, toks, settings, remote=remote)
+    real = measure_compression_cost(model, toks, settings, remote=remote, transport=transport)
+    for a, b in zip(sim, real):
+        assert b["transport"] == transport and a["label"] == b["label"]
+        assert b["top1_agreement"] == a["top1_agreement"]
+        assert b["loss_increase"] == pytest.approx(a["loss_increase"], abs=1e-5)
+        assert b["pruned_frac"] == pytest.approx(a["pruned_frac"])
+        assert b["bytes_ratio"] >= a["bytes_ratio"]  # whole frames: the message headers come on top
+    assert real[0]["top1_agreement"] == 1.0 and real[2]["pruned_frac"] > 0
+    assert real[2]["bytes_ratio"] < real[1]["bytes_ratio"] < real[0]["bytes_ratio"]
+    with pytest.raises(ValueError, match="unknown transport"):
+        measure_compression_cost(model, toks, settings, transport="carrier pigeon")
