@@ -9,7 +9,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${COEL_VENV:-$HERE/.venv}"
 STAMP="$VENV/.coel-install-stamp"
 APT_PACKAGES=(mininet iperf3 iproute2 iputils-ping bridge-utils iptables procps psmisc openssh-server
-              python3-venv python3-dev build-essential cgroup-tools)
+              sudo python3-venv python3-dev build-essential cgroup-tools)
 
 log() { printf '[install] %s\n' "$*" >&2; }
 

@@ -176,6 +176,11 @@ def _add_run_options(p) -> None:
     p.add_argument("--no-compression", action="store_true", help="fp32 passthrough on every link")
 
 
+def _add_cluster_option(p) -> None:
+    p.add_argument("--cluster", default=None, help="cluster.yaml: build the topology across these machines "
+                   "(Mininet Cluster Edition over SSH; see docs/running.md)")
+
+
 def _register_run(sub) -> None:
     p = sub.add_parser("run", help="run a scenario in Mininet: deploy, traffic, faults, report",
                        description="Build the scenario's topology in Mininet, start the controller, agents, "
@@ -184,6 +189,7 @@ def _register_run(sub) -> None:
                        "folder.")
     p.add_argument("scenario", help="bundled scenario name (testbed/scenarios) or a YAML path")
     _add_run_options(p)
+    _add_cluster_option(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -191,6 +197,7 @@ def _register_demo(sub) -> None:
     p = sub.add_parser("demo", help="coel run demo: edge-star-5, the bundled model, traffic, a link "
                        "failure mid-run (a few minutes)")
     _add_run_options(p)
+    _add_cluster_option(p)
     p.set_defaults(func=_cmd_run, scenario="demo")
 
 
@@ -200,7 +207,7 @@ def _run_options(args):
     return RunOptions(out_dir=Path(args.out), static=args.static, duration_s=args.duration_s,
                       drain_s=args.drain_s, emulation=args.emulation, model=args.model, profile=args.profile,
                       strategy=args.strategy, serving_timeout_s=args.serving_timeout_s,
-                      no_compression=args.no_compression)
+                      no_compression=args.no_compression, cluster=getattr(args, "cluster", None))
 
 
 def _cmd_run(args) -> int:

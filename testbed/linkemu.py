@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from coel_model.errors import ConfigError, InfeasibleError
 from nodes.delayqueue import write_delay_file
@@ -72,7 +72,10 @@ def choose_mode(requested: str = "auto") -> str:
 # ---- running commands -----------------------------------------------------------------------
 def run_in(pid: int | None, argv: list[str], input: str | None = None,
            check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run argv in the network namespace of pid (None = the root namespace)."""
+    """Run argv in the network namespace of pid (None = the root namespace); an object with a
+    run() method stands for a namespace on another machine (testbed/clusternet.py)."""
+    if hasattr(pid, "run"):
+        return pid.run(argv, input=input, check=check, timeout=timeout)
     full = argv if pid is None else ["mnexec", "-a", str(pid)] + argv
     r = subprocess.run(full, input=input, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
@@ -87,7 +90,7 @@ class IntfEnd:
     """One end of a link as the emulator sees it."""
     node: str           # topology name
     intf: str           # kernel interface name
-    pid: int | None     # namespace pid (None = root namespace: a switch port)
+    pid: Any            # namespace pid (None = root namespace: a switch port; see run_in)
     is_switch: bool
 
 

@@ -122,11 +122,13 @@ class TestbedNet:
                 share = self._cpu_share(h)
                 kw: dict[str, Any] = {"ip": self.plan.ifaces[h][0].cidr}
                 if share is not None and self.cpu_limits:
-                    self.net.addHost(self.mn_name[h], cls=CPULimitedHost, cpu=share, **kw)
+                    self.net.addHost(self.mn_name[h], cls=self._node_class(h, CPULimitedHost), cpu=share,
+                                     **kw, **self._node_params(h))
                 else:
-                    self.net.addHost(self.mn_name[h], cls=Host, **kw)
+                    self.net.addHost(self.mn_name[h], cls=self._node_class(h, Host), **kw, **self._node_params(h))
             for s in self.topo.switches:
-                self.net.addSwitch(self.mn_name[s.name], stp=False)
+                self.net.addSwitch(self.mn_name[s.name], cls=self._node_class(s.name, LinuxBridge), stp=False,
+                                   **self._node_params(s.name))
             cl.write_state(self.prefix, self._state())
             self._add_links()
             self.net.build()
@@ -166,11 +168,11 @@ class TestbedNet:
         try:
             if self.prefix:
                 # kill our processes first: Mininet only kills the host shells
-                nodes = (self.net.hosts + self.net.switches) if self.net else []
+                nodes = self._local_nodes()
                 shells = [n.pid for n in nodes if getattr(n, "pid", None)]
                 for _ in range(3):  # Mininet's stop() needs the node shells themselves
-                    pids = [p for p in cl.processes_of(self.prefix, shells)
-                            if p not in shells]
+                    keep = set(shells) | self._keep_pids()
+                    pids = [p for p in cl.processes_of(self.prefix, shells) if p not in keep]
                     if not pids:
                         break
                     cl.kill_pids(pids)
@@ -213,12 +215,40 @@ class TestbedNet:
     def _state(self) -> dict:
         shells = {}
         if self.net is not None:
-            shells = {h.name: h.pid for h in self.net.hosts if getattr(h, "pid", None)}
+            shells = {h.name: h.pid for h in self._local_nodes() if h in self.net.hosts and getattr(h, "pid", None)}
         return {"prefix": self.prefix, "owner_pid": os.getpid(), "topology": self.topo.name,
                 "source": self.topo.source, "run_dir": str(self.run_dir), "mode": self.mode,
                 "nodes": self.mn_name, "shell_pids": shells, "created": time.time()}
 
-    # ---- build helpers ---------------------------------------------------------------------
+    # ---- build helpers (testbed/clusternet.py overrides the first four for other machines) --
+    def _node_class(self, node: str, default: type) -> type:
+        """The Mininet class of a topology node (here: always the local default)."""
+        return default
+
+    def _node_params(self, node: str) -> dict[str, Any]:
+        return {}
+
+    def _link_class(self, link: Link) -> type | None:
+        """The Mininet link class of a topology link (None: the network's default, TCLink)."""
+        return None
+
+    def _ns(self, node: str) -> Any:
+        """Where commands for a node's namespace run (linkemu.run_in): a host's pid, None for a
+        switch (the root namespace)."""
+        return None if self.topo.kind(node) == "switch" else self.pid(node)
+
+    def _local_servers(self) -> list:
+        """Servers whose memory cgroup is made here (all of them on one machine)."""
+        return list(self.topo.servers)
+
+    def _keep_pids(self) -> set[int]:
+        """Processes named after our nodes that Mininet's stop() still needs (none here)."""
+        return set()
+
+    def _local_nodes(self) -> list:
+        """Mininet nodes whose shells are processes of this machine (cleanup kills by pid)."""
+        return (self.net.hosts + self.net.switches) if self.net else []
+
     def _cpu_share(self, h: str) -> float | None:
         kind = self.topo.kind(h)
         if kind == "server":
@@ -247,17 +277,17 @@ class TestbedNet:
                 ends.append([n, name, is_sw])
                 names.append(name)
                 params.append(p)
-            self.net.addLink(self.mn_name[link.a], self.mn_name[link.b], intfName1=names[0],
+            self.net.addLink(self.mn_name[link.a], self.mn_name[link.b], cls=self._link_class(link), intfName1=names[0],
                              intfName2=names[1], params1=params[0], params2=params[1],
                              **self.emu.tclink_params(link))
             self._ends[link.key] = tuple(
-                IntfEnd(n, name, None if is_sw else self.net[self.mn_name[n]].pid, is_sw)
+                IntfEnd(n, name, self._ns(n), is_sw)
                 for n, name, is_sw in ends)
 
     def _memory_cgroups(self) -> None:
         """memory:/<host> limited to memory_mb + agent_overhead_mb; the host shell joins it, so
         everything started in the host (cmd or popen) is accounted there."""
-        for s in self.topo.servers:
+        for s in self._local_servers():
             name = self.mn_name[s.name]
             limit = int(self.topo.cgroup_memory_mb(s.name) * MIB)
             for argv in (["cgcreate", "-g", f"memory:/{name}"],
@@ -275,15 +305,15 @@ class TestbedNet:
 
     def _sysctl(self, h: str) -> None:
         fwd = "1" if self.topo.kind(h) == "router" else "0"
-        run_in(self.pid(h), ["sysctl", "-q", "-w", f"net.ipv4.ip_forward={fwd}",
+        run_in(self._ns(h), ["sysctl", "-q", "-w", f"net.ipv4.ip_forward={fwd}",
                              "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
         for iface in self.plan.ifaces[h]:
-            run_in(self.pid(h), ["sysctl", "-q", "-w",
+            run_in(self._ns(h), ["sysctl", "-q", "-w",
                                  f"net.ipv4.conf.{self._intf_name(h, iface.index)}.rp_filter=0"])
 
     def _apply_loss(self, h: str) -> None:
         intf_of = {i.link.key: self._intf_name(h, i.index) for i in self.plan.ifaces[h]}
-        self._loss_hooked[h] = self.emu.apply_loss(self.topo, h, self.pid(h), intf_of,
+        self._loss_hooked[h] = self.emu.apply_loss(self.topo, h, self._ns(h), intf_of,
                                                    self._loss_hooked.get(h, False))
 
     # ---- routes ----------------------------------------------------------------------------
@@ -304,13 +334,13 @@ class TestbedNet:
                     via = f" via {r.via_ip}" if r.via_ip else ""
                     cmds.append(f"route replace {r.dst_ip}/32{via} dev {dev} proto static")
                 if cmds:
-                    r = run_in(self.pid(h), ["ip", "-batch", "-"], input="\n".join(cmds) + "\n",
+                    r = run_in(self._ns(h), ["ip", "-batch", "-"], input="\n".join(cmds) + "\n",
                                check=False)
                     if r.returncode != 0 and not self._stopped:
                         raise RuntimeError(f"installing routes on {h}: {r.stderr.strip()[:400]}")
                 gone = {r.dst_ip for r in self._routes.get(h, set())} - {r.dst_ip for r in new}
                 if gone:  # may already be gone with their interface: ignore 'No such process'
-                    run_in(self.pid(h), ["ip", "-force", "-batch", "-"], check=False,
+                    run_in(self._ns(h), ["ip", "-force", "-batch", "-"], check=False,
                            input="".join(f"route del {ip}/32 proto static\n" for ip in sorted(gone)))
                 self._routes[h] = new
             self.route_version = self.emu.write_delay_files(self.topo, self.plan)
@@ -398,7 +428,7 @@ class TestbedNet:
     def run(self, name: str, argv: list[str], timeout: float = 60,
             check: bool = False) -> subprocess.CompletedProcess:
         """Run a command to completion in the host's namespace (thread-safe; no shell)."""
-        return run_in(self.pid(name), argv, check=check, timeout=timeout)
+        return run_in(self._ns(name), argv, check=check, timeout=timeout)
 
     def cmd(self, name: str, *args: str) -> str:
         """Run a shell command in the host's Mininet shell (not thread-safe; interactive use)."""

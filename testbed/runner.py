@@ -63,6 +63,7 @@ class RunOptions:
     cpu_limits: bool = True
     memory_limits: bool = True
     extra_controller_args: tuple[str, ...] = ()
+    cluster: str | None = None  # cluster.yaml: the topology across machines (testbed/clusternet.py)
 
     def __post_init__(self) -> None:
         if self.duration_s is not None and self.duration_s <= 0:
@@ -189,6 +190,11 @@ class Runner:
         if not self.topo.clients:
             raise ConfigError(f"topology {self.topo.name}: no clients, so no traffic to run")
         self.entries = sorted({c.entry for c in self.topo.clients})
+        self.cluster = self.placement = None
+        if opt.cluster:  # checked before anything starts: file:line errors
+            from testbed.cluster import load_cluster, resolve_placement
+            self.cluster = load_cluster(opt.cluster)
+            self.placement = resolve_placement(self.cluster, self.topo)
         if sc.workload.trace_csv:  # refuse a bad trace before anything starts
             from nodes.workload import read_trace_csv
             read_trace_csv(project_path(sc.workload.trace_csv), sc.duration_s)
@@ -266,9 +272,13 @@ class Runner:
         from nodes.security import make_keys
         from testbed.netbuild import TestbedNet
         from common.tracing import TraceWriter
-        self.net = TestbedNet(self.topo, self.run_dir, mode=self.sc.emulation,
-                              trace=TraceWriter(self.raw / "testbed-net.jsonl", "testbed"),
-                              cpu_limits=self.opt.cpu_limits, memory_limits=self.opt.memory_limits)
+        kw = dict(mode=self.sc.emulation, trace=TraceWriter(self.raw / "testbed-net.jsonl", "testbed"),
+                  cpu_limits=self.opt.cpu_limits, memory_limits=self.opt.memory_limits)
+        if self.cluster is not None:
+            from testbed.clusternet import ClusterNet
+            self.net = ClusterNet(self.topo, self.run_dir, self.cluster, self.placement, **kw)
+        else:
+            self.net = TestbedNet(self.topo, self.run_dir, **kw)
         t0 = time.monotonic()
         self.net.start()
         self.meta["net_build_s"] = round(time.monotonic() - t0, 2)
@@ -276,6 +286,9 @@ class Runner:
         self.meta["mininet_prefix"] = self.net.prefix
         self.meta["shell_pids"] = {h: self.net.pid(h) for h in self.topo.hosts}
         make_keys(self.run_dir / "keys")
+        if self.cluster is not None:
+            self.net.push_keys(self.run_dir / "keys")
+            self.meta.update(self.net.run_meta())
         self._write_meta()
 
     def _start_services(self) -> None:
@@ -390,6 +403,9 @@ class Runner:
         out = []
         for link in self.topo.links:
             _, ends = self.net._link(link.a, link.b)
+            ends = [e for e in ends if e.pid is None or isinstance(e.pid, int)]  # on this machine
+            if not ends:
+                continue
             end = next((e for e in ends if not e.is_switch), ends[0])
             dev = f"/proc/{end.pid}/net/dev" if end.pid else "/proc/self/net/dev"
             out.append((f"{link.a}-{link.b}", dev, end.intf))
@@ -593,6 +609,8 @@ class Runner:
             if self.injector is not None:
                 self.injector.close()  # cpu_hog processes
             self._stop_processes()
+            if self.cluster is not None and self.net is not None and self.net.prefix:
+                self.net.collect(self.raw)  # other machines' traces, onto our clock
             if self.net is not None:
                 self.net.stop()
             (self.run_dir / "runner.pid").unlink(missing_ok=True)

@@ -26,8 +26,10 @@ def _inventory(path: Path, addresses: list[str], key: str, extra_host: str = "",
              f"  - {{name: ctl, address: {addresses[0]}, roles: [controller, client], entry: s1,"
              "     workload: {rate_rps: 1.0, prompt_tokens: 16, max_new_tokens: 8, slo_ttft_ms: 5000,"
              " slo_tpot_ms: 2000, slo_class: interactive}}",
-             f"  - {{name: s1, address: {addresses[1]}, roles: [server], memory_mb: 0.3, cpu_share: 0.5}}",
-             f"  - {{name: s2, address: {addresses[2]}, roles: [server], memory_mb: 0.3, cpu_share: 0.5}}",
+             # s1 (the entry) cannot hold the 16 experts even at the narrowest widths: s2 holds
+             # some, so crashing s2's agent hits a holder of experts
+             f"  - {{name: s1, address: {addresses[1]}, roles: [server], memory_mb: 0.05, cpu_share: 0.5}}",
+             f"  - {{name: s2, address: {addresses[2]}, roles: [server], memory_mb: 0.6, cpu_share: 0.5}}",
              extra_host]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -76,8 +78,8 @@ def test_link_faults_are_refused_on_hosts_without_root(tmp_path, model):
     key = tmp_path / "k"
     key.write_text("x")
     inv = _inventory(tmp_path / "inv.yaml", ["10.9.9.1", "10.9.9.2", "10.9.9.3"], str(key))
-    inv.write_text(inv.read_text().replace("memory_mb: 0.3, cpu_share: 0.5}\n  - {name: s2",
-                                           "memory_mb: 0.3, cpu_share: 0.5, root: false, user: coel}\n  - {name: s2"))
+    inv.write_text(inv.read_text().replace("memory_mb: 0.05, cpu_share: 0.5}\n  - {name: s2",
+                                           "memory_mb: 0.05, cpu_share: 0.5, root: false, user: coel}\n  - {name: s2"))
     sc = load_scenario(_scenario(tmp_path / "sc.yaml", ["{at_s: 3, kind: link_down, link: [s1, lan]}"]))
     with pytest.raises(ConfigError, match="link faults need root on host s1 .* says root: false"):
         deploy_scenario(load_inventory(inv), model, sc, dry_run=True)
@@ -124,8 +126,8 @@ def test_deploy_on_three_ssh_hosts_crash_an_agent_and_recover(tmp_path, model):
         ctl = [json.loads(l) for l in (run / "raw" / "ctl-ctl-controller.jsonl").read_text().splitlines()]
         assert [r["attrs"]["name"] for r in ctl if r.get("event") == "agent_lost"] == ["s2"]
         assert any(r.get("event") == "agent_reregistered" for r in ctl)
-        # the budgets force both servers to hold experts: the crash hit a holder
-        assert len(meta["initial_plan_summary"]["experts_per_server"]) == 2, meta["initial_plan_summary"]
+        # the budgets force s2 to hold experts: the crash hit a holder
+        assert meta["initial_plan_summary"]["experts_per_server"].get("s2", 0) > 0, meta["initial_plan_summary"]
         assert (run / "trace.json").exists() and (run / "summary.csv").exists()
         assert meta["cgroups"] == {"s1": f"coel-{run.name[-8:]}-s1", "s2": f"coel-{run.name[-8:]}-s2"}
         # nothing left on the hosts: processes (agents bound to namespace-only addresses, so they
