@@ -33,7 +33,7 @@ from typing import Any
 from coel_model.errors import InfeasibleError
 from testbed.cluster import ClusterSpec, Machine, placement_record
 from testbed.netbuild import TestbedNet
-from testbed.remote import ClockOffset, Ssh, measure_clock_offset, preflight
+from testbed.remote import ClockOffset, Ssh, measure_clock_offset, preflight, shift_trace_file
 from topologies.schema import MIB
 
 WORK_DIR = "/tmp/coel-cluster"
@@ -336,7 +336,6 @@ class ClusterNet(TestbedNet):
 
     def collect(self, raw: Path) -> None:
         """Fetch the other machines' traces into raw/, shifted onto our clock."""
-        from testbed.deploy import _shift_file
         from common.tracing import TraceWriter
         clocks = TraceWriter(raw / "testbed-clocks.jsonl", "testbed")
         for m, ssh in self.ssh.items():
@@ -345,7 +344,7 @@ class ClusterNet(TestbedNet):
             try:
                 ssh.get_tree(f"{self.remote_dir[m]}/raw", tmp)
                 for f in sorted(tmp.glob("*.jsonl")):
-                    _shift_file(f, raw / f.name, off.offset_ns if off else 0)
+                    shift_trace_file(f, raw / f.name, off.offset_ns if off else 0)
             except InfeasibleError as exc:
                 clocks.event("fetch_failed", machine=m, error=str(exc)[:300])
             finally:

@@ -33,7 +33,7 @@ import yaml
 
 from coel_model.errors import ConfigError, InfeasibleError
 from testbed.inventory import LAN, Inventory, InventoryHost
-from testbed.remote import ClockOffset, Ssh, measure_clock_offset, preflight
+from testbed.remote import ClockOffset, Ssh, measure_clock_offset, preflight, shift_trace_file
 from testbed.runner import REPO, Proc, RunError, RunOptions, Runner, RunResult, make_run_dir, resolve_scenario
 from testbed.scenario import Scenario
 from topologies.schema import MIB
@@ -300,7 +300,7 @@ class RemoteHosts:
             try:
                 self.ssh[h.name].get_tree(f"{self.remote_dir[h.name]}/raw", tmp)
                 for f in sorted(tmp.glob("*.jsonl")):
-                    _shift_file(f, raw / f.name, off.offset_ns if off else 0)
+                    shift_trace_file(f, raw / f.name, off.offset_ns if off else 0)
             except InfeasibleError as exc:
                 clocks.event("fetch_failed", host_name=h.name, error=str(exc)[:300])
             finally:
@@ -345,20 +345,6 @@ class RemoteHosts:
             except (OSError, subprocess.SubprocessError):
                 pass
         shutil.rmtree(self.state, ignore_errors=True)
-
-
-def _shift_file(src: Path, dst: Path, offset_ns: int) -> None:
-    """Append src's records to dst with their times moved from the remote clock onto ours."""
-    with open(src) as fin, open(dst, "a") as fout:
-        for line in fin:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            for k in ("t_ns", "t0_ns", "t1_ns"):
-                if k in rec:
-                    rec[k] = int(rec[k]) - offset_ns
-            fout.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
 
 def check_events(sc: Scenario, inv: Inventory) -> None:

@@ -9,6 +9,7 @@ target (ControlMaster) so that starting a dozen processes does not pay a dozen h
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -220,3 +221,17 @@ def measure_clock_offset(ssh: Ssh, python: str, rounds: int = 15) -> ClockOffset
         except subprocess.TimeoutExpired:
             p.kill()
     return offset_from_samples(samples[1:] or samples)  # the first pays for the interpreter
+
+
+def shift_trace_file(src: Path, dst: Path, offset_ns: int) -> None:
+    """Append src's records to dst with their times moved from the remote clock onto ours."""
+    with open(src) as fin, open(dst, "a") as fout:
+        for line in fin:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            for k in ("t_ns", "t0_ns", "t1_ns"):
+                if k in rec:
+                    rec[k] = int(rec[k]) - offset_ns
+            fout.write(json.dumps(rec, separators=(",", ":")) + "\n")
