@@ -227,19 +227,28 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
                         "instead of Poisson arrivals; --rate-rps, --prompt-tokens, --max-new-tokens are then unused")
 
 
-def cmd_client(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace, entry: str, keys_dir: str | None = None) -> ClientConfig:
+    """The ClientConfig of the options both load generators (ZeroMQ here, HTTP in nodes.http_client) share."""
+    return ClientConfig(name=args.name, entry=entry, rate_rps=args.rate_rps, prompt_tokens=args.prompt_tokens,
+                        max_new_tokens=args.max_new_tokens, duration_s=args.duration_s, drain_s=args.drain_s,
+                        slo_class=args.slo_class, seed=args.seed, prompts_path=args.prompts, keys_dir=keys_dir,
+                        trace_path=args.trace, model_dir=args.model, temperature=args.temperature,
+                        request_timeout_s=args.request_timeout_s, trace_csv=args.trace_csv)
+
+
+def run_until_signalled(run: Any) -> int:
+    """Run `run(stop)` with SIGTERM/SIGINT setting `stop`, then print its summary as one JSON line."""
     import threading
-    from nodes.delayqueue import delay_hook_from_env
-    cfg = ClientConfig(name=args.name, entry=args.entry, rate_rps=args.rate_rps, prompt_tokens=args.prompt_tokens,
-                       max_new_tokens=args.max_new_tokens, duration_s=args.duration_s, drain_s=args.drain_s,
-                       slo_class=args.slo_class, seed=args.seed, prompts_path=args.prompts, keys_dir=args.keys,
-                       trace_path=args.trace, model_dir=args.model, temperature=args.temperature,
-                       request_timeout_s=args.request_timeout_s, trace_csv=args.trace_csv)
     stop = threading.Event()
     stop_on_signals(stop.set)
-    summary = run_client(cfg, delay_hook_from_env(args.delay_file), stop)
-    print(json.dumps(summary))
+    print(json.dumps(run(stop)))
     return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from nodes.delayqueue import delay_hook_from_env
+    cfg = config_from_args(args, args.entry, args.keys)
+    return run_until_signalled(lambda stop: run_client(cfg, delay_hook_from_env(args.delay_file), stop))
 
 
 def main(argv: list[str] | None = None) -> int:

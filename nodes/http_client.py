@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 import uuid
@@ -24,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from coel_model.errors import ConfigError
-from nodes.client import ClientConfig, client_arrivals
+from nodes.client import ClientConfig, client_arrivals, config_from_args, run_until_signalled
 from nodes.workload import Arrival, PromptSource, percentile
 
 
@@ -154,20 +153,10 @@ def add_http_client_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_http_client(args: argparse.Namespace) -> int:
-    import threading
-
     from nodes.delayqueue import delay_hook_from_env
-    from nodes.background import stop_on_signals
-    cfg = ClientConfig(name=args.name, entry=args.base_url, rate_rps=args.rate_rps, prompt_tokens=args.prompt_tokens,
-                       max_new_tokens=args.max_new_tokens, duration_s=args.duration_s, drain_s=args.drain_s,
-                       slo_class=args.slo_class, seed=args.seed, prompts_path=args.prompts, trace_path=args.trace,
-                       model_dir=args.model, temperature=args.temperature, request_timeout_s=args.request_timeout_s,
-                       trace_csv=args.trace_csv)
-    stop = threading.Event()
-    stop_on_signals(stop.set)
-    summary = run_http_client(cfg, args.served_model, delay_hook_from_env(args.delay_file), stop)
-    print(json.dumps(summary))
-    return 0
+    cfg = config_from_args(args, args.base_url)
+    return run_until_signalled(lambda stop: run_http_client(cfg, args.served_model,
+                                                            delay_hook_from_env(args.delay_file), stop))
 
 
 def main(argv: list[str] | None = None) -> int:
