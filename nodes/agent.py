@@ -33,12 +33,11 @@ from nodes import protocol as P
 from nodes.cgroups import cgroup_limits
 from nodes.delayqueue import delay_hook_from_env
 from nodes.ctrllink import ControllerLink, LinkConfig
-from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
+from nodes.security import KeyDir, load_keys, start_authenticator
 from nodes.shards import HalfExpert, ShardError, build_shard, module_nbytes
 from nodes.compression.codec import (PLAIN_NP_DTYPES, decode_activations, decode_plain, encode_activations,
                                      encode_plain)
-from nodes.transport import (DelayHook, HeldInbox, peer_address,
-                             split_envelope)
+from nodes.transport import DelayHook, HeldInbox, bind_router, peer_address, split_envelope
 
 MB = 1 << 20  # memory_mb is MiB: memory_bytes = memory_mb * 2**20
 
@@ -279,16 +278,7 @@ class Agent:
     def _bind(self) -> None:
         if self.keys is not None:
             self.auth = start_authenticator(self.ctx, self.keys)
-        r = self.ctx.socket(zmq.ROUTER)
-        r.linger = 0
-        r.maxmsgsize = P.MAX_MESSAGE_BYTES + P.MAX_HEADER_BYTES
-        secure_server(r, self.keys)
-        try:
-            r.bind(self.cfg.endpoint)
-        except zmq.ZMQError as exc:
-            r.close()
-            raise ConfigError(f"agent {self.name}: cannot bind {self.cfg.endpoint}: {exc}") from None
-        self.router = r
+        self.router = bind_router(self.ctx, self.cfg.endpoint, self.keys, f"agent {self.name}")
 
     def _register_body(self) -> dict[str, Any]:
         """What REGISTER carries (read from the link thread)."""

@@ -36,8 +36,8 @@ from nodes.background import start_in_thread, stop_on_signals
 from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
 from nodes.serving import GenerationRequest, RequestCancelled, TokenSink
-from nodes.security import KeyDir, load_keys, secure_server, start_authenticator
-from nodes.transport import DelayHook, HeldInbox, peer_address, split_envelope
+from nodes.security import KeyDir, load_keys, start_authenticator
+from nodes.transport import DelayHook, HeldInbox, bind_router, peer_address, split_envelope
 
 STOP_JOB = None  # sentinel in the work queue
 
@@ -217,14 +217,7 @@ class EntryService:
         try:
             if self.keys is not None:
                 auth = start_authenticator(self.ctx, self.keys)
-            router = self.ctx.socket(zmq.ROUTER)
-            router.linger = 0
-            router.maxmsgsize = P.MAX_MESSAGE_BYTES + P.MAX_HEADER_BYTES
-            secure_server(router, self.keys)
-            try:
-                router.bind(self.cfg.listen)
-            except zmq.ZMQError as exc:
-                raise ConfigError(f"entry {self.cfg.name}: cannot bind {self.cfg.listen}: {exc}") from None
+            router = bind_router(self.ctx, self.cfg.listen, self.keys, f"entry {self.cfg.name}")
             pull = self.ctx.socket(zmq.PULL)
             pull.linger = 0
             self._out_addr = f"inproc://entry-out-{id(self)}"

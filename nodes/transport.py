@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator, Protocol
 
 import zmq
 
-from coel_model.errors import CoelError
+from coel_model.errors import CoelError, ConfigError
 from nodes import protocol as P
-from nodes.security import KeyDir, secure_client
+from nodes.security import KeyDir, secure_client, secure_server
 
 
 class DelayHook(Protocol):
@@ -214,3 +214,18 @@ class AgentClient:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def bind_router(ctx: zmq.Context, endpoint: str, keys: KeyDir | None, owner: str) -> zmq.Socket:
+    """The ROUTER an agent or entry serves on: a CURVE server when keys are given, messages bounded
+    by the protocol's limits; a failed bind names its owner and endpoint."""
+    r = ctx.socket(zmq.ROUTER)
+    r.linger = 0
+    r.maxmsgsize = P.MAX_MESSAGE_BYTES + P.MAX_HEADER_BYTES
+    secure_server(r, keys)
+    try:
+        r.bind(endpoint)
+    except zmq.ZMQError as exc:
+        r.close()
+        raise ConfigError(f"{owner}: cannot bind {endpoint}: {exc}") from None
+    return r
