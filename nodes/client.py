@@ -204,10 +204,9 @@ def _on_message(msg: P.Message, outstanding: dict[int, Outstanding], finish) -> 
         finish(o, False, f"{msg.body['code']}: {msg.body['reason']}")
 
 
-def add_client_args(p: argparse.ArgumentParser) -> None:
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The options both load generators (ZeroMQ here, HTTP in nodes.http_client) take."""
     p.add_argument("--name", required=True, help="client host name (traces)")
-    p.add_argument("--entry", required=True, help="entry service endpoint, e.g. tcp://10.0.0.4:7200")
-    p.add_argument("--keys", default=None, help="CURVE key directory (default: plain text)")
     p.add_argument("--rate-rps", type=float, required=True, help="mean Poisson arrival rate (requests/s)")
     p.add_argument("--prompt-tokens", type=int, required=True)
     p.add_argument("--max-new-tokens", type=int, required=True)
@@ -216,15 +215,21 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-s", type=float, default=30.0, help="then wait at most this long for answers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", default=None, help="held-out text file (default: data/heldout.txt)")
-    p.add_argument("--model", default=None, help="tokenize here with this checkpoint's tokenizer "
-                                                 "(default: the entry tokenizes the prompt text)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--request-timeout-s", type=float, default=60.0)
+    p.add_argument("--request-timeout-s", type=float, default=60.0, help="silence on one request this long = lost")
     p.add_argument("--trace", default=None, help="append one 'request' span per request (JSONL)")
     p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
     p.add_argument("--trace-csv", default=None,
                    help="replay this request trace (CSV: arrival time, prompt tokens, output tokens; nodes/workload.py) "
                         "instead of Poisson arrivals; --rate-rps, --prompt-tokens, --max-new-tokens are then unused")
+
+
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    add_workload_args(p)
+    p.add_argument("--entry", required=True, help="entry service endpoint, e.g. tcp://10.0.0.4:7200")
+    p.add_argument("--keys", default=None, help="CURVE key directory (default: plain text)")
+    p.add_argument("--model", default=None, help="tokenize here with this checkpoint's tokenizer "
+                                                 "(default: the entry tokenizes the prompt text)")
 
 
 def config_from_args(args: argparse.Namespace, entry: str, keys_dir: str | None = None) -> ClientConfig:

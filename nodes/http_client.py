@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from coel_model.errors import ConfigError
-from nodes.client import ClientConfig, client_arrivals, config_from_args, run_until_signalled
+from nodes.client import ClientConfig, add_workload_args, client_arrivals, config_from_args, run_until_signalled
 from nodes.workload import Arrival, PromptSource, percentile
 
 
@@ -133,23 +133,10 @@ def run_http_client(cfg: ClientConfig, served_model: str | None = None, delay: A
 
 
 def add_http_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", required=True, help="client host name (traces)")
+    add_workload_args(p)
     p.add_argument("--base-url", required=True, help="the entry's API, e.g. http://10.0.0.4:8000/v1")
     p.add_argument("--served-model", default=None, help="model id to request (default: the entry's, from /v1/models)")
     p.add_argument("--model", required=True, help="checkpoint whose tokenizer cuts the prompts")
-    p.add_argument("--rate-rps", type=float, required=True, help="mean Poisson arrival rate (requests/s)")
-    p.add_argument("--prompt-tokens", type=int, required=True)
-    p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--slo-class", default="default")
-    p.add_argument("--duration-s", type=float, required=True, help="send requests for this long")
-    p.add_argument("--drain-s", type=float, default=30.0, help="then wait at most this long for answers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompts", default=None, help="held-out text file (default: data/heldout.txt)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--request-timeout-s", type=float, default=60.0, help="silence on one request this long = lost")
-    p.add_argument("--trace", default=None, help="append one 'request' span per request (JSONL)")
-    p.add_argument("--trace-csv", default=None, help="replay this request trace (nodes/workload.py) instead of Poisson")
-    p.add_argument("--delay-file", default=None, help="emulated path delays (default $COEL_DELAY_FILE)")
 
 
 def cmd_http_client(args: argparse.Namespace) -> int:
