@@ -13,29 +13,30 @@ from __future__ import annotations
 
 import collections
 import queue
-import threading
 import time
 from typing import Any, Callable
 
 from controller import liveness as L
 from controller.prober import SuspectProber
 from controller.registry import Registry
+from nodes.background import ThreadedLoop
 
 TICK_S = 0.02
 LAG_WINDOW_S = 2.0  # self-awareness looks at the worst lateness within this window
 
 
-class Detector:
+class Detector(ThreadedLoop):
+    thread_name = "detector"
+
     def __init__(self, registry: Registry, cfg: L.LivenessConfig, prober: SuspectProber,
                  event: Callable[..., None], recent_rtt_ms: Callable[[str], list[float]] | None = None):
+        super().__init__()
         self.registry, self.cfg, self.prober, self._event = registry, cfg, prober, event
         self.recent_rtt_ms = recent_rtt_ms or (lambda name: [])  # the Prober's latest RTTs to an agent
         self.verdicts: queue.Queue = queue.Queue()
         self.lags: collections.deque = collections.deque(maxlen=200)  # (t_ns, own lateness s)
         self.serving_ns = 0  # silence counts only from serving on (start-up work is not silence)
         self.stats = collections.Counter()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._rounds = 0
 
     def start(self, serving_ns: int) -> "Detector":
@@ -43,14 +44,7 @@ class Detector:
         with self.registry.lock:  # nobody is silent for the time before serving
             for p in self.registry.peers.values():
                 p.live.last_heard_ns = max(p.live.last_heard_ns, serving_ns)
-        self._thread = threading.Thread(target=self._run, name="detector", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        return super().start()
 
     def self_factor(self, now_ns: int) -> float:
         lo = now_ns - int(LAG_WINDOW_S * 1e9)
@@ -60,6 +54,7 @@ class Detector:
         return L.self_factor(lags, min(periods), self.cfg)
 
     def _run(self) -> None:
+        self.ready.set()
         t_next = time.monotonic() + TICK_S
         while not self._stop.wait(max(0.0, t_next - time.monotonic())):
             now_s = time.monotonic()

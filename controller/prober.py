@@ -16,11 +16,12 @@ import zmq
 
 from controller import monitor as M
 from nodes import protocol as P
+from nodes.background import ThreadedLoop
 from nodes.security import KeyDir
 from nodes.transport import AgentClient, NodeError, next_req_id
 
 
-class Prober:
+class Prober(ThreadedLoop):
     """Thread: adaptive probes to every live agent; results (name, t_ns, rtt_ms, full goodput or
     None, error, quick goodput) go to `results`. Each round: RTT + a quick payload; a full
     goodput payload follows only when `need_full(name, rtt, quick)` says so. Each agent has its
@@ -28,9 +29,12 @@ class Prober:
     `suspect(name, rtt, goodput)` says the full sample looks changed (the confirmation of a
     drop comes ~0.2 s later; nothing extra is sent while nothing changes)."""
 
+    thread_name = "prober"
+
     def __init__(self, registry: Any, keys: KeyDir | None, cfg: M.MonitorConfig, ctx: zmq.Context,
                  delay_factory: Any, payload_for: Any = None, suspect: Any = None, need_full: Any = None,
                  quick_for: Any = None):
+        super().__init__()
         self.registry, self.keys, self.cfg, self.ctx = registry, keys, cfg, ctx
         self.delay_factory = delay_factory
         self.payload_for = payload_for or (lambda name: None)  # agent -> goodput payload bytes
@@ -39,19 +43,7 @@ class Prober:
         self.need_full = need_full or (lambda name, rtt, quick: True)  # agent, quick sample -> full probe now?
         self.bytes_sent = 0  # probe payload bytes sent (each is echoed back: 2x on the wire)
         self.results: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
         self.paused = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "Prober":
-        self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
 
     def probe_once(self, client: AgentClient, payload_bytes: int | None = None) -> tuple[float, float]:
         """(RTT ms, goodput Mbit/s) of one small and one payload-carrying PROBE."""
@@ -92,6 +84,7 @@ class Prober:
         return gp
 
     def _run(self) -> None:
+        self.ready.set()
         clients: dict[str, AgentClient] = {}
         due: dict[str, float] = {}  # agent -> monotonic time of its next probe
         rechecks: dict[str, int] = {}  # agent -> quick re-probes in a row
